@@ -1,0 +1,1 @@
+"""The logitstore service: corpora, capture jobs, store catalog, sharing (issue 7)."""

@@ -1,0 +1,1 @@
+"""Train students from a logitstore store."""
