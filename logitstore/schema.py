@@ -1,0 +1,114 @@
+"""The store's self-description: one validated object under the root group's attributes.
+
+Everything a reader needs to interpret the arrays (teacher, tokenizer, capture settings,
+corpus, how many work units were planned) lives here, so a store found on a disk years
+later still says what it is. Validated on write and on read.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from logitstore.errors import FormatVersionError, MetadataError
+
+FORMAT_VERSION = 1
+ATTRIBUTE_KEY = "logitstore"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherInfo(_Frozen):
+    """The model whose soft labels the store holds."""
+
+    name: str
+    source: str = Field(description="hub id, local directory or GGUF file it was loaded from")
+    weights_sha256: str = Field(description="sha256 over the weight tensors (names, dtypes, shapes, bytes)")
+    dtype: str = Field(description="dtype the forward pass ran in, e.g. float32 or bfloat16")
+
+
+class TokenizerInfo(_Frozen):
+    """The tokenizer; a student must share it (same fingerprint) to train from the store."""
+
+    name: str
+    fingerprint: str = Field(description="sha256 of the canonical vocab, merges and special tokens")
+    vocab_size: int = Field(gt=0, description="tokens the tokenizer can produce")
+    logits_width: int = Field(gt=0, description="the teacher's output width; may be padded beyond vocab_size")
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+
+
+class CaptureSettings(_Frozen):
+    """How the soft labels were taken and encoded."""
+
+    mode: Literal["topk"] = "topk"
+    k: int = Field(gt=0, le=4096)
+    temperatures: tuple[float, ...] = Field(
+        min_length=1, description="temperatures whose full-vocabulary lse is stored"
+    )
+    max_len: int = Field(gt=0, description="longest sequence the teacher saw, in tokens")
+    packing: Literal["packed", "document"] = Field(
+        description="packed: documents concatenated and cut every max_len tokens; "
+        "document: every document starts a new sequence (long ones are split)"
+    )
+    ids_dtype: Literal["uint16", "int32"] = Field(description="on-disk dtype of topk_ids")
+    logp_codec: dict[str, Any] = Field(description="the LogProbCodec's to_dict()")
+    chunk_tokens: int = Field(gt=0, description="tokens per Zarr chunk (inner chunk of a shard)")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _positive_distinct(cls, temps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(t <= 0 for t in temps):
+            raise ValueError(f"temperatures must be positive, got {list(temps)}")
+        if len(set(temps)) != len(temps):
+            raise ValueError(f"temperatures must be distinct, got {list(temps)}")
+        if 1.0 not in temps:
+            raise ValueError("temperature 1.0 must be captured: stored log-probs are decoded at T=1")
+        return temps
+
+
+class CorpusInfo(_Frozen):
+    """What the teacher read."""
+
+    fingerprint: str = Field(description="sha256 over the documents' texts, in order")
+    sources: tuple[str, ...]
+    documents: int = Field(ge=0)
+    tokens: int = Field(ge=0, description="tokens planned for capture (after --max-tokens)")
+    sequences: int = Field(ge=0)
+
+
+class StoreMeta(_Frozen):
+    """The root attributes of a store."""
+
+    format_version: int = FORMAT_VERSION
+    producer: str
+    created_at: str
+    teacher: TeacherInfo
+    tokenizer: TokenizerInfo
+    capture: CaptureSettings
+    corpus: CorpusInfo
+    num_segments: int = Field(ge=0, description="work units planned; segment i commits as commits/i")
+
+    def to_attrs(self) -> dict[str, Any]:
+        return {ATTRIBUTE_KEY: self.model_dump(mode="json")}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict[str, Any], where: str) -> StoreMeta:
+        """Validate a root group's attributes; `where` names the store in error messages."""
+        raw = attrs.get(ATTRIBUTE_KEY)
+        if not isinstance(raw, dict):
+            raise MetadataError(f"{where}: the root group has no '{ATTRIBUTE_KEY}' attributes; not a logitstore store")
+        version = raw.get("format_version")
+        if version != FORMAT_VERSION:
+            raise FormatVersionError(
+                f"{where}: store format_version {version!r} is not supported by this reader "
+                f"(it reads version {FORMAT_VERSION}); upgrade logitstore or re-capture the store"
+            )
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as e:
+            raise MetadataError(f"{where}: invalid store metadata: {e}") from None
