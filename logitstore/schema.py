@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from logitstore.errors import FormatVersionError, MetadataError
+from logitstore.errors import FormatVersionError, MetadataError, NotAStoreError
 
 FORMAT_VERSION = 1
 ATTRIBUTE_KEY = "logitstore"
@@ -55,7 +55,6 @@ class CaptureSettings(_Frozen):
         description="packed: documents concatenated and cut every max_len tokens; "
         "document: every document starts a new sequence (long ones are split)"
     )
-    ids_dtype: Literal["uint16", "int32"] = Field(description="on-disk dtype of topk_ids")
     logp_codec: dict[str, Any] = Field(description="the LogProbCodec's to_dict()")
     chunk_tokens: int = Field(gt=0, description="tokens per Zarr chunk (inner chunk of a shard)")
 
@@ -101,7 +100,7 @@ class StoreMeta(_Frozen):
         """Validate a root group's attributes; `where` names the store in error messages."""
         raw = attrs.get(ATTRIBUTE_KEY)
         if not isinstance(raw, dict):
-            raise MetadataError(f"{where}: the root group has no '{ATTRIBUTE_KEY}' attributes; not a logitstore store")
+            raise NotAStoreError(f"{where}: the root group has no '{ATTRIBUTE_KEY}' attributes; not a logitstore store")
         version = raw.get("format_version")
         if version != FORMAT_VERSION:
             raise FormatVersionError(
@@ -112,3 +111,22 @@ class StoreMeta(_Frozen):
             return cls.model_validate(raw)
         except ValidationError as e:
             raise MetadataError(f"{where}: invalid store metadata: {e}") from None
+
+
+def meta_differences(old: StoreMeta, new: StoreMeta) -> list[str]:
+    """Human-readable differences between two stores' settings (ignoring when/by what they were made)."""
+    ignore = {"created_at", "producer"}
+    a = _flatten({k: v for k, v in old.model_dump(mode="json").items() if k not in ignore})
+    b = _flatten({k: v for k, v in new.model_dump(mode="json").items() if k not in ignore})
+    keys = sorted(a.keys() | b.keys())
+    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in keys if a.get(key) != b.get(key)]
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out

@@ -1,0 +1,115 @@
+"""Where things are inside a store, and how each array is chunked, compressed and checksummed.
+
+```
+STORE/
+  zarr.json                      root group; attributes["logitstore"] = StoreMeta
+  segments/000017/               one work unit, written by exactly one writer
+      input_ids/   int32  [n]          the tokens the teacher saw
+      topk_ids/    uint16|int32 [n, K] indices into id_table
+      id_table/    int32  [U]          distinct ids of the segment (-1 = padding), most frequent first
+      topk_logp/   uint16 [n, K]       LogProbCodec codes of log p at T=1
+      lse/         float32 [n, n_T]    logsumexp(z / T) over the full vocabulary, per temperature
+      seq_offsets/ int64  [m + 1]      sequence boundaries inside the segment
+      manifest.parquet                 the document pieces of the segment's sequences
+  commits/000017.json            create-only commit record; a segment exists only once this exists
+  index.json, manifest.parquet   written by finalize(): all commit records / pieces in one read
+```
+
+Readers find segments by probing `commits/{i}` for i < num_segments (or reading
+index.json), never by listing, so a store served over plain HTTP works the same.
+Every array is one shard per segment (the writer buffers the whole unit and writes each
+shard once: no partial-shard read-modify-write), inner chunks of `chunk_tokens` rows,
+pcodec inside the shard, and crc32c on every inner chunk and on the shard index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.codecs import Crc32cCodec
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    from zarr.codecs.numcodecs import PCodec
+
+SEGMENT_ARRAYS = ("input_ids", "topk_ids", "id_table", "topk_logp", "lse", "seq_offsets")
+INDEX_KEY = "index.json"
+MANIFEST_KEY = "manifest.parquet"
+PCODEC_LEVEL = 8
+
+
+def segment_prefix(segment: int) -> str:
+    return f"segments/{segment:06d}"
+
+
+def commit_key(segment: int) -> str:
+    return f"commits/{segment:06d}.json"
+
+
+def segment_manifest_key(segment: int) -> str:
+    return f"{segment_prefix(segment)}/{MANIFEST_KEY}"
+
+
+@dataclass(frozen=True)
+class SegmentRecord:
+    """A commit record: the proof that a segment is complete, and its sizes."""
+
+    segment: int
+    tokens: int
+    sequences: int
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SegmentRecord:
+        return cls(**json.loads(data))
+
+
+def write_array(store: Store, path: str, data: np.ndarray, chunk_rows: int) -> None:
+    """Create the array at `path` and write all of `data` as whole shards."""
+    rows = data.shape[0]
+    chunk_rows = max(1, min(chunk_rows, rows))
+    chunks = (chunk_rows, *data.shape[1:])
+    shards = (math.ceil(rows / chunk_rows) * chunk_rows, *data.shape[1:])
+    with warnings.catch_warnings():
+        # pcodec is a numcodecs codec, not (yet) in the Zarr v3 spec: zarr warns about it.
+        warnings.simplefilter("ignore")
+        arr = zarr.create_array(
+            store,
+            name=path,
+            shape=data.shape,
+            dtype=data.dtype,
+            chunks=chunks,
+            shards=shards,
+            filters=None,
+            serializer=PCodec(level=PCODEC_LEVEL),
+            compressors=[Crc32cCodec()],
+            fill_value=0,
+            config={"write_empty_chunks": True},
+            overwrite=True,
+        )
+    arr[...] = data
+
+
+def open_array(store: Store, path: str) -> zarr.Array:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return zarr.open_array(store, path=path, mode="r")
+
+
+def shard_keys(arr: zarr.Array, path: str) -> list[str]:
+    """The storage keys of every shard of `arr`; a missing one would silently read as zeros."""
+    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.metadata.chunk_grid.chunk_shape, strict=True)]
+    return [f"{path}/{arr.metadata.encode_chunk_key(coords)}" for coords in np.ndindex(*grid)]
+
+
+def dumps_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, indent=1).encode()

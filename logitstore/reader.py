@@ -1,0 +1,270 @@
+"""Reading a store: `open_store(url)` → `Store`, token ranges → `TokenBlock`.
+
+Only committed segments are visible. Token and sequence positions are global over the
+committed segments in segment order; for a finished capture that is the whole corpus.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from logitstore import layout, storage
+from logitstore.codecs import LogProbCodec
+from logitstore.errors import CorruptDataError, NotAStoreError, TemperatureNotCapturedError
+from logitstore.schema import StoreMeta
+from logitstore.writer import MANIFEST_SCHEMA, globalize_pieces
+
+
+@dataclass(frozen=True)
+class TokenBlock:
+    """The soft labels of a run of tokens, decoded.
+
+    `topk_ids` and `topk_logp` are in the teacher's rank order (descending log-prob);
+    padding slots (adaptive/sampled captures) have id -1 and log-prob -inf.
+    """
+
+    input_ids: np.ndarray  # int32 [n]
+    topk_ids: np.ndarray  # int32 [n, K]
+    topk_logp: np.ndarray  # float32 [n, K], log p at T=1 over the full vocabulary
+    lse: np.ndarray  # float32 [n, n_T], logsumexp(z / T) for each captured temperature
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class _Segment:
+    """A committed segment's arrays, opened on first use."""
+
+    def __init__(self, store: zarr.abc.store.Store, record: layout.SegmentRecord, token_start: int, seq_start: int):
+        self.record = record
+        self.token_start = token_start
+        self.seq_start = seq_start
+        self._store = store
+        self._arrays: dict[str, zarr.Array] | None = None
+        self._id_table: np.ndarray | None = None
+        self._seq_offsets: np.ndarray | None = None
+
+    @property
+    def prefix(self) -> str:
+        return layout.segment_prefix(self.record.segment)
+
+    def arrays(self) -> dict[str, zarr.Array]:
+        if self._arrays is None:
+            arrays = {}
+            for name in layout.SEGMENT_ARRAYS:
+                path = f"{self.prefix}/{name}"
+                try:
+                    arr = layout.open_array(self._store, path)
+                except Exception as e:  # missing zarr.json or unreadable metadata
+                    raise self.corrupt(name, 0, self.record.tokens, f"cannot open the array: {e}") from None
+                # Zarr reads a missing shard as fill values; that must be an error, never zeros.
+                for key in layout.shard_keys(arr, path):
+                    if not storage.key_exists(self._store, key):
+                        raise self.corrupt(name, 0, self.record.tokens, f"shard {key} is missing")
+                arrays[name] = arr
+            self._arrays = arrays
+        return self._arrays
+
+    def read(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of one array (segment-local positions)."""
+        try:
+            return self.arrays()[name][start:stop]
+        except CorruptDataError:
+            raise
+        except Exception as e:  # checksum mismatch, truncated shard, decode failure
+            raise self.corrupt(name, start, stop, str(e)) from None
+
+    def id_table(self) -> np.ndarray:
+        if self._id_table is None:
+            self._id_table = self.read("id_table", 0, self.arrays()["id_table"].shape[0])
+        return self._id_table
+
+    def seq_offsets(self) -> np.ndarray:
+        if self._seq_offsets is None:
+            self._seq_offsets = self.read("seq_offsets", 0, self.record.sequences + 1)
+        return self._seq_offsets
+
+    def corrupt(self, name: str, start: int, stop: int, why: str) -> CorruptDataError:
+        a, b = self.token_start + start, self.token_start + stop
+        where = f"array '{name}' of segment {self.record.segment}"
+        if name not in ("id_table", "seq_offsets"):
+            where += f", tokens [{a}, {b})"
+        return CorruptDataError(
+            f"{where}: {why}. The store is damaged: run `logitstore verify` to list every damaged range, "
+            f"and re-capture the work unit (capture --resume after deleting commits/{self.record.segment:06d}.json)"
+        )
+
+
+class Store:
+    """A read-only view of a store. Use `open_store(url)`."""
+
+    def __init__(self, store: zarr.abc.store.Store, meta: StoreMeta, records: list[layout.SegmentRecord], url: str):
+        self.url = url
+        self.meta = meta
+        self._store = store
+        self._codec = LogProbCodec.from_dict(meta.capture.logp_codec)
+        self._segments: list[_Segment] = []
+        token_start = seq_start = 0
+        for record in records:
+            self._segments.append(_Segment(store, record, token_start, seq_start))
+            token_start += record.tokens
+            seq_start += record.sequences
+        self._token_starts = np.array([s.token_start for s in self._segments] + [token_start], dtype=np.int64)
+        self._seq_starts = np.array([s.seq_start for s in self._segments] + [seq_start], dtype=np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self._token_starts[-1])
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self._seq_starts[-1])
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        return self.meta.capture.temperatures
+
+    @property
+    def complete(self) -> bool:
+        """True when every planned work unit is committed."""
+        return len(self._segments) == self.meta.num_segments
+
+    @property
+    def segments(self) -> list[layout.SegmentRecord]:
+        return [s.record for s in self._segments]
+
+    def read(self, start: int, stop: int) -> TokenBlock:
+        """Tokens [start, stop) in global order, decoded."""
+        if not 0 <= start <= stop <= self.num_tokens:
+            raise IndexError(f"token range [{start}, {stop}) outside the store's [0, {self.num_tokens})")
+        parts = []
+        first = int(np.searchsorted(self._token_starts, start, side="right")) - 1
+        for seg in self._segments[max(first, 0):]:
+            if seg.token_start >= stop:
+                break
+            a = max(start, seg.token_start) - seg.token_start
+            b = min(stop, seg.token_start + seg.record.tokens) - seg.token_start
+            parts.append(self._read_segment(seg, a, b))
+        if len(parts) == 1:
+            return parts[0]  # no concatenation copy
+        if not parts:
+            return self._empty_block()
+        return TokenBlock(*(np.concatenate(arrays) for arrays in zip(*(_fields(p) for p in parts), strict=True)))
+
+    def sequence(self, i: int) -> TokenBlock:
+        """The i-th sequence (a packed context the teacher saw as one forward pass)."""
+        start, stop = self.sequence_span(i)
+        return self.read(start, stop)
+
+    def sequence_span(self, i: int) -> tuple[int, int]:
+        """Global token range [start, stop) of the i-th sequence."""
+        if not 0 <= i < self.num_sequences:
+            raise IndexError(f"sequence {i} outside the store's [0, {self.num_sequences})")
+        seg = self._segments[int(np.searchsorted(self._seq_starts, i, side="right")) - 1]
+        offsets = seg.seq_offsets()
+        j = i - seg.seq_start
+        return seg.token_start + int(offsets[j]), seg.token_start + int(offsets[j + 1])
+
+    def sequence_lengths(self) -> np.ndarray:
+        """int64 [num_sequences]: the length of every sequence, in order."""
+        parts = [np.diff(seg.seq_offsets()) for seg in self._segments]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def teacher_logprobs(self, block: TokenBlock, temperature: float) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher at `temperature` on the K+1 buckets: (topk_logp_T [n, K], tail_logp_T [n]).
+
+        With z_i = log p_i + lse(1), log p_T(i) = z_i / T − lse(T) exactly, and the tail
+        p_T(tail) = 1 − Σ_S p_T(i). The tail is -inf where the top-k holds all the mass.
+        """
+        col = self.temperature_index(temperature)
+        one = self.temperature_index(1.0)
+        logp_t = (block.topk_logp + block.lse[:, one, None]) / np.float32(temperature) - block.lse[:, col, None]
+        with np.errstate(divide="ignore"):
+            covered = np.exp(logp_t, dtype=np.float64).sum(axis=1)
+            tail = np.log1p(-np.minimum(covered, 1.0)).astype(np.float32)
+        return logp_t.astype(np.float32, copy=False), tail
+
+    def temperature_index(self, temperature: float) -> int:
+        for i, t in enumerate(self.temperatures):
+            if abs(t - temperature) <= 1e-6 * max(1.0, t):
+                return i
+        raise TemperatureNotCapturedError(
+            f"temperature {temperature:g} was not captured in {self.url}; captured temperatures: "
+            f"{', '.join(f'{t:g}' for t in self.temperatures)}. Train at one of those, or re-capture with "
+            f"--temperatures including {temperature:g}"
+        )
+
+    def manifest(self) -> pa.Table:
+        """One row per run of one document inside one sequence, with global sequence and token_start."""
+        raw = storage.read_key(self._store, layout.MANIFEST_KEY) if self.complete else None
+        if raw is not None:
+            return pq.read_table(io.BytesIO(raw))
+        tables = []
+        for seg in self._segments:
+            seg_raw = storage.read_key(self._store, layout.segment_manifest_key(seg.record.segment))
+            if seg_raw is None:
+                raise seg.corrupt("manifest.parquet", 0, seg.record.tokens, "the manifest is missing")
+            tables.append(globalize_pieces(pq.read_table(io.BytesIO(seg_raw)), seg.seq_start, seg.token_start,
+                                           seg.seq_offsets()))
+        return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+
+    def _read_segment(self, seg: _Segment, a: int, b: int) -> TokenBlock:
+        indices = seg.read("topk_ids", a, b)
+        return TokenBlock(
+            input_ids=seg.read("input_ids", a, b),
+            topk_ids=seg.id_table()[indices],
+            topk_logp=self._codec.decode(seg.read("topk_logp", a, b)),
+            lse=seg.read("lse", a, b),
+        )
+
+    def _empty_block(self) -> TokenBlock:
+        k, n_t = self.meta.capture.k, len(self.temperatures)
+        return TokenBlock(np.zeros(0, np.int32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32),
+                          np.zeros((0, n_t), np.float32))
+
+
+def _fields(block: TokenBlock) -> tuple[np.ndarray, ...]:
+    return block.input_ids, block.topk_ids, block.topk_logp, block.lse
+
+
+def open_store(url: str, *, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open a store for reading: a local path, or an fsspec URL (http(s)://, s3://, ...).
+
+    `storage_options` go to fsspec (e.g. `{"headers": {"Authorization": "Bearer KEY"}}`).
+    """
+    url = str(url)
+    if storage.is_local(url) and not storage.local_path(url).is_dir():
+        raise NotAStoreError(f"{url}: no such directory; pass the directory that `logitstore capture --out` created")
+    store = storage.open_kv(url, read_only=True, storage_options=storage_options)
+    raw = storage.read_key(store, "zarr.json")
+    if raw is None:
+        raise NotAStoreError(
+            f"{url} is not a logitstore store: it has no zarr.json at its root; "
+            "pass the directory that `logitstore capture --out` created"
+        )
+    try:
+        attrs = json.loads(raw).get("attributes", {})
+    except ValueError:
+        raise NotAStoreError(f"{url} is not a logitstore store: its zarr.json is not valid JSON") from None
+    meta = StoreMeta.from_attrs(attrs, url)
+    return Store(store, meta, _committed_records(store, meta), url)
+
+
+def _committed_records(store: zarr.abc.store.Store, meta: StoreMeta) -> list[layout.SegmentRecord]:
+    raw = storage.read_key(store, layout.INDEX_KEY)
+    if raw is not None:
+        return [layout.SegmentRecord(**r) for r in json.loads(raw)["segments"]]
+    records = []
+    for i in range(meta.num_segments):
+        raw = storage.read_key(store, layout.commit_key(i))
+        if raw is not None:
+            records.append(layout.SegmentRecord.from_json(raw))
+    return records

@@ -1,0 +1,197 @@
+"""Writing a store: create it, commit segments crash-safely, collect garbage, finalize.
+
+The one rule that makes a store survive a writer killed at any instant: a segment's
+arrays and manifest are written and fsync'd first, and only then is its commit record
+created, atomically and create-only. Readers look at commit records only, so a
+half-written segment is invisible; `collect_garbage` deletes it and its work unit is
+simply done again.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zarr
+
+from logitstore import layout, storage
+from logitstore.codecs import LogProbCodec, build_id_table
+from logitstore.errors import LogitStoreError, MetadataError, StoreExistsError
+from logitstore.schema import StoreMeta, meta_differences
+
+log = logging.getLogger(__name__)
+
+# One row per run of one document's tokens inside one sequence.
+PIECES_SCHEMA = pa.schema(
+    [
+        ("sequence", pa.int64()),  # index of the sequence inside its segment (global in manifest.parquet)
+        ("seq_token_offset", pa.int32()),  # where the run starts inside the sequence
+        ("num_tokens", pa.int32()),
+        ("doc_id", pa.int64()),
+        ("source", pa.string()),  # file:line or file:row N
+        ("doc_token_offset", pa.int64()),  # where the run starts inside the document's tokens
+        ("content_sha256", pa.string()),  # of the document's text
+    ]
+)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class SegmentData:
+    """One work unit's soft labels, as the capture produced them (before encoding)."""
+
+    input_ids: np.ndarray  # int32 [n]
+    topk_ids: np.ndarray  # int [n, K], -1 = padding
+    topk_logp: np.ndarray  # float32 [n, K], log p at T=1 over the full vocabulary
+    lse: np.ndarray  # float32 [n, n_T]
+    seq_lengths: np.ndarray  # int [m], sums to n
+    pieces: pa.Table  # PIECES_SCHEMA, `sequence` local to the segment
+
+    def validate(self, meta: StoreMeta) -> None:
+        n, k = self.topk_ids.shape
+        n_t = len(meta.capture.temperatures)
+        if self.input_ids.shape != (n,) or self.topk_logp.shape != (n, k) or self.lse.shape != (n, n_t):
+            raise ValueError(
+                f"segment arrays disagree: input_ids {self.input_ids.shape}, topk_ids {self.topk_ids.shape}, "
+                f"topk_logp {self.topk_logp.shape}, lse {self.lse.shape} (expected n_T={n_t})"
+            )
+        if k != meta.capture.k:
+            raise ValueError(f"segment has K={k}, the store was created with k={meta.capture.k}")
+        if n == 0 or int(np.sum(self.seq_lengths)) != n or np.any(self.seq_lengths <= 0):
+            raise ValueError(f"sequence lengths must be positive and sum to the {n} tokens of the segment")
+        if np.any(self.topk_ids >= meta.tokenizer.logits_width) or np.any(self.topk_ids < -1):
+            raise ValueError(f"topk_ids outside [-1, logits_width={meta.tokenizer.logits_width})")
+
+
+class StoreWriter:
+    """Creates a store and commits its segments. One process may own several segments;
+    a segment is owned by exactly one writer."""
+
+    def __init__(self, store: zarr.abc.store.Store, meta: StoreMeta, url: str) -> None:
+        self._store = store
+        self.meta = meta
+        self.url = url
+        self._codec = LogProbCodec.from_dict(meta.capture.logp_codec)
+
+    @classmethod
+    def create(cls, url: str, meta: StoreMeta, *, storage_options: dict[str, Any] | None = None) -> StoreWriter:
+        """Create a new, empty store at `url`; refuses to touch an existing one."""
+        store = storage.open_kv(url, read_only=False, storage_options=storage_options)
+        if storage.key_exists(store, "zarr.json"):
+            raise StoreExistsError(f"{url} already holds a store; pick a new --out, or pass --resume to continue it")
+        zarr.create_group(store, attributes=meta.to_attrs(), zarr_format=3)
+        return cls(store, meta, url)
+
+    @classmethod
+    def resume(cls, url: str, meta: StoreMeta, *, storage_options: dict[str, Any] | None = None) -> StoreWriter:
+        """Reopen the store at `url` to continue the same capture; refuses a different one."""
+        store = storage.open_kv(url, read_only=False, storage_options=storage_options)
+        if not storage.key_exists(store, "zarr.json"):
+            raise MetadataError(f"{url} holds no store to resume; run the capture without --resume")
+        group = zarr.open_group(store, mode="r")
+        existing = StoreMeta.from_attrs(dict(group.attrs), url)
+        diffs = meta_differences(existing, meta)
+        if diffs:
+            raise LogitStoreError(
+                f"{url} was captured with different settings, refusing to mix them: " + "; ".join(diffs)
+            )
+        return cls(store, existing, url)
+
+    def committed(self) -> set[int]:
+        """Segments whose commit record exists."""
+        return {i for i in range(self.meta.num_segments) if storage.key_exists(self._store, layout.commit_key(i))}
+
+    def collect_garbage(self) -> list[int]:
+        """Delete every segment directory that has no commit record; returns their ids."""
+        committed = self.committed()
+        removed = []
+        for name in storage.list_dir(self._store, "segments"):
+            if name.isdigit() and int(name) not in committed:
+                storage.delete_prefix(self._store, f"segments/{name}")
+                removed.append(int(name))
+        if removed:
+            log.info("removed %d uncommitted segment(s): %s", len(removed), removed)
+        return sorted(removed)
+
+    def write_segment(self, segment: int, data: SegmentData) -> layout.SegmentRecord:
+        """Encode, write, fsync and commit one segment."""
+        if not 0 <= segment < self.meta.num_segments:
+            raise ValueError(f"segment {segment} outside the planned 0..{self.meta.num_segments - 1}")
+        data.validate(self.meta)
+        if storage.key_exists(self._store, layout.commit_key(segment)):
+            raise StoreExistsError(f"segment {segment} of {self.url} is already committed")
+        prefix = layout.segment_prefix(segment)
+        storage.delete_prefix(self._store, prefix)  # leftovers of a killed attempt
+
+        table, indices = build_id_table(np.asarray(data.topk_ids))
+        offsets = np.zeros(len(data.seq_lengths) + 1, dtype=np.int64)
+        np.cumsum(data.seq_lengths, out=offsets[1:])
+        arrays = {
+            "input_ids": np.asarray(data.input_ids, dtype=np.int32),
+            "topk_ids": indices,
+            "id_table": table,
+            "topk_logp": self._codec.encode(data.topk_logp),
+            "lse": np.asarray(data.lse, dtype=np.float32),
+            "seq_offsets": offsets,
+        }
+        chunk = self.meta.capture.chunk_tokens
+        for name in layout.SEGMENT_ARRAYS:
+            layout.write_array(self._store, f"{prefix}/{name}", arrays[name], chunk)
+        storage.write_key(self._store, layout.segment_manifest_key(segment), _parquet_bytes(data.pieces))
+        storage.fsync_tree(self._store, prefix)
+
+        record = layout.SegmentRecord(segment=segment, tokens=int(offsets[-1]), sequences=len(data.seq_lengths))
+        if not storage.create_key(self._store, layout.commit_key(segment), record.to_json()):
+            raise StoreExistsError(f"segment {segment} of {self.url} was committed by another writer")
+        return record
+
+    def finalize(self) -> None:
+        """Once every segment is committed: write index.json and the consolidated manifest.parquet,
+        so a reader opens the store in two reads instead of one per segment."""
+        records = []
+        pieces = []
+        seq_start = token_start = 0
+        for i in range(self.meta.num_segments):
+            raw = storage.read_key(self._store, layout.commit_key(i))
+            if raw is None:
+                raise LogitStoreError(f"cannot finalize {self.url}: segment {i} is not committed yet")
+            record = layout.SegmentRecord.from_json(raw)
+            records.append(record)
+            seg_pieces = pq.read_table(io.BytesIO(storage.read_key(self._store, layout.segment_manifest_key(i))))
+            pieces.append(globalize_pieces(seg_pieces, seq_start, token_start, self._seq_offsets(i)))
+            seq_start += record.sequences
+            token_start += record.tokens
+        manifest = pa.concat_tables(pieces) if pieces else MANIFEST_SCHEMA.empty_table()
+        storage.write_key(self._store, layout.MANIFEST_KEY, _parquet_bytes(manifest))
+        index = {"segments": [r.__dict__ for r in records], "finalized_at": now_iso()}
+        storage.write_key(self._store, layout.INDEX_KEY, layout.dumps_json(index))
+
+    def _seq_offsets(self, segment: int) -> np.ndarray:
+        return layout.open_array(self._store, f"{layout.segment_prefix(segment)}/seq_offsets")[...]
+
+
+# The consolidated manifest: segment-local sequence numbers become global, and each piece
+# gets its global token position.
+MANIFEST_SCHEMA = PIECES_SCHEMA.append(pa.field("token_start", pa.int64()))
+
+
+def globalize_pieces(pieces: pa.Table, seq_start: int, token_start: int, seq_offsets: np.ndarray) -> pa.Table:
+    local_seq = pieces.column("sequence").to_numpy()
+    starts = token_start + seq_offsets[local_seq] + pieces.column("seq_token_offset").to_numpy()
+    pieces = pieces.set_column(0, "sequence", pa.array(local_seq + seq_start, pa.int64()))
+    return pieces.append_column("token_start", pa.array(starts, pa.int64()))
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
