@@ -1,0 +1,1 @@
+"""The capture engine: runs a frozen teacher and writes a store."""

@@ -1,0 +1,395 @@
+"""Reading a corpus and packing it into the fixed sequences the teacher sees.
+
+Two steps, both streaming:
+
+- `read_documents` turns files (plain text, JSON Lines, Parquet) into `Document`s, with a
+  `source` that points back at the file and line (or row) each came from, and a
+  `CorpusError` naming the file and line/row for anything it cannot read.
+- `tokenize_and_pack` tokenizes the documents in batches and cuts the token stream into
+  sequences of at most `max_len` tokens, recording for every sequence which runs of which
+  documents it holds (`Piece`s; these become the store's Parquet sequence manifest), and
+  computing the corpus fingerprint over the documents actually used.
+
+This module does not import torch: the tokenizer is any Hugging Face tokenizer object.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from logitstore.errors import CorpusError
+
+logger = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = (".txt",)
+JSONL_SUFFIXES = (".jsonl", ".json")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+# Parquet rows per batch: big enough that pyarrow's per-batch overhead vanishes, small enough
+# that a file with long documents never sits in memory whole.
+_PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass(frozen=True)
+class Document:
+    """One document of the corpus.
+
+    `doc_id` is a running index over all files, in order (empty documents are skipped and
+    get no id). `source` is ``"path:LINE"`` for text and JSON Lines files (1-based line of
+    the document's first line) and ``"path:row N"`` for Parquet (0-based row, as pyarrow
+    and pandas count), with the path exactly as given.
+    """
+
+    doc_id: int
+    source: str
+    text: str
+
+
+def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> Iterator[Document]:
+    """Yield the documents of `paths`, file after file, streaming.
+
+    Formats, by suffix:
+
+    - ``.txt``: documents are paragraphs separated by one or more blank (or whitespace-only)
+      lines; the newlines inside a paragraph are kept. Line endings are normalized to
+      ``"\\n"`` so that a CRLF file has the same fingerprint as its LF twin.
+    - ``.jsonl`` / ``.json``: JSON Lines, one object per non-empty line, whose `text_field`
+      must be a string.
+    - ``.parquet``: a `text_field` column of strings, read in row batches.
+
+    A UTF-8 byte order mark at the start of a text or JSON Lines file is ignored. Documents
+    whose text is empty or whitespace-only are skipped. Every file is checked to exist and
+    to have a supported suffix before the first document is yielded, so a typo in the last
+    path fails at once rather than after the first file has been tokenized.
+
+    Raises `CorpusError` naming the file and line or row for anything unreadable, and at the
+    end if no file held a non-empty document.
+    """
+    if isinstance(paths, (str, Path)):
+        # A bare string would otherwise be iterated character by character.
+        paths = [paths]
+    if not paths:
+        raise CorpusError("no corpus files given; pass at least one .txt, .jsonl or .parquet file")
+    for path in paths:
+        _check_file(Path(path))
+
+    doc_id = 0
+    for path in paths:
+        shown = str(path)
+        suffix = Path(path).suffix.lower()
+        if suffix in TEXT_SUFFIXES:
+            records = _read_txt(Path(path), shown)
+        elif suffix in JSONL_SUFFIXES:
+            records = _read_jsonl(Path(path), shown, text_field)
+        else:
+            records = _read_parquet(Path(path), shown, text_field)
+        in_file = skipped = 0
+        for source, text in records:
+            if not text.strip():
+                skipped += 1
+                continue
+            yield Document(doc_id=doc_id, source=source, text=text)
+            doc_id += 1
+            in_file += 1
+        logger.debug("%s: %d documents (%d empty skipped)", shown, in_file, skipped)
+    if doc_id == 0:
+        names = ", ".join(str(p) for p in paths)
+        raise CorpusError(f"the corpus is empty: no non-empty document in {names}")
+
+
+def _check_file(path: Path) -> None:
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise CorpusError(
+            f"{path}: unsupported corpus file type {path.suffix or '(no suffix)'!r}; "
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    if not path.exists():
+        raise CorpusError(f"{path}: corpus file not found")
+    if not path.is_file():
+        raise CorpusError(f"{path}: not a regular file; pass corpus files, not directories")
+
+
+def _decoded_lines(path: Path, shown: str) -> Iterator[tuple[int, str]]:
+    """Yield (1-based line number, line without its terminator), decoding UTF-8 strictly.
+
+    Read in binary so that a bad byte can be reported with its byte offset in the file.
+    """
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise CorpusError(
+                    f"{shown}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset "
+                    f"{offset + e.start} of the file); re-encode the file as UTF-8"
+                ) from None
+            offset += len(raw)
+            yield lineno, line.rstrip("\r\n")
+
+
+def _read_txt(path: Path, shown: str) -> Iterator[tuple[str, str]]:
+    paragraph: list[str] = []
+    first_line = 0
+    for lineno, line in _decoded_lines(path, shown):
+        if line.strip():
+            if not paragraph:
+                first_line = lineno
+            paragraph.append(line)
+        elif paragraph:
+            yield f"{shown}:{first_line}", "\n".join(paragraph)
+            paragraph = []
+    if paragraph:
+        yield f"{shown}:{first_line}", "\n".join(paragraph)
+
+
+def _read_jsonl(path: Path, shown: str, text_field: str) -> Iterator[tuple[str, str]]:
+    for lineno, line in _decoded_lines(path, shown):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = " (.json files are read as JSON Lines: one object per line)" if path.suffix == ".json" else ""
+            raise CorpusError(f"{shown}:{lineno}: malformed JSON: {e.msg} at column {e.colno}{hint}") from None
+        if not isinstance(record, dict):
+            raise CorpusError(
+                f"{shown}:{lineno}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
+            )
+        if text_field not in record:
+            present = ", ".join(repr(k) for k in record) or "none"
+            raise CorpusError(
+                f"{shown}:{lineno}: missing field {text_field!r} (fields present: {present}); "
+                "choose the text field with text_field / --text-field"
+            )
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise CorpusError(f"{shown}:{lineno}: field {text_field!r} must be a string, got {_json_type(text)}")
+        yield f"{shown}:{lineno}", text
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _read_parquet(path: Path, shown: str, text_field: str) -> Iterator[tuple[str, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise CorpusError(f"{shown}: not a readable Parquet file: {e}") from None
+    schema = pf.schema_arrow
+    if text_field not in schema.names:
+        present = ", ".join(repr(n) for n in schema.names) or "none"
+        raise CorpusError(
+            f"{shown}: missing column {text_field!r} (columns present: {present}); "
+            "choose the text column with text_field / --text-field"
+        )
+    col_type = schema.field(text_field).type
+    if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or pa.types.is_string_view(col_type)):
+        raise CorpusError(f"{shown}: column {text_field!r} must hold strings, but its type is {col_type}")
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    raise CorpusError(f"{shown}:row {row}: column {text_field!r} is null; it must be a string")
+                yield f"{shown}:row {row}", text
+                row += 1
+    except pa.ArrowException as e:
+        raise CorpusError(f"{shown}: cannot read Parquet data after row {row}: {e}") from None
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A run of one document's tokens inside one sequence."""
+
+    doc_id: int
+    source: str
+    doc_token_offset: int  # where the run starts inside the document's token stream
+    seq_token_offset: int  # where the run starts inside the sequence
+    num_tokens: int
+    content_sha256: str  # sha256 of the document's text (utf-8)
+
+
+@dataclass(frozen=True)
+class PackedSequence:
+    """One sequence the teacher sees: int32 `input_ids` [L], 1 <= L <= max_len, tiled by `pieces`."""
+
+    input_ids: np.ndarray
+    pieces: tuple[Piece, ...]
+
+
+@dataclass(frozen=True)
+class PackedCorpus:
+    """The packed sequences and the corpus facts the store records.
+
+    `fingerprint`, `documents` and `sources` cover only the documents that contributed at
+    least one token (all of them unless `max_tokens` cut the corpus short); `sources` are
+    the file paths as given, in order of first use.
+    """
+
+    sequences: list[PackedSequence]
+    fingerprint: str
+    sources: tuple[str, ...]
+    documents: int
+    tokens: int
+
+
+class _Packer:
+    """Accumulates document token runs into sequences of at most `max_len` tokens."""
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.sequences: list[PackedSequence] = []
+        self._ids: list[np.ndarray] = []
+        self._pieces: list[Piece] = []
+        self._fill = 0
+
+    def flush(self) -> None:
+        if self._fill:
+            ids = np.concatenate(self._ids) if len(self._ids) > 1 else self._ids[0]
+            self.sequences.append(PackedSequence(input_ids=ids, pieces=tuple(self._pieces)))
+            self._ids, self._pieces, self._fill = [], [], 0
+
+    def add(self, doc: Document, sha: str, ids: np.ndarray) -> None:
+        start = 0
+        while start < len(ids):
+            take = min(self.max_len - self._fill, len(ids) - start)
+            self._ids.append(ids[start : start + take])
+            self._pieces.append(
+                Piece(
+                    doc_id=doc.doc_id,
+                    source=doc.source,
+                    doc_token_offset=start,
+                    seq_token_offset=self._fill,
+                    num_tokens=take,
+                    content_sha256=sha,
+                )
+            )
+            self._fill += take
+            start += take
+            if self._fill == self.max_len:
+                self.flush()
+
+
+def tokenize_and_pack(
+    docs: Iterable[Document],
+    tokenizer: Any,
+    *,
+    max_len: int,
+    packing: Literal["packed", "document"] = "packed",
+    max_tokens: int | None = None,
+    batch_size: int = 256,
+) -> PackedCorpus:
+    """Tokenize `docs` and pack their tokens into sequences of at most `max_len` tokens.
+
+    Tokenization: each document is encoded with the tokenizer's own special tokens
+    (``add_special_tokens=True``, so a BOS is prepended if and only if the tokenizer adds
+    one); then, if the tokenizer has an ``eos_token_id`` and the ids do not already end
+    with it, EOS is appended so that documents stay separated once packed. Documents are
+    tokenized `batch_size` at a time (fast tokenizers are much faster batched).
+
+    Packing:
+
+    - ``"packed"``: all documents' tokens are concatenated and cut every `max_len` tokens;
+      every sequence has exactly `max_len` tokens except possibly the last.
+    - ``"document"``: each document starts a new sequence; a document longer than `max_len`
+      is split into `max_len`-token sequences (its last one may be shorter).
+
+    `max_tokens` stops packing once that many tokens are packed (the last document is
+    truncated); documents after the cut are neither tokenized further nor fingerprinted.
+    The corpus fingerprint is sha256 over the used documents in order, each as its UTF-8
+    length (8 bytes, little endian) followed by its UTF-8 bytes.
+
+    Raises `CorpusError` if nothing could be packed, or on invalid `max_len`/`max_tokens`.
+    """
+    if max_len < 1:
+        raise CorpusError(f"max_len must be at least 1 token, got {max_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise CorpusError(f"max_tokens must be at least 1 token, got {max_tokens}")
+    if packing not in ("packed", "document"):
+        raise CorpusError(f"unknown packing rule {packing!r}; use 'packed' or 'document'")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+    eos = getattr(tokenizer, "eos_token_id", None)
+    packer = _Packer(max_len)
+    fingerprint = hashlib.sha256()
+    sources: dict[str, None] = {}  # insertion-ordered set
+    used_docs = 0
+    total = 0
+    empty_docs = 0
+
+    for batch in _batched(docs, batch_size):
+        encoded = tokenizer([d.text for d in batch], add_special_tokens=True, verbose=False)["input_ids"]
+        for doc, ids_list in zip(batch, encoded, strict=True):
+            if eos is not None and (not ids_list or ids_list[-1] != eos):
+                ids_list.append(eos)
+            if not ids_list:
+                # Only possible for a tokenizer with no EOS whose normalizer erases the text.
+                empty_docs += 1
+                continue
+            ids = np.asarray(ids_list, dtype=np.int32)
+            if max_tokens is not None:
+                ids = ids[: max_tokens - total]
+            data = doc.text.encode("utf-8")
+            fingerprint.update(len(data).to_bytes(8, "little"))
+            fingerprint.update(data)
+            sources[doc.source.rsplit(":", 1)[0]] = None
+            used_docs += 1
+            if packing == "document":
+                packer.flush()
+            packer.add(doc, hashlib.sha256(data).hexdigest(), ids)
+            total += len(ids)
+            if max_tokens is not None and total >= max_tokens:
+                break
+        if max_tokens is not None and total >= max_tokens:
+            break
+    packer.flush()
+
+    if empty_docs:
+        logger.warning("%d documents produced no tokens and were left out", empty_docs)
+    if total == 0:
+        raise CorpusError("the corpus produced no tokens to capture")
+    logger.info(
+        "packed %d documents into %d sequences, %d tokens (max_len=%d, packing=%s)",
+        used_docs,
+        len(packer.sequences),
+        total,
+        max_len,
+        packing,
+    )
+    return PackedCorpus(
+        sequences=packer.sequences,
+        fingerprint=fingerprint.hexdigest(),
+        sources=tuple(sources),
+        documents=used_docs,
+        tokens=total,
+    )
+
+
+def _batched(docs: Iterable[Document], n: int) -> Iterator[list[Document]]:
+    batch: list[Document] = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
