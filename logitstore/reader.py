@@ -141,6 +141,10 @@ class Store:
     def segments(self) -> list[layout.SegmentRecord]:
         return [s.record for s in self._segments]
 
+    def segment_spans(self) -> list[tuple[int, int]]:
+        """Global token range [start, stop) of every committed segment, in order."""
+        return [(s.token_start, s.token_start + s.record.tokens) for s in self._segments]
+
     def read(self, start: int, stop: int) -> TokenBlock:
         """Tokens [start, stop) in global order, decoded."""
         if not 0 <= start <= stop <= self.num_tokens:

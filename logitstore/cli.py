@@ -1,0 +1,162 @@
+"""`logitstore`: capture a teacher into a store, describe a store, verify it.
+
+Errors a user can cause print one line (`error: ...`) and exit 1; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from logitstore import storage
+from logitstore.errors import LogitStoreError
+from logitstore.reader import open_store
+from logitstore.verify import verify
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.run(args)
+    except LogitStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; committed work units are kept (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="logitstore", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    cap = sub.add_parser("capture", help="run a teacher over a corpus and write a store")
+    cap.add_argument("--teacher", required=True, help="HF model dir, .gguf file, hub id, or alias smollm2-135m")
+    cap.add_argument("--corpus", required=True, nargs="+", help=".txt, .jsonl or .parquet files")
+    cap.add_argument("--out", required=True, help="directory of the new store")
+    cap.add_argument("--k", type=int, default=64, help="top-k ids stored per token (default 64)")
+    cap.add_argument("--temperatures", default="1,2,4", help="comma-separated temperatures to store lse for")
+    cap.add_argument("--max-len", type=int, default=1024, help="longest sequence the teacher sees")
+    cap.add_argument("--packing", choices=["packed", "document"], default="packed")
+    cap.add_argument("--max-tokens", type=int, default=None, help="stop after this many corpus tokens")
+    cap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    cap.add_argument("--unit-tokens", type=int, default=262_144, help="tokens per work unit (= segment)")
+    cap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per teacher forward")
+    cap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    cap.add_argument("--resume", action="store_true", help="continue a killed capture of the same settings")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cap.set_defaults(run=_capture)
+
+    info = sub.add_parser("info", help="describe a store")
+    info.add_argument("store")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(run=_info)
+
+    ver = sub.add_parser("verify", help="read every chunk, check checksums and invariants, print a digest")
+    ver.add_argument("store")
+    ver.add_argument("--json", action="store_true")
+    ver.set_defaults(run=_verify)
+    return parser
+
+
+def _capture(args: argparse.Namespace) -> int:
+    # torch and transformers load only for the command that needs them.
+    from tqdm import tqdm
+
+    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.teacher import load_teacher
+
+    try:
+        temperatures = tuple(float(t) for t in args.temperatures.split(","))
+    except ValueError:
+        raise LogitStoreError(f"--temperatures {args.temperatures!r}: expected numbers such as 1,2,4") from None
+    config = CaptureConfig(
+        k=args.k,
+        temperatures=temperatures,
+        max_len=args.max_len,
+        packing=args.packing,
+        max_tokens=args.max_tokens,
+        text_field=args.text_field,
+        unit_tokens=args.unit_tokens,
+        batch_tokens=max(args.batch_tokens, args.max_len),
+    )
+    teacher = load_teacher(args.teacher, device=args.device)
+    with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress, desc="capture") as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        store = capture(teacher, args.corpus, args.out, config, resume=args.resume, progress=progress)
+    print(f"{store.url}: {store.num_tokens} tokens, {store.num_sequences} sequences, k={store.meta.capture.k}")
+    return 0
+
+
+def describe(url: str) -> dict:
+    """What `info --json` prints: the metadata plus sizes."""
+    store = open_store(url)
+    out = {
+        "url": store.url,
+        "tokens": store.num_tokens,
+        "sequences": store.num_sequences,
+        "segments_committed": len(store.segments),
+        "segments_planned": store.meta.num_segments,
+        "complete": store.complete,
+        "meta": store.meta.model_dump(mode="json"),
+    }
+    if storage.is_local(url):
+        disk = sum(
+            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(storage.local_path(url)) for f in files
+        )
+        out["disk_bytes"] = disk
+        out["bytes_per_token"] = disk / store.num_tokens if store.num_tokens else None
+    return out
+
+
+def _info(args: argparse.Namespace) -> int:
+    d = describe(args.store)
+    if args.json:
+        print(json.dumps(d, indent=2))
+        return 0
+    m = d["meta"]
+    cap = m["capture"]
+    lines = [
+        f"store       {d['url']}",
+        f"teacher     {m['teacher']['name']} ({m['teacher']['source']}), {m['teacher']['dtype']}",
+        f"tokenizer   {m['tokenizer']['name']}, vocab {m['tokenizer']['vocab_size']}, "
+        f"logits width {m['tokenizer']['logits_width']}, fingerprint {m['tokenizer']['fingerprint'][:16]}",
+        f"capture     {cap['mode']} k={cap['k']}, temperatures {', '.join(f'{t:g}' for t in cap['temperatures'])}, "
+        f"max_len {cap['max_len']} ({cap['packing']})",
+        f"corpus      {m['corpus']['documents']} documents from {', '.join(m['corpus']['sources'])}",
+        f"content     {d['tokens']} tokens, {d['sequences']} sequences, "
+        f"{d['segments_committed']}/{d['segments_planned']} segments committed"
+        + ("" if d["complete"] else " (INCOMPLETE: resume the capture)"),
+    ]
+    if "disk_bytes" in d:
+        lines.append(f"size        {d['disk_bytes'] / 1e6:.2f} MB, {d['bytes_per_token'] or 0:.1f} bytes/token")
+    print("\n".join(lines))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    report = verify(args.store)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        for err in report.errors:
+            print(f"error: {err}", file=sys.stderr)
+        status = "ok" if report.ok else f"FAILED ({len(report.errors)} problem(s))"
+        print(f"{report.url}: {status}, {report.tokens} tokens, {report.sequences} sequences, "
+              f"{report.segments_committed}/{report.segments_planned} segments, digest {report.digest}")
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
