@@ -1,0 +1,141 @@
+"""Knowledge-distillation loss against a cached top-k teacher (public entry point).
+
+`kd_loss` compares the student with the teacher over K+1 buckets (the teacher's top-k ids and
+one tail bucket), which is exact when the cache stores full-vocabulary log-probs on the top-k
+set; `teacher_logprobs_at_temperature` turns stored T=1 log-probs plus the stored log-sum-exps
+into the teacher at the training temperature. Math and tolerances: docs/kd_loss.md.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.kd_loss_reference import check_kd_loss_args, kd_loss_reference
+
+__all__ = ["kd_loss", "teacher_logprobs_at_temperature"]
+
+
+def kd_loss(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logp: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    alpha: float = 0.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    inplace_grad: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Mean over tokens of alpha * CE(z, labels) + (1 - alpha) * T^2 * D(p_T || q_T).
+
+    Args:
+        logits: [N, V] student logits, float32 / bfloat16 / float16, CPU or CUDA.
+        topk_ids: [N, K] int32/int64 teacher ids; -1 is padding. A repeated id counts once
+            (its first occurrence; later repeats are treated as padding).
+        topk_logp: [N, K] teacher log-probs at the training temperature, normalized over the
+            full vocabulary; the tail bucket gets 1 - sum(exp(topk_logp)), clamped at 0.
+        temperature: T > 0; the student is softmax(logits / T), the divergence is scaled by T^2.
+        divergence: "fkl" KL(p||q), "rkl" KL(q||p), "jsd" beta KL(p||M) + (1-beta) KL(q||M) with
+            M = beta p + (1-beta) q, or "tvd" sum |p - q| / 2.
+        beta: JSD mixing weight, 0 < beta < 1.
+        alpha: weight of the hard-label cross-entropy at T = 1 (needs labels).
+        labels: [N] hard labels; tokens equal to ignore_index are left out of the mean. Without
+            labels, tokens whose teacher ids are all padding are left out.
+        ignore_index: label value of ignored tokens.
+        inplace_grad: let the Triton backend write the gradient into `logits` (saves an [N, V]
+            buffer; `logits` must not be used afterwards). Ignored by the torch backend.
+        backend: "auto" (Triton on CUDA, torch on CPU), "triton" (on CPU tensors only under
+            TRITON_INTERPRET=1), or "torch".
+
+    Returns:
+        A float32 scalar. A batch with no counted token gives 0 with zero gradients.
+    """
+    check_kd_loss_args(
+        logits,
+        topk_ids,
+        topk_logp,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        alpha=alpha,
+        labels=labels,
+        ignore_index=ignore_index,
+        backend=backend,
+    )
+    if backend == "auto":
+        backend = "triton" if logits.is_cuda else "torch"
+    if backend == "torch":
+        return kd_loss_reference(
+            logits,
+            topk_ids,
+            topk_logp,
+            temperature=temperature,
+            divergence=divergence,
+            beta=beta,
+            alpha=alpha,
+            labels=labels,
+            ignore_index=ignore_index,
+        )
+    # Imported here so that `import trainer` does not import triton, and TRITON_INTERPRET can
+    # still be set by the caller before the kernels are built.
+    from trainer.kd_loss_triton import kd_loss_triton
+
+    return kd_loss_triton(
+        logits,
+        topk_ids,
+        topk_logp,
+        temperature=temperature,
+        divergence=divergence,
+        beta=beta,
+        alpha=alpha,
+        labels=labels,
+        ignore_index=ignore_index,
+        inplace_grad=inplace_grad,
+    )
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a <= 0, accurate at both ends (Maechler 2012); -inf at a = 0."""
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def teacher_logprobs_at_temperature(
+    topk_logp_t1: torch.Tensor,
+    lse_t1: torch.Tensor,
+    lse_t: torch.Tensor,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher log-probs at temperature T from the stored T=1 top-k log-probs and normalizers.
+
+    With z_i = logp_1(i) + lse_1 the teacher's logit on S, log p_T(i) = z_i / T - lse_T, which
+    is exact on S because lse_T = logsumexp(z / T) was stored over the full vocabulary.
+
+    Args:
+        topk_logp_t1: [N, K] log-probs at T = 1; padding is -inf and stays -inf.
+        lse_t1: [N] logsumexp(z) over the full vocabulary.
+        lse_t: [N] logsumexp(z / T) over the full vocabulary.
+        temperature: T > 0, one of the store's captured temperatures.
+
+    Returns:
+        (logp_T [N, K], tail_logp_T [N]) in float32; the tail is log(1 - sum_S p_T), computed
+        from logsumexp(logp_T) without cancellation, and -inf when the top-k holds all mass.
+    """
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"teacher_logprobs_at_temperature: temperature must be > 0, got {temperature!r}")
+    if topk_logp_t1.ndim != 2:
+        raise ValueError(
+            f"teacher_logprobs_at_temperature: topk_logp_t1 must be [N, K], got shape {tuple(topk_logp_t1.shape)}"
+        )
+    n = topk_logp_t1.shape[0]
+    for name, t in (("lse_t1", lse_t1), ("lse_t", lse_t)):
+        if t.shape != (n,):
+            raise ValueError(f"teacher_logprobs_at_temperature: {name} must be [N={n}], got {tuple(t.shape)}")
+    logp_t = (topk_logp_t1.float() + lse_t1.float()[:, None]) / temperature - lse_t.float()[:, None]
+    # Rounding can put the top-k mass a hair above 1; the tail is then empty (-inf), not NaN.
+    log_mass = torch.logsumexp(logp_t, dim=1).clamp(max=0.0)
+    return logp_t, _log1mexp(log_mass)

@@ -1,0 +1,250 @@
+"""Pure-torch reference of the top-k knowledge-distillation loss.
+
+This module defines the semantics of :func:`trainer.kd_loss.kd_loss`: the fused Triton kernel
+(`trainer/kd_loss_triton.py`) must agree with :func:`kd_loss_reference`, and on CPU `kd_loss`
+simply runs it. It is written with differentiable torch ops only, so autograd produces the
+gradient; the math is derived in `docs/kd_loss.md`.
+
+Per row (token) the teacher is known exactly on its top-k set S and as one tail bucket,
+so both distributions are compared over K+1 buckets:
+
+    q_i    = softmax(z / T)_i                  i in S
+    q_tail = sum_{j not in S} softmax(z / T)_j (from the tail's own logsumexp)
+    p_i    = exp(topk_logp_i)                  i in S
+    p_tail = max(0, 1 - sum_S p_i)             (0 when S covers all V ids: empty tail)
+
+Padding ids (negative, or >= V) and repeated ids (every occurrence after the first) are not
+part of S: they contribute nothing and their teacher mass is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["DIVERGENCES", "check_kd_loss_args", "kd_loss_reference", "valid_teacher_ids"]
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+_BACKENDS = ("auto", "triton", "torch")
+_LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NEG_INF = float("-inf")
+
+
+def check_kd_loss_args(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logp: torch.Tensor,
+    *,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    alpha: float,
+    labels: torch.Tensor | None,
+    ignore_index: int,
+    backend: str = "auto",
+) -> None:
+    """Raise ValueError, saying what to change, when the arguments of `kd_loss` are unusable.
+
+    Shapes, dtypes, devices and scalars are always checked. The *values* of `topk_ids` and
+    `labels` are checked only on CPU: on CUDA that check would need a host sync per step, so
+    there the kernel treats out-of-range ids as padding instead (see docs/kd_loss.md).
+    """
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
+        raise ValueError(
+            "kd_loss: logits must be a 2-D tensor [N, V]; flatten batch and length first "
+            f"(got {_describe(logits)})"
+        )
+    if logits.dtype not in _LOGIT_DTYPES:
+        raise ValueError(f"kd_loss: logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    n, v = logits.shape
+    if v < 1:
+        raise ValueError("kd_loss: logits has an empty vocabulary axis (V = 0)")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.ndim != 2 or topk_ids.shape[0] != n:
+        raise ValueError(f"kd_loss: topk_ids must be [N={n}, K], got {_describe(topk_ids)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kd_loss: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_ids.shape[1] < 1:
+        raise ValueError("kd_loss: topk_ids has K = 0 columns; pass at least one teacher id per row")
+    if not isinstance(topk_logp, torch.Tensor) or topk_logp.shape != topk_ids.shape:
+        raise ValueError(
+            f"kd_loss: topk_logp must have the shape of topk_ids {tuple(topk_ids.shape)}, "
+            f"got {_describe(topk_logp)}"
+        )
+    if not topk_logp.is_floating_point():
+        raise ValueError(f"kd_loss: topk_logp must be a float tensor, got {topk_logp.dtype}")
+    for name, t in (("topk_ids", topk_ids), ("topk_logp", topk_logp), ("labels", labels)):
+        if t is not None and t.device != logits.device:
+            raise ValueError(f"kd_loss: {name} is on {t.device} but logits is on {logits.device}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"kd_loss: temperature must be a finite number > 0, got {temperature!r}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"kd_loss: unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+    if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
+        raise ValueError(
+            f"kd_loss: jsd needs 0 < beta < 1, got {beta!r} (beta = 0 or 1 makes JSD identically 0; "
+            "use divergence='fkl' or 'rkl' for those limits)"
+        )
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"kd_loss: alpha must be in [0, 1], got {alpha!r}")
+    if alpha > 0 and labels is None:
+        raise ValueError("kd_loss: alpha > 0 weights a hard-label cross-entropy, so labels [N] are required")
+    if not isinstance(ignore_index, int):
+        raise ValueError(f"kd_loss: ignore_index must be an int, got {ignore_index!r}")
+    if backend not in _BACKENDS:
+        raise ValueError(f"kd_loss: unknown backend {backend!r}; choose one of {_BACKENDS}")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
+            raise ValueError(f"kd_loss: labels must be [N={n}], got {_describe(labels)}")
+        if labels.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"kd_loss: labels must be int32 or int64, got {labels.dtype}")
+    if logits.device.type == "cpu":
+        # Cheap on CPU (no device sync); catches a student/teacher vocabulary mismatch early.
+        if bool((topk_ids < -1).any()) or bool((topk_ids >= v).any()):
+            raise ValueError(
+                f"kd_loss: topk_ids must lie in [0, V={v}) or be -1 (padding); found "
+                f"min {int(topk_ids.min())}, max {int(topk_ids.max())}. Does the store's tokenizer "
+                "match the student's vocabulary?"
+            )
+        if labels is not None:
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"kd_loss: labels must lie in [0, V={v}) or equal ignore_index={ignore_index}; "
+                    f"found {int(labels[bad][0])}"
+                )
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def valid_teacher_ids(topk_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, K] bool: True where the id is in [0, V) and is its row's first occurrence of that id.
+
+    A stable sort brings equal ids together in their original order, so the first of each run
+    is the first occurrence; the flags are then scattered back to the original positions.
+    """
+    in_range = (topk_ids >= 0) & (topk_ids < vocab_size)
+    keyed = torch.where(in_range, topk_ids.long(), -1)
+    sorted_ids, perm = torch.sort(keyed, dim=1, stable=True)
+    repeat_sorted = torch.zeros_like(sorted_ids, dtype=torch.bool)
+    repeat_sorted[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    repeat = torch.empty_like(repeat_sorted).scatter_(1, perm, repeat_sorted)
+    return in_range & ~repeat
+
+
+def row_mask(
+    valid: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
+) -> torch.Tensor:
+    """[N] bool: rows that count towards the mean (label not ignored, or any teacher id)."""
+    if labels is not None:
+        return labels != ignore_index
+    return valid.any(dim=1)
+
+
+def _plogr(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """a * (log a - log b) with a = exp(log_a), and 0 where a == 0 (0 log 0 = 0).
+
+    Both branches of torch.where are differentiated, so masked entries are replaced by 0
+    *before* the arithmetic; otherwise -inf - -inf would put NaN into the gradient.
+    """
+    pos = log_a > _NEG_INF
+    la = torch.where(pos, log_a, 0.0)
+    lb = torch.where(pos, log_b, 0.0)
+    return torch.where(pos, la.exp() * (la - lb), 0.0)
+
+
+def _bucket_divergence(
+    log_p: torch.Tensor, log_q: torch.Tensor, divergence: str, beta: float
+) -> torch.Tensor:
+    """Per-row divergence D(p || q) over buckets given as log-probabilities [N, K+1]."""
+    if divergence == "fkl":
+        return _plogr(log_p, log_q).sum(dim=1)
+    if divergence == "rkl":
+        return _plogr(log_q, log_p).sum(dim=1)
+    if divergence == "jsd":
+        # M = beta p + (1 - beta) q in log space; a bucket empty on both sides stays empty
+        # (logaddexp(-inf, -inf) has a NaN gradient, so it is kept out of the op).
+        both_empty = (log_p == _NEG_INF) & (log_q == _NEG_INF)
+        lp = torch.where(both_empty, 0.0, log_p)
+        lq = torch.where(both_empty, 0.0, log_q)
+        log_m = torch.logaddexp(lp + math.log(beta), lq + math.log1p(-beta))
+        log_m = torch.where(both_empty, _NEG_INF, log_m)
+        kl_pm = _plogr(log_p, log_m).sum(dim=1)
+        kl_qm = _plogr(log_q, log_m).sum(dim=1)
+        return beta * kl_pm + (1.0 - beta) * kl_qm
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=1)
+    raise ValueError(f"kd_loss: unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
+
+
+def kd_loss_reference(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logp: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "fkl",
+    beta: float = 0.5,
+    alpha: float = 0.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Top-k KD loss in plain torch (fp32 math whatever the input dtype); see `kd_loss`.
+
+    Memory: besides autograd's saved tensors it holds at most about three [N, V] fp32 arrays
+    (the upcast logits, z / T, and a copy with the top-k ids masked out for the tail's own
+    logsumexp). The full log-softmax is never materialized: only [N, K] gathers and [N]
+    normalizers are.
+    """
+    n, v = logits.shape
+    t = float(temperature)
+    z = logits.float()
+    valid = valid_teacher_ids(topk_ids, v)  # [N, K]
+    rows = row_mask(valid, labels, ignore_index)  # [N]
+    n_rows = rows.sum().clamp(min=1).to(torch.float32)
+    per_row = torch.zeros(n, dtype=torch.float32, device=logits.device)
+
+    if alpha > 0:
+        assert labels is not None  # checked by check_kd_loss_args
+        y = torch.where(rows, labels, 0).long()
+        ce = torch.logsumexp(z, dim=1) - z.gather(1, y[:, None]).squeeze(1)
+        per_row = per_row + alpha * ce
+
+    if alpha < 1:
+        u = z * (1.0 / t) if t != 1.0 else z  # multiply like the kernel does, not divide
+        ids = torch.where(valid, topk_ids, 0).long()
+        u_s = u.gather(1, ids)  # [N, K]
+
+        # Tail logsumexp from the tail's own elements: mask S out of a copy of u. Two extra
+        # columns: column V is 0 for rows whose tail is empty (so logsumexp stays finite and
+        # its gradient NaN-free; the result is discarded), column V+1 soaks up the scatter of
+        # invalid slots.
+        tail_empty = valid.sum(dim=1) == v
+        extra = torch.full((n, 2), _NEG_INF, device=u.device)
+        extra[:, 0] = torch.where(tail_empty, 0.0, _NEG_INF)
+        u_tail = torch.cat([u, extra], dim=1)
+        u_tail.scatter_(1, torch.where(valid, ids, v + 1), _NEG_INF)
+        lse_tail = torch.where(tail_empty, _NEG_INF, torch.logsumexp(u_tail, dim=1))
+
+        # lse(z / T) = logaddexp(lse over S, lse over the tail): no second pass over V.
+        no_s = ~valid.any(dim=1, keepdim=True)
+        u_s_pad = torch.cat([torch.where(valid, u_s, _NEG_INF), torch.where(no_s, 0.0, _NEG_INF)], dim=1)
+        lse_s = torch.where(no_s.squeeze(1), _NEG_INF, torch.logsumexp(u_s_pad, dim=1))
+        lse = torch.logaddexp(lse_tail, lse_s)
+
+        log_q = torch.cat([torch.where(valid, u_s - lse[:, None], _NEG_INF), (lse_tail - lse)[:, None]], dim=1)
+
+        log_p_s = torch.where(valid, topk_logp.detach().float(), _NEG_INF)
+        # An empty tail (S covers the vocabulary) is empty for the teacher too: 1 - sum p is
+        # then rounding residue, and keeping it would make fkl = +inf against q_tail = 0.
+        p_tail = torch.where(tail_empty, 0.0, (1.0 - log_p_s.exp().sum(dim=1)).clamp(min=0.0))
+        log_p = torch.cat([log_p_s, p_tail.log()[:, None]], dim=1)
+
+        d = _bucket_divergence(log_p, log_q, divergence, beta)
+        per_row = per_row + (1.0 - alpha) * t * t * d
+
+    return torch.where(rows, per_row, 0.0).sum() / n_rows
