@@ -87,6 +87,10 @@ def _capture(args: argparse.Namespace) -> int:
         unit_tokens=args.unit_tokens,
         batch_tokens=max(args.batch_tokens, args.max_len),
     )
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     teacher = load_teacher(args.teacher, device=args.device)
     with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress, desc="capture") as bar:
 

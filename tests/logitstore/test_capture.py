@@ -1,0 +1,163 @@
+"""Capture end to end on real models: the stored soft labels equal a full-softmax torch
+computation over the same sequences, within the codec's error bound."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from logitstore import open_store
+from logitstore.capture.engine import CaptureConfig, capture, plan_units
+from logitstore.capture.teacher import load_teacher
+from logitstore.cli import main as cli_main
+from logitstore.codecs import LogProbCodec
+from logitstore.errors import LogitStoreError, StoreExistsError
+from logitstore.verify import verify
+
+CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tiny_teacher_dir):
+    return load_teacher(str(tiny_teacher_dir), device="cpu")
+
+
+def reference(model: torch.nn.Module, input_ids: np.ndarray, temperatures) -> tuple[np.ndarray, np.ndarray]:
+    """float64 log-softmax at T=1 and logsumexp(z/T) per T, from one unpadded forward."""
+    with torch.inference_mode():
+        z = model(torch.from_numpy(input_ids.astype(np.int64))[None]).logits[0].double()
+    lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures], dim=-1)
+    return torch.log_softmax(z, dim=-1).numpy(), lse.numpy()
+
+
+def assert_matches_reference(store, model, codec: LogProbCodec, lse_atol: float = 2e-4) -> None:
+    for i in range(store.num_sequences):
+        block = store.sequence(i)
+        logp_ref, lse_ref = reference(model, block.input_ids, store.temperatures)
+        k = block.topk_ids.shape[1]
+        # The stored ids are the teacher's top-k: their reference log-probs are the k largest.
+        ref_sorted = -np.sort(-logp_ref, axis=1)[:, :k]
+        got_ref = np.take_along_axis(logp_ref, block.topk_ids.astype(np.int64), axis=1)
+        np.testing.assert_allclose(got_ref, ref_sorted, atol=1e-4)
+        # Stored log-probs: within the codec bound plus fp32 forward noise.
+        bound = codec.max_abs_error(got_ref) + 1e-4
+        assert np.all(np.abs(block.topk_logp - got_ref) <= bound)
+        np.testing.assert_allclose(block.lse, lse_ref, atol=lse_atol, rtol=0)
+        # The tail at every T is the reference's mass outside the top-k.
+        for t in store.temperatures:
+            logp_t, tail_t = store.teacher_logprobs(block, t)
+            z_t = torch.log_softmax(torch.from_numpy(logp_ref) / t, dim=-1).numpy()
+            exact = np.take_along_axis(z_t, block.topk_ids.astype(np.int64), axis=1)
+            exact_tail = 1 - np.exp(exact).sum(axis=1)
+            # Each p_T(i) may be off by the codec bound (divided by T) in log space; the tail
+            # absorbs the sum of those errors.
+            p_err = np.exp(exact) * np.expm1((bound + lse_atol) / t)
+            assert np.all(np.abs(np.exp(logp_t) - np.exp(exact)) <= p_err + 1e-6)
+            assert np.all(np.abs(np.exp(tail_t) - exact_tail) <= p_err.sum(axis=1) + 1e-5)
+
+
+@pytest.mark.parametrize("packing", ["packed", "document"])
+def test_capture_equals_full_softmax(tiny_teacher, tmp_path, packing):
+    config = CaptureConfig(
+        k=16, temperatures=(1.0, 2.0, 4.0), max_len=96, packing=packing, max_tokens=700,
+        unit_tokens=250, chunk_tokens=64, batch_tokens=200, row_chunk=37,
+    )
+    store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config)
+    assert store.complete and store.meta.num_segments > 1
+    assert store.num_tokens == 700 == store.meta.corpus.tokens
+    assert store.meta.teacher.weights_sha256 == tiny_teacher.info.weights_sha256
+    assert store.meta.tokenizer.fingerprint == tiny_teacher.tokenizer_info.fingerprint
+    assert_matches_reference(store, tiny_teacher.model, config.logp_codec)
+    # The manifest's pieces tile the token axis exactly, in order.
+    m = store.manifest()
+    starts, counts = m.column("token_start").to_numpy(), m.column("num_tokens").to_numpy()
+    assert starts[0] == 0 and np.array_equal(starts[1:], np.cumsum(counts)[:-1]) and counts.sum() == 700
+    assert verify(str(tmp_path / "s")).ok
+
+
+def test_units_and_batches_do_not_change_content(tiny_teacher, tmp_path):
+    """Segment and batch boundaries are bookkeeping: the digest depends on content only."""
+    base = dict(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300, packing="document")
+    a = capture(tiny_teacher, [CORPUS], str(tmp_path / "a"), CaptureConfig(**base, unit_tokens=10_000))
+    b = capture(tiny_teacher, [CORPUS], str(tmp_path / "b"),
+                CaptureConfig(**base, unit_tokens=90, batch_tokens=64, row_chunk=5))
+    assert len(a.segments) == 1 and len(b.segments) > 2
+    da, db = verify(a.url), verify(b.url)
+    assert da.ok and db.ok
+    # Batched (padded) forwards differ from single ones only by float rounding; compare decoded.
+    np.testing.assert_array_equal(a.read(0, 300).topk_ids, b.read(0, 300).topk_ids)
+    np.testing.assert_allclose(a.read(0, 300).lse, b.read(0, 300).lse, atol=1e-5)
+
+
+def test_plan_units_is_a_partition():
+    lengths = [5, 7, 3, 10, 1, 1, 9]
+    units = plan_units(lengths, unit_tokens=12)
+    assert [list(u) for u in units] == [[0, 1], [2], [3, 4, 5], [6]]
+    assert plan_units([50], unit_tokens=10) == [range(0, 1)]
+
+
+def test_capture_refuses_bad_settings_and_existing_store(tiny_teacher, tmp_path):
+    with pytest.raises(LogitStoreError, match="logits width"):
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "x"), CaptureConfig(k=10**6, max_tokens=50))
+    capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), CaptureConfig(k=4, max_len=32, max_tokens=50))
+    with pytest.raises(StoreExistsError, match="--resume"):
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), CaptureConfig(k=4, max_len=32, max_tokens=50))
+
+
+def test_resume_after_losing_a_unit_gives_the_same_digest(tiny_teacher, tmp_path):
+    config = CaptureConfig(k=8, max_len=64, max_tokens=400, unit_tokens=100)
+    full = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config)
+    digest = verify(full.url).digest
+    # Un-commit two units (as if the writer died before their commit records), then resume.
+    for i in (1, 3):
+        (tmp_path / "s" / "commits" / f"{i:06d}.json").unlink()
+    (tmp_path / "s" / "index.json").unlink()
+    assert not open_store(full.url).complete
+    resumed = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config, resume=True)
+    assert resumed.complete and verify(resumed.url).digest == digest
+    with pytest.raises(LogitStoreError, match=r"capture\.k"):
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), CaptureConfig(k=9, max_len=64, max_tokens=400,
+                                                                            unit_tokens=100), resume=True)
+
+
+def test_cli_capture_info_verify(tiny_teacher_dir, tmp_path, capsys):
+    out = tmp_path / "cli"
+    rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out", str(out),
+                   "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "200",
+                   "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    capsys.readouterr()
+    assert cli_main(["info", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["tokens"] == 200 and info["meta"]["capture"]["temperatures"] == [1.0, 2.0]
+    assert cli_main(["verify", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] and report["tokens"] == 200 and len(report["digest"]) == 64
+
+
+def test_cli_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):
+    rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(tmp_path / "missing.txt"),
+                   "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("error:") and "missing.txt" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # nothing half-written
+    rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out",
+                   str(tmp_path / "o"), "--temperatures", "2,4", "--device", "cpu", "--no-progress"])
+    assert rc == 1 and "include 1" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_capture_smollm2_gguf(smollm2_teacher, tmp_path):
+    """The real teacher over a few hundred tokens of the example corpus."""
+    config = CaptureConfig(k=64, temperatures=(1.0, 2.0), max_len=160, max_tokens=320)
+    store = capture(smollm2_teacher, [CORPUS], str(tmp_path / "smol"), config)
+    assert store.num_tokens == 320 and store.meta.tokenizer.logits_width == 49152
+    assert_matches_reference(store, smollm2_teacher.model, config.logp_codec, lse_atol=1e-3)
+    block = store.read(0, 320)
+    # A real language model: its top-k holds most of the mass (DESIGN: ~0.93 at k=64).
+    assert np.exp(block.topk_logp).sum(axis=1).mean() > 0.8
+    assert verify(store.url).ok
