@@ -6,6 +6,7 @@ committed segments in segment order; for a finished capture that is the whole co
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from zarr.core.sync import sync
 
 from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec
@@ -75,12 +77,21 @@ class _Segment:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one array (segment-local positions)."""
-        try:
-            return self.arrays()[name][start:stop]
-        except CorruptDataError:
-            raise
-        except Exception as e:  # checksum mismatch, truncated shard, decode failure
-            raise self.corrupt(name, start, stop, str(e)) from None
+        return self.read_many((name,), start, stop)[0]
+
+    def read_many(self, names: tuple[str, ...], start: int, stop: int) -> list[np.ndarray]:
+        """Rows [start, stop) of several arrays, fetched and decoded concurrently."""
+        arrays = self.arrays()
+
+        async def fetch() -> list[Any]:
+            reads = (arrays[n]._async_array.getitem((slice(start, stop),)) for n in names)
+            return await asyncio.gather(*reads, return_exceptions=True)
+
+        results = sync(fetch())
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, Exception):  # checksum mismatch, truncated shard, decode failure
+                raise self.corrupt(name, start, stop, str(result)) from None
+        return results
 
     def id_table(self) -> np.ndarray:
         if self._id_table is None:
@@ -221,12 +232,12 @@ class Store:
         return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
 
     def _read_segment(self, seg: _Segment, a: int, b: int) -> TokenBlock:
-        indices = seg.read("topk_ids", a, b)
+        input_ids, indices, codes, lse = seg.read_many(("input_ids", "topk_ids", "topk_logp", "lse"), a, b)
         return TokenBlock(
-            input_ids=seg.read("input_ids", a, b),
+            input_ids=input_ids,
             topk_ids=seg.id_table()[indices],
-            topk_logp=self._codec.decode(seg.read("topk_logp", a, b)),
-            lse=seg.read("lse", a, b),
+            topk_logp=self._codec.decode(codes),
+            lse=lse,
         )
 
     def _empty_block(self) -> TokenBlock:
