@@ -123,7 +123,8 @@ def teacher_logprobs_at_temperature(
 
     Returns:
         (logp_T [N, K], tail_logp_T [N]) in float32; the tail is log(1 - sum_S p_T), computed
-        from logsumexp(logp_T) without cancellation, and -inf when the top-k holds all mass.
+        in fp64 from logsumexp(logp_T) with log1mexp, and -inf when the top-k holds all mass.
+        Its absolute accuracy as a probability is that of the inputs (~1e-7 for fp32 inputs).
     """
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"teacher_logprobs_at_temperature: temperature must be > 0, got {temperature!r}")
@@ -135,7 +136,9 @@ def teacher_logprobs_at_temperature(
     for name, t in (("lse_t1", lse_t1), ("lse_t", lse_t)):
         if t.shape != (n,):
             raise ValueError(f"teacher_logprobs_at_temperature: {name} must be [N={n}], got {tuple(t.shape)}")
-    logp_t = (topk_logp_t1.float() + lse_t1.float()[:, None]) / temperature - lse_t.float()[:, None]
+    # fp64 on [N, K]: log(1 - sum p) cancels when the top-k holds nearly all the mass, and
+    # fp32 would add its own rounding to the rounding already in the stored inputs.
+    logp_t = (topk_logp_t1.double() + lse_t1.double()[:, None]) / temperature - lse_t.double()[:, None]
     # Rounding can put the top-k mass a hair above 1; the tail is then empty (-inf), not NaN.
     log_mass = torch.logsumexp(logp_t, dim=1).clamp(max=0.0)
-    return logp_t, _log1mexp(log_mass)
+    return logp_t.float(), _log1mexp(log_mass).float()

@@ -241,7 +241,10 @@ def kd_loss_reference(
         log_p_s = torch.where(valid, topk_logp.detach().float(), _NEG_INF)
         # An empty tail (S covers the vocabulary) is empty for the teacher too: 1 - sum p is
         # then rounding residue, and keeping it would make fkl = +inf against q_tail = 0.
-        p_tail = torch.where(tail_empty, 0.0, (1.0 - log_p_s.exp().sum(dim=1)).clamp(min=0.0))
+        # The sum is taken in fp64: 1 - sum p cancels when the top-k holds nearly all the mass,
+        # and rkl/jsd are very sensitive to a small p_tail.
+        p_tail = (1.0 - log_p_s.double().exp().sum(dim=1)).clamp(min=0.0).float()
+        p_tail = torch.where(tail_empty, 0.0, p_tail)
         log_p = torch.cat([log_p_s, p_tail.log()[:, None]], dim=1)
 
         d = _bucket_divergence(log_p, log_q, divergence, beta)

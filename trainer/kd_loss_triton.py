@@ -211,11 +211,15 @@ def _kd_loss_kernel(
         lp_s = tl.load(logp_ptr + row * K + offs_k, mask=valid, other=NEG_INF).to(tl.float32)
         lp_s = tl.where(valid, lp_s, NEG_INF)
         p_s = tl.exp(lp_s)
-        p_sum = tl.sum(p_s, axis=0)
+        # 1 - sum p cancels when the top-k holds nearly all the mass, and rkl/jsd are very
+        # sensitive to a small p_t (d/dp_t of q_t log(q_t/p_t) is -q_t/p_t): so the sum is
+        # taken in fp64 (K values per row, negligible next to the V stream).
+        p_sum64 = tl.sum(tl.exp(lp_s.to(tl.float64)), axis=0)
+        p_sum = p_sum64.to(tl.float32)
         # When S covers the vocabulary the tail bucket is empty on both sides; the teacher's
         # 1 - sum p is then only rounding residue (it would make fkl = +inf against q_t = 0).
         tail_empty = tl.sum(valid.to(tl.int32), axis=0) == V
-        p_t = tl.where(tail_empty, 0.0, tl.maximum(1.0 - p_sum, 0.0))
+        p_t = tl.where(tail_empty, 0.0, tl.maximum(1.0 - p_sum64, 0.0).to(tl.float32))
         lp_t = tl.log(p_t)
 
         if DIVERGENCE == 0:  # forward KL
