@@ -128,6 +128,20 @@ def test_huge_float64_saturates_never_inf() -> None:
     assert np.all(np.isfinite(codec.decode(codes)))
 
 
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="BUG codecs.py encode/decode/max_abs_error: 0-d inputs fail (np.clip / np.negative return numpy "
+    "scalars, then item assignment raises TypeError) although they promise 'the same shape'",
+)
+def test_scalar_inputs() -> None:
+    codec = LogProbCodec()
+    code = codec.encode(np.float32(-1.0))
+    assert np.shape(code) == ()
+    assert codec.decode(code) == -1.0
+    assert codec.max_abs_error(-1.0) == 2.0**-8
+
+
 @pytest.mark.parametrize("codec", CODECS, ids=codec_ids)
 @SETTINGS
 @given(values=hnp.arrays(np.float32, st.integers(2, 64), elements=st.one_of(f32_logp, st.just(-np.inf))))
