@@ -64,7 +64,6 @@ import triton.language as tl
 __all__ = ["KDLossFunction", "block_v_for", "interpreting", "kd_loss_triton"]
 
 _DIVERGENCE_CODE = {"fkl": 0, "rkl": 1, "jsd": 2, "tvd": 3}
-_INT32_MAX = 2**31 - 1
 
 
 @triton.jit
@@ -132,7 +131,8 @@ def _kd_loss_kernel(
     repeat = tl.zeros([KP], dtype=tl.int32)
     for kb in tl.static_range(0, KP, KB):
         offs_b = kb + tl.arange(0, KB)
-        ids_b = tl.load(ids_ptr + row * K + offs_b, mask=offs_b < K, other=-1).to(tl.int32)
+        ids_b = tl.load(ids_ptr + row * K + offs_b, mask=offs_b < K, other=-1)
+        ids_b = tl.where((ids_b >= 0) & (ids_b < V), ids_b, -1).to(tl.int32)  # int64 could wrap
         earlier = (ids[:, None] == ids_b[None, :]) & (offs_b[None, :] < offs_k[:, None])
         repeat = tl.maximum(repeat, tl.max(earlier.to(tl.int32), axis=1))
     valid = valid & (repeat == 0)
@@ -280,14 +280,20 @@ def _kd_loss_kernel(
 
 @triton.jit
 def _scale_kernel(grad_ptr, grad_stride, scale_ptr, V, BLOCK_V: tl.constexpr):
-    """grad *= scale in place, in fp32 (a bf16 product would round the scale first)."""
+    """grad *= scale in place, in fp32 (a bf16 product would round the scale first).
+
+    The test for scale == 1 happens on the device, per row: the common `loss.backward()` then
+    costs no memory traffic, and the host never has to read grad_output (no sync).
+    """
     row = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mask = offs < V
-    ptr = grad_ptr + row * grad_stride + offs
     s = tl.load(scale_ptr).to(tl.float32)
-    g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (g * s).to(grad_ptr.dtype.element_ty), mask=mask)
+    if s != 1.0:
+        for v0 in range(0, V, BLOCK_V):
+            offs = v0 + tl.arange(0, BLOCK_V)
+            mask = offs < V
+            ptr = grad_ptr + row * grad_stride + offs
+            g = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+            tl.store(ptr, (g * s).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def interpreting() -> bool:
@@ -444,11 +450,9 @@ class KDLossFunction(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             n, v = grad.shape
             if n > 0:
-                # Always scale (even by 1): testing grad_output == 1 would need a host sync.
-                bv = 1024
-                _scale_kernel[(n, triton.cdiv(v, bv))](
-                    grad, grad.stride(0), grad_output.reshape(1).float(), v, BLOCK_V=bv
-                )
+                bv = min(4096, triton.next_power_of_2(v))
+                scale = grad_output.reshape(1).float()
+                _scale_kernel[(n,)](grad, grad.stride(0), scale, v, BLOCK_V=bv, num_warps=8 if bv >= 4096 else 4)
             grad_logits = grad
         return grad_logits, None, None, None, None, None, None, None, None, None, None
 
