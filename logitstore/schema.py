@@ -110,7 +110,8 @@ class StoreMeta(_Frozen):
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            raise MetadataError(f"{where}: invalid store metadata: {e}") from None
+            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise MetadataError(f"{where}: invalid store metadata: {problems}") from None
 
 
 def meta_differences(old: StoreMeta, new: StoreMeta) -> list[str]:

@@ -100,6 +100,11 @@ def fsync_tree(store: Store, prefix: str) -> None:
         _fsync_dir(Path(dirpath))
 
 
+def delete_key(store: Store, key: str) -> None:
+    """Remove one key (no error if it is absent)."""
+    sync(store.delete(key))
+
+
 def delete_prefix(store: Store, prefix: str) -> None:
     """Remove every key under `prefix` (garbage collection of an uncommitted segment)."""
     sync(store.delete_dir(prefix))

@@ -111,8 +111,14 @@ class StoreWriter:
         return {i for i in range(self.meta.num_segments) if storage.key_exists(self._store, layout.commit_key(i))}
 
     def collect_garbage(self) -> list[int]:
-        """Delete every segment directory that has no commit record; returns their ids."""
+        """Delete every segment directory that has no commit record; returns their ids.
+
+        When a planned segment is uncommitted, the finalized index and manifest (if any) are
+        stale too: they are removed so that readers fall back to the commit records."""
         committed = self.committed()
+        if len(committed) < self.meta.num_segments:
+            storage.delete_key(self._store, layout.INDEX_KEY)
+            storage.delete_key(self._store, layout.MANIFEST_KEY)
         removed = []
         for name in storage.list_dir(self._store, "segments"):
             if name.isdigit() and int(name) not in committed:
@@ -139,7 +145,7 @@ class StoreWriter:
             "input_ids": np.asarray(data.input_ids, dtype=np.int32),
             "topk_ids": indices,
             "id_table": table,
-            "topk_logp": self._codec.encode(data.topk_logp),
+            "topk_logp": self._codec.encode_topk(data.topk_logp),
             "lse": np.asarray(data.lse, dtype=np.float32),
             "seq_offsets": offsets,
         }

@@ -197,5 +197,5 @@ def concat(segments: Sequence[SegmentData]) -> dict[str, np.ndarray]:
 
 
 def quantized(codec: LogProbCodec, logp: np.ndarray) -> np.ndarray:
-    """What the store must give back for `logp`: the codec's exact decode of its encode."""
-    return codec.decode(codec.encode(logp))
+    """What the store must give back for `logp`: the codec's exact decode of its top-k encode."""
+    return codec.decode(codec.encode_topk(logp))

@@ -44,7 +44,7 @@ def assert_matches_reference(store, model, codec: LogProbCodec, lse_atol: float 
         got_ref = np.take_along_axis(logp_ref, block.topk_ids.astype(np.int64), axis=1)
         np.testing.assert_allclose(got_ref, ref_sorted, atol=1e-4)
         # Stored log-probs: within the codec bound plus fp32 forward noise.
-        bound = codec.max_abs_error(got_ref) + 1e-4
+        bound = codec.topk_error_bound(got_ref) + 1e-4
         assert np.all(np.abs(block.topk_logp - got_ref) <= bound)
         np.testing.assert_allclose(block.lse, lse_ref, atol=lse_atol, rtol=0)
         # The tail at every T is the reference's mass outside the top-k.

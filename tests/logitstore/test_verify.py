@@ -292,11 +292,6 @@ def test_cli_bad_path(tmp_path: Path, command: str, capsys: pytest.CaptureFixtur
     assert "Traceback" not in err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG schema.py from_attrs: MetadataError embeds str(pydantic.ValidationError), which is multi-line, "
-    "so the CLI's `error:` message spans several lines",
-)
 def test_cli_bad_metadata_one_line(tmp_path: Path, good: str, capsys: pytest.CaptureFixture[str]) -> None:
     url = fresh_copy(good, tmp_path)
     path = Path(url) / "zarr.json"
