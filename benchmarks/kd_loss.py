@@ -1,0 +1,239 @@
+"""KD loss benchmark: forward+backward time and peak extra memory — ours vs its peers.
+
+Measured in one run, per (V, K), all on the same student logits:
+
+  ours             kd_loss (fused Triton kernel on CUDA; the torch reference on CPU)
+  ours_inplace     the same, writing the gradient into the logits buffer (CUDA only)
+  torch_eager      the torch reference (trainer.kd_loss_reference), eager
+  torch_compile    the torch reference under torch.compile
+  liger_ce         Liger's LigerCrossEntropyLoss on hard labels: the floor a fused loss over
+                   V can reach (it has no teacher at all)
+  liger_kldiv      Liger's LigerKLDIVLoss given a dense teacher (closest peer); the dense
+  liger_jsd        teacher costs an extra N x V tensor, which a top-k cache never builds,
+                   and the student's log_softmax is done in torch before the Liger call
+  dense_torch_kl   F.kl_div against a dense teacher in plain torch (the CPU stand-in for Liger)
+  clone            logits.clone(): one read + one write of N x V, the memory-bandwidth bound
+
+Prints one JSON line per (V, K) with milliseconds (median over --iters rounds after --warmup;
+each round calls every peer once, so drift hits all peers alike),
+peak extra memory in MiB (CUDA: torch.cuda.max_memory_allocated minus what was allocated
+before the call, i.e. minus the inputs; it includes the [N, V] gradient unless in place),
+and each peer's time and memory as a ratio to ours. Peers that cannot run say why.
+
+    python benchmarks/kd_loss.py                # CUDA: bf16, N=8192, V in {49152, 128256, 262144}
+    python benchmarks/kd_loss.py --cpu          # small fp32 shapes on CPU (also chosen without CUDA)
+
+On CPU, times are only meaningful as ratios (device=cpu is in every line) and memory is not
+measured. It is not a test and never gates CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from trainer.kd_loss import kd_loss
+from trainer.kd_loss_reference import kd_loss_reference
+
+MIB = 2**20
+
+
+def make_inputs(n: int, v: int, k: int, dtype: torch.dtype, device: str, temperature: float, seed: int = 0):
+    """Student logits, a teacher's top-k at T (ids, log-probs normalized over V) and its dense log-probs."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g, device=device) * 2).to(dtype)
+    teacher = torch.randn(n, v, generator=g, device=device) * 2
+    log_norm = torch.logsumexp(teacher / temperature, dim=1, keepdim=True)
+    top = torch.topk(teacher, k, dim=1)
+    topk_logp = top.values / temperature - log_norm
+    labels = torch.randint(0, v, (n,), generator=g, device=device)
+    del teacher
+    return logits, top.indices.to(torch.int32), topk_logp, labels, log_norm
+
+
+def dense_teacher_logp(topk_ids, topk_logp, n, v, dtype):
+    """What a dense-teacher loss has to be fed: [N, V] log-probs (top-k, the tail spread evenly)."""
+    tail = (1 - topk_logp.exp().sum(1, keepdim=True)).clamp(min=1e-12) / (v - topk_ids.shape[1])
+    dense = tail.log().expand(n, v).clone()
+    dense.scatter_(1, topk_ids.long(), topk_logp)
+    return dense.to(dtype)
+
+
+def _time_once(fn: Callable[[], None], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def _peak_extra_mib(fn: Callable[[], None]) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MIB
+
+
+def measure(fns: dict[str, Callable[[], None]], device: str, warmup: int, iters: int) -> dict[str, dict | str]:
+    """Median ms per peer, timed round-robin (one call of each peer per round) so that drift
+    in clocks or in a shared CPU's load hits every peer alike; then peak memory per peer."""
+    out: dict[str, dict | str] = {}
+    live: dict[str, Callable[[], None]] = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live[name] = fn
+        except Exception as e:  # one peer failing (OOM, missing compiler) must not hide the others
+            oom = isinstance(e, torch.cuda.OutOfMemoryError)
+            out[name] = "oom" if oom else f"failed: {type(e).__name__}: {e}"[:200]
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    times: dict[str, list[float]] = {name: [] for name in live}
+    for _ in range(iters):
+        for name, fn in live.items():
+            times[name].append(_time_once(fn, device))
+    for name, fn in live.items():
+        mib = _peak_extra_mib(fn) if device == "cuda" else None
+        out[name] = {
+            "ms": round(statistics.median(times[name]), 4),
+            "peak_extra_mib": None if mib is None else round(mib, 1),
+        }
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def fwd_bwd(loss_fn: Callable[[torch.Tensor], torch.Tensor], logits: torch.Tensor) -> Callable[[], None]:
+    """A closure that runs loss_fn forward and backward on a fresh leaf view of `logits`."""
+
+    def run() -> None:
+        x = logits.detach().requires_grad_()
+        loss_fn(x).backward()
+        del x
+
+    return run
+
+
+def peers(args, logits, topk_ids, topk_logp, labels, device) -> dict[str, Callable[[], None] | str]:
+    """name -> closure, or a string saying why the peer is unavailable."""
+    n, v = logits.shape
+    t = args.temperature
+    kw = dict(temperature=t, divergence=args.divergence)
+    out: dict[str, Callable[[], None] | str] = {}
+    out["ours"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, **kw), logits)
+    if device == "cuda":
+        inplace_buf = logits.clone()  # overwritten with gradients every call; fine for timing
+        out["ours_inplace"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, inplace_grad=True, **kw), inplace_buf)
+    out["torch_eager"] = fwd_bwd(lambda x: kd_loss_reference(x, topk_ids, topk_logp, **kw), logits)
+    try:
+        compiled = torch.compile(kd_loss_reference, dynamic=False)
+        out["torch_compile"] = fwd_bwd(lambda x: compiled(x, topk_ids, topk_logp, **kw), logits)
+    except Exception as e:  # pragma: no cover - depends on the toolchain
+        out["torch_compile"] = f"unavailable: {type(e).__name__}: {e}"[:200]
+
+    dense = None
+    try:
+        import liger_kernel.transformers as lk
+
+        if device != "cuda":
+            raise ImportError("Liger-Kernel needs CUDA")
+        dense = dense_teacher_logp(topk_ids, topk_logp, n, v, torch.float32)
+        ce = lk.LigerCrossEntropyLoss()
+        kl = lk.LigerKLDIVLoss(reduction="batchmean", log_target=True)
+        jsd = lk.LigerJSD(beta=0.5)
+        out["liger_ce"] = fwd_bwd(lambda x: ce(x, labels), logits)
+        out["liger_kldiv"] = fwd_bwd(
+            lambda x: kl(torch.log_softmax(x.float() / t, dim=-1), dense) * (t * t), logits
+        )
+        out["liger_jsd"] = fwd_bwd(lambda x: jsd(torch.log_softmax(x.float() / t, dim=-1), dense) * (t * t), logits)
+    except ImportError as e:
+        for name in ("liger_ce", "liger_kldiv", "liger_jsd"):
+            out[name] = f"unavailable: {e}"[:200]
+    if device != "cuda":
+        dense = dense_teacher_logp(topk_ids, topk_logp, n, v, torch.float32)
+        out["dense_torch_kl"] = fwd_bwd(
+            lambda x: F.kl_div(torch.log_softmax(x.float() / t, dim=-1), dense, log_target=True, reduction="batchmean")
+            * (t * t),
+            logits,
+        )
+
+    def clone() -> None:
+        logits.clone()
+
+    out["clone"] = clone
+    return out
+
+
+def bench_one(args, n: int, v: int, k: int, device: str, dtype: torch.dtype) -> dict:
+    logits, topk_ids, topk_logp, labels, _ = make_inputs(n, v, k, dtype, device, args.temperature)
+    row: dict = {
+        "bench": "kd_loss",
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
+        "dtype": str(dtype).removeprefix("torch."),
+        "N": n,
+        "V": v,
+        "K": k,
+        "divergence": args.divergence,
+        "temperature": args.temperature,
+        "ours_backend": "triton" if device == "cuda" else "torch (kd_loss backend='auto' on CPU)",
+        "results": {},
+    }
+    closures = peers(args, logits, topk_ids, topk_logp, labels, device)
+    measured = measure({k: f for k, f in closures.items() if not isinstance(f, str)}, device, args.warmup, args.iters)
+    row["results"] = {name: f if isinstance(f, str) else measured[name] for name, f in closures.items()}
+    ours = row["results"].get("ours")
+    if isinstance(ours, dict):
+        for name, r in row["results"].items():
+            if name != "ours" and isinstance(r, dict):
+                r["time_x_ours"] = round(r["ms"] / ours["ms"], 3)
+                if r["peak_extra_mib"] is not None and ours["peak_extra_mib"]:
+                    r["mem_x_ours"] = round(r["peak_extra_mib"] / ours["peak_extra_mib"], 3)
+    # Ours reads N x V twice and writes it once (plus the backward's in-place scale: one more
+    # read + write); clone reads and writes it once.
+    row["ours_min_bytes_gb"] = round(3 * n * v * logits.element_size() / 1e9, 3)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="run on CPU (small shapes); chosen automatically without CUDA")
+    ap.add_argument("--n", type=int, default=None, help="tokens (default 8192 on CUDA, 256 on CPU)")
+    ap.add_argument("--v", type=int, nargs="*", default=None, help="vocabulary sizes")
+    ap.add_argument("--k", type=int, nargs="*", default=None, help="top-k sizes")
+    ap.add_argument("--divergence", default="fkl", choices=["fkl", "rkl", "jsd", "tvd"])
+    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None)
+    args = ap.parse_args()
+
+    device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    if device == "cuda":
+        n, vs, ks, dtype = args.n or 8192, args.v or [49152, 128256, 262144], args.k or [16, 64, 128], torch.bfloat16
+        args.warmup, args.iters = args.warmup or 5, args.iters or 20
+    else:
+        n, vs, ks, dtype = args.n or 256, args.v or [4099, 16384], args.k or [16, 64], torch.float32
+        args.warmup, args.iters = args.warmup or 2, args.iters or 9
+        torch.manual_seed(0)
+    for v in vs:
+        for k in ks:
+            row = bench_one(args, n, v, min(k, v), device, dtype)
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
