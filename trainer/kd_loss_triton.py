@@ -417,8 +417,8 @@ class KDLossFunction(torch.autograd.Function):
         ignore_index: int,
         inplace_grad: bool,
         block_v: int | None,
+        compute_grad: bool,
     ) -> torch.Tensor:
-        compute_grad = bool(ctx.needs_input_grad[0])
         loss, grad = _launch(
             logits,
             topk_ids,
@@ -454,7 +454,7 @@ class KDLossFunction(torch.autograd.Function):
                 scale = grad_output.reshape(1).float()
                 _scale_kernel[(n,)](grad, grad.stride(0), scale, v, BLOCK_V=bv, num_warps=8 if bv >= 4096 else 4)
             grad_logits = grad
-        return grad_logits, None, None, None, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None, None, None
 
 
 def kd_loss_triton(
@@ -493,4 +493,7 @@ def kd_loss_triton(
         int(ignore_index),
         bool(inplace_grad),
         block_v,
+        # Decided here, not from ctx.needs_input_grad inside forward: that is True under
+        # torch.no_grad() too, and an eval pass must not pay for (or write in place) a gradient.
+        torch.is_grad_enabled() and logits.requires_grad,
     )

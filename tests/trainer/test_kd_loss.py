@@ -348,6 +348,16 @@ def test_without_grad_only_the_loss_is_computed():
     assert torch.equal(z, before), "nothing may be written when no gradient is needed"
 
 
+def test_no_grad_mode_writes_nothing():
+    z, ids, logp, labels = make_case(seed=11)
+    with_grad, _ = run("triton", z, ids, logp, divergence="fkl", alpha=0.3, labels=labels)
+    leaf = z.clone().requires_grad_()
+    with torch.no_grad():
+        loss = kd_loss(leaf, ids, logp, alpha=0.3, labels=labels, backend="triton", inplace_grad=True)
+    assert torch.equal(loss.cpu().double(), with_grad)
+    assert torch.equal(leaf.detach(), z), "an eval pass under no_grad must not overwrite the logits"
+
+
 def test_auto_backend_on_cpu_is_the_reference():
     z, ids, logp, labels = make_case(seed=12)
     z = z.cpu()
