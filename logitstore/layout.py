@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import Crc32cCodec
@@ -113,3 +114,28 @@ def shard_keys(arr: zarr.Array, path: str) -> list[str]:
 
 def dumps_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, indent=1).encode()
+
+
+# One row per run of one document's tokens inside one sequence.
+PIECES_SCHEMA = pa.schema(
+    [
+        ("sequence", pa.int64()),  # index of the sequence inside its segment (global in manifest.parquet)
+        ("seq_token_offset", pa.int32()),  # where the run starts inside the sequence
+        ("num_tokens", pa.int32()),
+        ("doc_id", pa.int64()),
+        ("source", pa.string()),  # file:line or file:row N
+        ("doc_token_offset", pa.int64()),  # where the run starts inside the document's tokens
+        ("content_sha256", pa.string()),  # of the document's text
+    ]
+)
+
+# The consolidated manifest: segment-local sequence numbers become global, and each piece
+# gets its global token position.
+MANIFEST_SCHEMA = PIECES_SCHEMA.append(pa.field("token_start", pa.int64()))
+
+
+def globalize_pieces(pieces: pa.Table, seq_start: int, token_start: int, seq_offsets: np.ndarray) -> pa.Table:
+    local_seq = pieces.column("sequence").to_numpy()
+    starts = token_start + seq_offsets[local_seq] + pieces.column("seq_token_offset").to_numpy()
+    pieces = pieces.set_column(0, "sequence", pa.array(local_seq + seq_start, pa.int64()))
+    return pieces.append_column("token_start", pa.array(starts, pa.int64()))

@@ -22,7 +22,6 @@ from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import CorruptDataError, NotAStoreError, TemperatureNotCapturedError
 from logitstore.schema import StoreMeta
-from logitstore.writer import MANIFEST_SCHEMA, globalize_pieces
 
 
 @dataclass(frozen=True)
@@ -227,9 +226,9 @@ class Store:
             seg_raw = storage.read_key(self._store, layout.segment_manifest_key(seg.record.segment))
             if seg_raw is None:
                 raise seg.corrupt("manifest.parquet", 0, seg.record.tokens, "the manifest is missing")
-            tables.append(globalize_pieces(pq.read_table(io.BytesIO(seg_raw)), seg.seq_start, seg.token_start,
+            tables.append(layout.globalize_pieces(pq.read_table(io.BytesIO(seg_raw)), seg.seq_start, seg.token_start,
                                            seg.seq_offsets()))
-        return pa.concat_tables(tables) if tables else MANIFEST_SCHEMA.empty_table()
+        return pa.concat_tables(tables) if tables else layout.MANIFEST_SCHEMA.empty_table()
 
     def _read_segment(self, seg: _Segment, a: int, b: int) -> TokenBlock:
         input_ids, indices, codes, lse = seg.read_many(("input_ids", "topk_ids", "topk_logp", "lse"), a, b)
@@ -270,10 +269,11 @@ def open_store(url: str, *, storage_options: dict[str, Any] | None = None) -> St
     except ValueError:
         raise NotAStoreError(f"{url} is not a logitstore store: its zarr.json is not valid JSON") from None
     meta = StoreMeta.from_attrs(attrs, url)
-    return Store(store, meta, _committed_records(store, meta), url)
+    return Store(store, meta, committed_records(store, meta), url)
 
 
-def _committed_records(store: zarr.abc.store.Store, meta: StoreMeta) -> list[layout.SegmentRecord]:
+def committed_records(store: zarr.abc.store.Store, meta: StoreMeta) -> list[layout.SegmentRecord]:
+    """The commit records of a store, in segment order (index.json once finalized)."""
     raw = storage.read_key(store, layout.INDEX_KEY)
     if raw is not None:
         return [layout.SegmentRecord(**r) for r in json.loads(raw)["segments"]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,23 +23,10 @@ import zarr
 from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec, build_id_table
 from logitstore.errors import LogitStoreError, MetadataError, StoreExistsError
+from logitstore.reader import Store, committed_records
 from logitstore.schema import StoreMeta, meta_differences
 
 log = logging.getLogger(__name__)
-
-# One row per run of one document's tokens inside one sequence.
-PIECES_SCHEMA = pa.schema(
-    [
-        ("sequence", pa.int64()),  # index of the sequence inside its segment (global in manifest.parquet)
-        ("seq_token_offset", pa.int32()),  # where the run starts inside the sequence
-        ("num_tokens", pa.int32()),
-        ("doc_id", pa.int64()),
-        ("source", pa.string()),  # file:line or file:row N
-        ("doc_token_offset", pa.int64()),  # where the run starts inside the document's tokens
-        ("content_sha256", pa.string()),  # of the document's text
-    ]
-)
-
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -54,7 +41,7 @@ class SegmentData:
     topk_logp: np.ndarray  # float32 [n, K], log p at T=1 over the full vocabulary
     lse: np.ndarray  # float32 [n, n_T]
     seq_lengths: np.ndarray  # int [m], sums to n
-    pieces: pa.Table  # PIECES_SCHEMA, `sequence` local to the segment
+    pieces: pa.Table  # layout.PIECES_SCHEMA, `sequence` local to the segment
 
     def validate(self, meta: StoreMeta) -> None:
         n, k = self.topk_ids.shape
@@ -163,38 +150,13 @@ class StoreWriter:
     def finalize(self) -> None:
         """Once every segment is committed: write index.json and the consolidated manifest.parquet,
         so a reader opens the store in two reads instead of one per segment."""
-        records = []
-        pieces = []
-        seq_start = token_start = 0
-        for i in range(self.meta.num_segments):
-            raw = storage.read_key(self._store, layout.commit_key(i))
-            if raw is None:
-                raise LogitStoreError(f"cannot finalize {self.url}: segment {i} is not committed yet")
-            record = layout.SegmentRecord.from_json(raw)
-            records.append(record)
-            seg_pieces = pq.read_table(io.BytesIO(storage.read_key(self._store, layout.segment_manifest_key(i))))
-            pieces.append(globalize_pieces(seg_pieces, seq_start, token_start, self._seq_offsets(i)))
-            seq_start += record.sequences
-            token_start += record.tokens
-        manifest = pa.concat_tables(pieces) if pieces else MANIFEST_SCHEMA.empty_table()
-        storage.write_key(self._store, layout.MANIFEST_KEY, _parquet_bytes(manifest))
-        index = {"segments": [r.__dict__ for r in records], "finalized_at": now_iso()}
+        store = Store(self._store, self.meta, committed_records(self._store, self.meta), self.url)
+        if not store.complete:
+            missing = min(set(range(self.meta.num_segments)) - {r.segment for r in store.segments})
+            raise LogitStoreError(f"cannot finalize {self.url}: segment {missing} is not committed yet")
+        storage.write_key(self._store, layout.MANIFEST_KEY, _parquet_bytes(store.manifest()))
+        index = {"segments": [asdict(r) for r in store.segments], "finalized_at": now_iso()}
         storage.write_key(self._store, layout.INDEX_KEY, layout.dumps_json(index))
-
-    def _seq_offsets(self, segment: int) -> np.ndarray:
-        return layout.open_array(self._store, f"{layout.segment_prefix(segment)}/seq_offsets")[...]
-
-
-# The consolidated manifest: segment-local sequence numbers become global, and each piece
-# gets its global token position.
-MANIFEST_SCHEMA = PIECES_SCHEMA.append(pa.field("token_start", pa.int64()))
-
-
-def globalize_pieces(pieces: pa.Table, seq_start: int, token_start: int, seq_offsets: np.ndarray) -> pa.Table:
-    local_seq = pieces.column("sequence").to_numpy()
-    starts = token_start + seq_offsets[local_seq] + pieces.column("seq_token_offset").to_numpy()
-    pieces = pieces.set_column(0, "sequence", pa.array(local_seq + seq_start, pa.int64()))
-    return pieces.append_column("token_start", pa.array(starts, pa.int64()))
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:

@@ -29,9 +29,10 @@ from logitstore.capture.corpus import PackedCorpus, PackedSequence, read_documen
 from logitstore.capture.teacher import Teacher
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError
+from logitstore.layout import PIECES_SCHEMA
 from logitstore.reader import Store, open_store
 from logitstore.schema import CaptureSettings, CorpusInfo, StoreMeta
-from logitstore.writer import PIECES_SCHEMA, SegmentData, StoreWriter, now_iso
+from logitstore.writer import SegmentData, StoreWriter, now_iso
 
 log = logging.getLogger(__name__)
 

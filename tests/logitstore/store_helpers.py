@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 
 from logitstore.codecs import LogProbCodec
+from logitstore.layout import PIECES_SCHEMA
 from logitstore.schema import CaptureSettings, CorpusInfo, StoreMeta, TeacherInfo, TokenizerInfo
-from logitstore.writer import PIECES_SCHEMA, SegmentData, StoreWriter
+from logitstore.writer import SegmentData, StoreWriter
 
 TEMPERATURES = (1.0, 2.0, 0.5, 4.0)
 
