@@ -70,7 +70,7 @@ def _capture(args: argparse.Namespace) -> int:
     # torch and transformers load only for the command that needs them.
     from tqdm import tqdm
 
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import CaptureConfig, CaptureProgress, capture
     from logitstore.capture.teacher import load_teacher
 
     try:
@@ -94,9 +94,9 @@ def _capture(args: argparse.Namespace) -> int:
     teacher = load_teacher(args.teacher, device=args.device)
     with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress, desc="capture") as bar:
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+        def progress(p: CaptureProgress) -> None:
+            bar.total = p.tokens_total
+            bar.update(p.tokens_done - bar.n)
 
         store = capture(teacher, args.corpus, args.out, config, resume=args.resume, progress=progress)
     print(f"{store.url}: {store.num_tokens} tokens, {store.num_sequences} sequences, k={store.meta.capture.k}")

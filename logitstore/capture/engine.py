@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +37,38 @@ from logitstore.writer import SegmentData, StoreWriter, now_iso
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[int, int], None]  # (tokens done, tokens total)
+
+
+@dataclass(frozen=True)
+class CaptureProgress:
+    """A capture's progress, reported at the start and after the teacher finishes each work unit.
+
+    `tokens_done` counts tokens already committed by an earlier run too (a resumed capture
+    starts where it stopped); `tokens_per_s` counts only this run's work, so the ETA of a
+    resumed capture is not inflated by tokens it did not compute.
+    """
+
+    tokens_done: int
+    tokens_total: int
+    tokens_this_run: int
+    elapsed_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_this_run / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        """Seconds to go at this run's rate; None before the first unit of this run."""
+        if self.tokens_done >= self.tokens_total:
+            return 0.0
+        rate = self.tokens_per_s
+        return (self.tokens_total - self.tokens_done) / rate if rate > 0 else None
+
+
+# Called from the capture's thread. An exception raised by the callback stops the capture
+# (committed units stay committed, so `resume=True` continues): this is how a job is cancelled.
+ProgressCallback = Callable[[CaptureProgress], None]
 
 
 @dataclass(frozen=True)
@@ -109,9 +141,15 @@ def capture(
         writer = StoreWriter.create(out, meta)
         done = set()
 
-    tokens_done = sum(len(packed.sequences[j].input_ids) for i in done for j in units[i])
-    if progress:
-        progress(tokens_done, packed.tokens)
+    tokens_before = sum(len(packed.sequences[j].input_ids) for i in done for j in units[i])
+    tokens_done, started = tokens_before, time.perf_counter()
+
+    def report() -> None:
+        if progress:
+            progress(CaptureProgress(tokens_done, packed.tokens, tokens_done - tokens_before,
+                                     time.perf_counter() - started))
+
+    report()
     # One background writer: it encodes and writes unit i while the teacher runs unit i+1;
     # waiting for it before submitting the next bounds host memory to two units.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
@@ -125,8 +163,7 @@ def capture(
                 pending.result()
             pending = pool.submit(writer.write_segment, i, data)
             tokens_done += len(data.input_ids)
-            if progress:
-                progress(tokens_done, packed.tokens)
+            report()
         if pending is not None:
             pending.result()
     writer.finalize()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from logitstore import open_store
-from logitstore.capture.engine import CaptureConfig, capture, plan_units
+from logitstore.capture.engine import CaptureConfig, CaptureProgress, capture, plan_units
 from logitstore.capture.teacher import load_teacher
 from logitstore.cli import main as cli_main
 from logitstore.codecs import LogProbCodec
@@ -122,6 +122,32 @@ def test_resume_after_losing_a_unit_gives_the_same_digest(tiny_teacher, tmp_path
     with pytest.raises(LogitStoreError, match=r"capture\.k"):
         capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), CaptureConfig(k=9, max_len=64, max_tokens=400,
                                                                             unit_tokens=100), resume=True)
+
+
+def test_progress_reports_every_unit_and_a_raising_observer_stops_the_capture(tiny_teacher, tmp_path):
+    config = CaptureConfig(k=8, max_len=64, max_tokens=400, unit_tokens=100)
+    seen: list[CaptureProgress] = []
+    store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config, progress=seen.append)
+    sizes = [b - a for a, b in store.segment_spans()]
+    # One report before the first unit, then one per unit with the running token count.
+    assert [p.tokens_done for p in seen] == np.cumsum([0, *sizes]).tolist()
+    assert all(p.tokens_total == store.num_tokens for p in seen)
+    assert seen[-1].eta_s == 0 and seen[-1].tokens_per_s > 0
+
+    # Cancelling = raising from the observer; the committed units survive and resume finishes.
+    class Cancelled(Exception):
+        pass
+
+    def cancel_after_two(p: CaptureProgress) -> None:
+        if p.tokens_done >= sum(sizes[:2]):
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "c"), config, progress=cancel_after_two)
+    resumed: list[CaptureProgress] = []
+    store_c = capture(tiny_teacher, [CORPUS], str(tmp_path / "c"), config, resume=True, progress=resumed.append)
+    assert resumed[0].tokens_done >= sizes[0] and resumed[0].tokens_this_run == 0
+    assert verify(store_c.url).digest == verify(store.url).digest
 
 
 def test_cli_capture_info_verify(tiny_teacher_dir, tmp_path, capsys):
