@@ -249,12 +249,22 @@ def _fields(block: TokenBlock) -> tuple[np.ndarray, ...]:
     return block.input_ids, block.topk_ids, block.topk_logp, block.lse
 
 
-def open_store(url: str, *, storage_options: dict[str, Any] | None = None) -> Store:
+def open_store(
+    url: str, *, token: str | None = None, storage_options: dict[str, Any] | None = None
+) -> Store:
     """Open a store for reading: a local path, or an fsspec URL (http(s)://, s3://, ...).
 
-    `storage_options` go to fsspec (e.g. `{"headers": {"Authorization": "Bearer KEY"}}`).
+    `token` is an API key for the logitstore server (`http(s)://HOST/v1/stores/ID/zarr`),
+    sent as `Authorization: Bearer TOKEN`. `storage_options` go to fsspec as they are
+    (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
     """
     url = str(url)
+    if token is not None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"token= is for http(s):// stores served by logitstore-server, not {url}")
+        options = dict(storage_options or {})
+        options["headers"] = {**options.get("headers", {}), "Authorization": f"Bearer {token}"}
+        storage_options = options
     if storage.is_local(url) and not storage.local_path(url).is_dir():
         raise NotAStoreError(f"{url}: no such directory; pass the directory that `logitstore capture --out` created")
     store = storage.open_kv(url, read_only=True, storage_options=storage_options)
