@@ -1,4 +1,4 @@
-"""Kernel tests run on CPU under the Triton interpreter.
+"""Trainer fixtures: tiny captured stores; kernel tests run on CPU under the Triton interpreter.
 
 TRITON_INTERPRET is read when a kernel is decorated with @triton.jit, i.e. when
 trainer.kd_loss_triton is first imported, so it is set here, before any test module loads.
@@ -7,8 +7,44 @@ interpreted kernel would make the real-shape @pytest.mark.gpu tests take hours).
 """
 
 import os
+from pathlib import Path
 
+import pytest
 import torch
+
+CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_store_factory(tiny_teacher_dir, tmp_path_factory):
+    """Capture (once per settings) the tiny random teacher over tinyshakespeare; returns the store path.
+
+    Arguments are CaptureConfig fields, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`.
+    Defaults: k=8, temperatures (1, 2), max_len 64, 4000 tokens, 1000-token units (several segments).
+    """
+    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.teacher import load_teacher
+
+    teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
+    built: dict[tuple, str] = {}
+
+    def build(**overrides) -> str:
+        settings = {"k": 8, "temperatures": (1.0, 2.0), "max_len": 64, "max_tokens": 4000, "unit_tokens": 1000}
+        settings.update(overrides)
+        key = tuple(sorted(settings.items()))
+        if key not in built:
+            out = tmp_path_factory.mktemp("tiny_store") / "store"
+            capture(teacher, [CORPUS], str(out), CaptureConfig(**settings))
+            built[key] = str(out)
+        return built[key]
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_store_factory) -> str:
+    """A packed store of the tiny teacher: 4000 tokens, k=8, T=1,2, sequences of 64, 4 segments."""
+    return tiny_store_factory()
