@@ -22,7 +22,8 @@ if not torch.cuda.is_available():
 def tiny_store_factory(tiny_teacher_dir, tmp_path_factory):
     """Capture (once per settings) the tiny random teacher over tinyshakespeare; returns the store path.
 
-    Arguments are CaptureConfig fields, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`.
+    Arguments are CaptureConfig fields, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`,
+    and `corpus` (a text file; default the start of tinyshakespeare).
     Defaults: k=8, temperatures (1, 2), max_len 64, 4000 tokens, 1000-token units (several segments).
     """
     from logitstore.capture.engine import CaptureConfig, capture
@@ -31,13 +32,13 @@ def tiny_store_factory(tiny_teacher_dir, tmp_path_factory):
     teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
     built: dict[tuple, str] = {}
 
-    def build(**overrides) -> str:
+    def build(corpus: Path = CORPUS, **overrides) -> str:
         settings = {"k": 8, "temperatures": (1.0, 2.0), "max_len": 64, "max_tokens": 4000, "unit_tokens": 1000}
         settings.update(overrides)
-        key = tuple(sorted(settings.items()))
+        key = (str(corpus), *sorted(settings.items()))
         if key not in built:
             out = tmp_path_factory.mktemp("tiny_store") / "store"
-            capture(teacher, [CORPUS], str(out), CaptureConfig(**settings))
+            capture(teacher, [corpus], str(out), CaptureConfig(**settings))
             built[key] = str(out)
         return built[key]
 
@@ -48,3 +49,18 @@ def tiny_store_factory(tiny_teacher_dir, tmp_path_factory):
 def tiny_store(tiny_store_factory) -> str:
     """A packed store of the tiny teacher: 4000 tokens, k=8, T=1,2, sequences of 64, 4 segments."""
     return tiny_store_factory()
+
+
+@pytest.fixture(scope="session")
+def heldout_text(tmp_path_factory) -> Path:
+    """The last 200 paragraphs of tinyshakespeare (training stores use its start)."""
+    paragraphs = CORPUS.read_text().split("\n\n")
+    path = tmp_path_factory.mktemp("heldout") / "heldout.txt"
+    path.write_text("\n\n".join(paragraphs[-200:]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def heldout_store(tiny_store_factory, heldout_text) -> str:
+    """The tiny teacher's store of the held-out text (1500 tokens)."""
+    return tiny_store_factory(corpus=heldout_text, max_tokens=1500)

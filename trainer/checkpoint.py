@@ -1,0 +1,89 @@
+"""Training checkpoints: written atomically, found again by `--resume`.
+
+`OUT/checkpoints/step_00000100/` holds
+- `model.safetensors`: the student's weights (shared tensors such as a tied head stored once);
+- `trainer_state.pt`: optimizer, LR schedule, the data loader of every rank, RNG states, step.
+
+A checkpoint is written under a temporary name, fsync'd, then renamed: a run killed while
+saving leaves a `*.partial` directory that is ignored and removed, never a half checkpoint
+that `--resume` would load.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def save_checkpoint(out: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f"step_{step:08d}.{uuid.uuid4().hex[:8]}.partial"
+    tmp.mkdir()
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({**trainer_state, "step": step, "rng": _rng_state()}, tmp / "trainer_state.pt")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
+    if final.exists():  # re-saving a step (a resumed run that saves again at the same step)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old)
+    for partial in root.glob("*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
+    return final
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = out / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load the weights into `model`, restore the RNG states, and return the trainer state."""
+    load_model(model, str(path / "model.safetensors"))
+    state = torch.load(path / "trainer_state.pt", weights_only=False)
+    _set_rng_state(state.pop("rng"))
+    return state
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,134 @@
+"""Held-out evaluation: perplexity on text, and agreement with the teacher on a held-out store.
+
+- `eval_text`: the student's perplexity on a text file, tokenized and packed exactly as a
+  capture would (same EOS handling), in windows of `seq_len` tokens.
+- `eval_store`: on a store the student never trained on, KL(teacher || student) at T = 1
+  over the K+1 buckets (exact: the tail is the teacher's full-vocabulary remainder), the
+  top-1 agreement (student argmax == teacher argmax), and the perplexity of the store's tokens.
+
+Windows never cross a sequence boundary, as in training; metrics are means over tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from logitstore.capture.corpus import read_documents, tokenize_and_pack
+from logitstore.reader import Store
+from trainer.kd_loss import kd_loss
+
+
+@torch.no_grad()
+def eval_text(
+    model: torch.nn.Module,
+    tokenizer,
+    path: str | Path,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+) -> dict[str, float]:
+    """{"eval_ppl": perplexity of the student on the text's next tokens}."""
+    packed = tokenize_and_pack(read_documents([path]), tokenizer, max_len=seq_len, max_tokens=max_tokens)
+    windows = [s.input_ids for s in packed.sequences]
+    nll = n = 0.0
+    for ids, mask in _batches(windows, batch_size):
+        logits = _logits(model, ids, vocab_size)
+        s, c = _next_token_nll(logits, ids, mask)
+        nll, n = nll + s, n + c
+    return {"eval_ppl": float(np.exp(nll / max(n, 1)))}
+
+
+@torch.no_grad()
+def eval_store(
+    model: torch.nn.Module,
+    store: Store,
+    *,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+) -> dict[str, float]:
+    """{"eval_kl", "eval_top1", "eval_store_ppl"} of the student against the store's teacher."""
+    kl = top1 = nll = n_kd = n_ce = 0.0
+    for spans in _chunks(list(_windows(store, seq_len, max_tokens)), batch_size):
+        blocks = [store.read(a, b) for a, b in spans]
+        ids, mask = _pad([b.input_ids for b in blocks], len(blocks))
+        logits = _logits(model, ids, vocab_size)
+        k = blocks[0].topk_ids.shape[1]
+        topk_ids = torch.full((*ids.shape, k), -1, dtype=torch.int64)
+        topk_logp = torch.full((*ids.shape, k), float("-inf"))
+        for row, b in enumerate(blocks):
+            topk_ids[row, : len(b)] = torch.from_numpy(b.topk_ids.astype(np.int64))
+            topk_logp[row, : len(b)] = torch.from_numpy(b.topk_logp)
+        flat_mask = mask.reshape(-1).to(logits.device)
+        z = logits.reshape(-1, vocab_size)[flat_mask]
+        t_ids = topk_ids.reshape(-1, k).to(z.device)[flat_mask]
+        t_logp = topk_logp.reshape(-1, k).to(z.device)[flat_mask]
+        tokens = int(flat_mask.sum())
+        kl += float(kd_loss(z, t_ids, t_logp, temperature=1.0, divergence="fkl", backend="torch")) * tokens
+        top1 += float((z.argmax(-1) == t_ids[:, 0]).sum())
+        n_kd += tokens
+        s, c = _next_token_nll(logits, ids, mask)
+        nll, n_ce = nll + s, n_ce + c
+    return {
+        "eval_kl": kl / max(n_kd, 1),
+        "eval_top1": top1 / max(n_kd, 1),
+        "eval_store_ppl": float(np.exp(nll / max(n_ce, 1))),
+    }
+
+
+def _windows(store: Store, seq_len: int, max_tokens: int | None) -> Iterator[tuple[int, int]]:
+    """Token ranges of at most `seq_len` inside each sequence, in order, up to `max_tokens`."""
+    starts = np.concatenate([[0], np.cumsum(store.sequence_lengths())])
+    budget = store.num_tokens if max_tokens is None else min(max_tokens, store.num_tokens)
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+        for w in range(a, b, seq_len):
+            stop = min(w + seq_len, b, w + budget)
+            if stop <= w:
+                return
+            yield w, stop
+            budget -= stop - w
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
+
+
+def _batches(windows: list[np.ndarray], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for chunk in _chunks(windows, batch_size):
+        yield _pad(chunk, len(chunk))
+
+
+def _pad(windows: list[np.ndarray], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest window: [rows, L] int64 ids (0 at padding) and a bool mask.
+    Causal attention never lets a real position see the padding after it."""
+    longest = max(len(w) for w in windows)
+    ids = torch.zeros((rows, longest), dtype=torch.int64)
+    mask = torch.zeros((rows, longest), dtype=torch.bool)
+    for r, w in enumerate(windows):
+        ids[r, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.int64))
+        mask[r, : len(w)] = True
+    return ids, mask
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids.to(device)).logits
+    return logits[..., :vocab_size].float()
+
+
+def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Summed next-token negative log-likelihood inside each window, and the number of tokens."""
+    valid = (mask[:, 1:] & mask[:, :-1]).to(logits.device)
+    targets = ids[:, 1:].to(logits.device)[valid]
+    nll = F.cross_entropy(logits[:, :-1][valid], targets, reduction="sum")
+    return float(nll), float(valid.sum())
