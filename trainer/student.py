@@ -115,6 +115,8 @@ def _tokenizer_beside(spec: str, config_file: Path | None) -> str | None:
 
 def _load_tokenizer(spec: str, meta: StoreMeta) -> PreTrainedTokenizerBase:
     try:
+        if Path(spec).expanduser().is_dir():  # a tokenizer directory needs no model config
+            return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()))
         src = resolve_teacher_source(spec)
         kwargs: dict[str, Any] = {"gguf_file": src.gguf_file} if src.gguf_file else {}
         return AutoTokenizer.from_pretrained(src.path_or_id, **kwargs)

@@ -19,8 +19,26 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(scope="session")
-def tiny_store_factory(tiny_teacher_dir, tmp_path_factory):
-    """Capture (once per settings) the tiny random teacher over tinyshakespeare; returns the store path.
+def peaked_teacher_dir(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The tiny random teacher with its (tied) embedding scaled by 25: confident predictions.
+
+    At the default init a random model is nearly uniform over the 49152 tokens, so a student
+    that learns nothing is already close to it; this teacher is worth distilling.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(25.0)
+    out = tmp_path_factory.mktemp("peaked_teacher")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_teacher_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
+    """Capture (once per settings) the peaked tiny teacher over tinyshakespeare; returns the store path.
 
     Arguments are CaptureConfig fields, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`,
     and `corpus` (a text file; default the start of tinyshakespeare).
@@ -29,7 +47,7 @@ def tiny_store_factory(tiny_teacher_dir, tmp_path_factory):
     from logitstore.capture.engine import CaptureConfig, capture
     from logitstore.capture.teacher import load_teacher
 
-    teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
+    teacher = load_teacher(str(peaked_teacher_dir), device="cpu")
     built: dict[tuple, str] = {}
 
     def build(corpus: Path = CORPUS, **overrides) -> str:
@@ -47,7 +65,7 @@ def tiny_store_factory(tiny_teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_store(tiny_store_factory) -> str:
-    """A packed store of the tiny teacher: 4000 tokens, k=8, T=1,2, sequences of 64, 4 segments."""
+    """A packed store of the peaked tiny teacher: 4000 tokens, k=8, T=1,2, sequences of 64, 4 segments."""
     return tiny_store_factory()
 
 
@@ -62,5 +80,5 @@ def heldout_text(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def heldout_store(tiny_store_factory, heldout_text) -> str:
-    """The tiny teacher's store of the held-out text (1500 tokens)."""
+    """The peaked tiny teacher's store of the held-out text (1500 tokens)."""
     return tiny_store_factory(corpus=heldout_text, max_tokens=1500)

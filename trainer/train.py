@@ -1,0 +1,352 @@
+"""The training loop: a store's soft labels → a student, with checkpoints, resume, eval and DDP.
+
+One step = `grad_accum` micro-batches of `batch_size` blocks of `seq_len` tokens on every
+rank. The loss per micro-batch is
+
+    loss = alpha * CE(student, next token) + (1 - alpha) * T^2 * D(teacher_T || student_T)
+
+over the K+1 buckets of the store (`trainer.kd_loss`), or plain CE with `loss="ce"` (the
+baseline every KD run should beat). The teacher at the training temperature T is rebuilt on
+the device from the stored T=1 log-probs and the full-vocabulary normalizers, so T is any
+temperature the store captured.
+
+Run with `torchrun --nproc-per-node G -m trainer ...` for DDP: each rank reads its own share
+of the store (no overlap), gradients are averaged, rank 0 logs, evaluates and saves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from logitstore.capture.teacher import resolve_device
+from logitstore.errors import LogitStoreError
+from logitstore.reader import Store, open_store
+from trainer.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from trainer.data import StoreDataset, make_loader
+from trainer.evaluate import eval_store, eval_text
+from trainer.kd_loss import kd_loss, teacher_logprobs_at_temperature
+from trainer.student import load_student
+
+log = logging.getLogger(__name__)
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as `OUT/config.json` and in every checkpoint."""
+
+    store: str
+    student: str
+    out: str
+    tokenizer: str | None = None  # default: the student's own, else the store's teacher's
+    token: str | None = None  # API key, for a store served by logitstore-server
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint, ...)
+    loss: Literal["kd", "ce"] = "kd"
+    temperature: float = 1.0
+    divergence: str = "fkl"
+    alpha: float = 0.0  # weight of the hard-label CE in "kd" mode
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 512
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_text: str | None = None
+    eval_store: str | None = None
+    eval_tokens: int = 65_536
+    save_every: int = 500  # 0: checkpoint at the end only
+    num_workers: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+    def check(self) -> None:
+        if self.loss not in ("kd", "ce"):
+            raise LogitStoreError(f"--loss must be 'kd' or 'ce', got {self.loss!r}")
+        if self.divergence not in DIVERGENCES:
+            raise LogitStoreError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise LogitStoreError(f"--alpha must be in [0, 1], got {self.alpha}")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise LogitStoreError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LogitStoreError(f"--lr must be > 0, got {self.lr}")
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
+    """Run (or resume) training; returns `OUT/final`, a directory `from_pretrained` loads."""
+    cfg.check()
+    rank, world, device = _setup_distributed(cfg.device)
+    out = Path(cfg.out)
+    try:
+        return _train(cfg, out, rank, world, device, progress)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.device, progress: bool) -> Path:
+    dataset = StoreDataset(
+        cfg.store, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+        token=cfg.token, storage_options=cfg.storage_options or None, rank=rank, world_size=world,
+    )  # fmt: skip
+    meta = dataset.meta
+    temps = meta.capture.temperatures
+    t_col, one_col = _temperature_column(cfg.temperature, temps, cfg.store), temps.index(1.0)
+    student = load_student(cfg.student, meta, tokenizer=cfg.tokenizer, seed=cfg.seed)
+    model, vocab = student.model.to(device), student.vocab_size
+    _check_positions(model, cfg.seq_len)
+
+    optimizer = _optimizer(model, cfg, device)
+    warmup = min(cfg.warmup_steps, cfg.steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, warmup, cfg.steps, cfg.min_lr_ratio)
+    )
+    loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+
+    step = 0
+    found = checkpoints(out)
+    if cfg.resume and found:
+        state = load_checkpoint(found[-1], model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["data"][rank])
+        step = state["step"]
+        if rank == 0:
+            _truncate_metrics(out / "metrics.jsonl", step)
+            log.info("resumed from %s", found[-1])
+    elif found and not cfg.resume:
+        raise LogitStoreError(f"{out} has checkpoints of an earlier run: pass --resume to continue it or a new --out")
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps({**asdict(cfg), "token": None}, indent=2) + "\n")
+
+    ddp = DistributedDataParallel(model) if world > 1 else None
+    eval_stores = _open_eval_store(cfg)
+    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed below)
+    bar = _progress_bar(cfg.steps, step, enabled=progress and rank == 0)
+    batches = iter(loader)
+    window_tokens, window_start = 0, time.perf_counter()
+    try:
+        while step < cfg.steps:
+            model.train()
+            sums = torch.zeros(3, device=device)  # loss, kd, ce summed over micro-batches
+            for micro in range(cfg.grad_accum):
+                batch = next(batches)
+                sync = ddp is None or micro == cfg.grad_accum - 1
+                with nullcontext() if sync else ddp.no_sync():
+                    loss, kd, ce = _micro_step(ddp or model, batch, cfg, vocab, t_col, one_col, device,
+                                               measure=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
+                    (loss / cfg.grad_accum).backward()
+                sums += torch.stack([loss.detach(), kd, ce]) / cfg.grad_accum
+                window_tokens += int(batch["mask"].sum()) * world
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if world > 1:
+                    dist.all_reduce(sums)
+                    sums /= world
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "loss": sums[0].item(), "kd_loss": sums[1].item(), "ce_loss": sums[2].item(),
+                          "lr": lr, "tokens_per_s": window_tokens / elapsed if elapsed > 0 else 0.0}
+                window_tokens, window_start = 0, time.perf_counter()
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                _write(metrics, record)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                if rank == 0 and (cfg.eval_text or eval_stores):
+                    _write(metrics, {"step": step, **_evaluate(model, student.tokenizer, vocab, cfg, eval_stores)})
+                window_start = time.perf_counter()  # eval time is not training throughput
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                data_states = [None] * world
+                if world > 1:
+                    dist.all_gather_object(data_states, loader.state_dict())
+                else:
+                    data_states = [loader.state_dict()]
+                if rank == 0:
+                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                             "data": data_states, "config": asdict(cfg) | {"token": None}}
+                    save_checkpoint(out, step, model, state)
+    finally:
+        bar.close()
+        if metrics is not None:
+            metrics.close()
+
+    final = out / "final"
+    if rank == 0:
+        model.save_pretrained(final)
+        student.tokenizer.save_pretrained(final)
+    return final
+
+
+def _micro_step(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    cfg: TrainConfig,
+    vocab: int,
+    t_col: int,
+    one_col: int,
+    device: torch.device,
+    *,
+    measure: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss to backpropagate, kd part, ce part) of one micro-batch. The part that is not in the
+    loss is computed only when `measure` (a logging step), without gradient."""
+    ids = batch["input_ids"].to(device, non_blocking=True).long()
+    labels = batch["labels"].to(device, non_blocking=True).reshape(-1)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids).logits
+    z = logits.reshape(-1, logits.shape[-1])[:, :vocab]  # padded output columns are not tokens
+    nan = torch.tensor(float("nan"), device=device)
+    if cfg.loss == "ce":
+        ce = F.cross_entropy(z.float(), labels, ignore_index=-100)
+        kd = _teacher_kd(z.detach(), batch, cfg, t_col, one_col, device) if measure else nan
+        return ce, kd, ce.detach()
+
+    topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, batch["topk_ids"].shape[-1])
+    logp_t = _teacher_logp(batch, cfg.temperature, t_col, one_col, device)
+    ce = F.cross_entropy(z.detach().float(), labels, ignore_index=-100) if measure or cfg.alpha > 0 else nan
+    # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the logits
+    # for backward: the head's backward uses its input and weight), saving an [N, V] allocation.
+    loss = kd_loss(
+        z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence, alpha=cfg.alpha,
+        labels=labels if cfg.alpha > 0 else None, inplace_grad=z.is_cuda,
+    )  # fmt: skip
+    if cfg.alpha == 0:
+        kd = loss.detach()
+    elif cfg.alpha < 1:
+        kd = (loss.detach() - cfg.alpha * ce) / (1 - cfg.alpha)  # same tokens in both means
+    else:
+        kd = _teacher_kd(z.detach(), batch, cfg, t_col, one_col, device) if measure else nan
+    return loss, kd, ce
+
+
+def _teacher_logp(batch: dict[str, torch.Tensor], temperature: float, t_col: int, one_col: int,
+                  device: torch.device) -> torch.Tensor:
+    """[N, K] teacher log-probs at `temperature`, exact over the full vocabulary."""
+    k = batch["topk_logp"].shape[-1]
+    logp1 = batch["topk_logp"].to(device, non_blocking=True).reshape(-1, k).float()
+    if t_col == one_col:
+        return logp1
+    lse = batch["lse"].to(device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
+    logp_t, _tail = teacher_logprobs_at_temperature(logp1, lse[:, one_col], lse[:, t_col], temperature)
+    return logp_t
+
+
+def _teacher_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, t_col: int, one_col: int,
+                device: torch.device) -> torch.Tensor:
+    with torch.no_grad():
+        topk_ids = batch["topk_ids"].to(device).reshape(-1, batch["topk_ids"].shape[-1])
+        logp_t = _teacher_logp(batch, cfg.temperature, t_col, one_col, device)
+        return kd_loss(z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence)
+
+
+def _evaluate(model: torch.nn.Module, tokenizer, vocab: int, cfg: TrainConfig, eval_stores: Store | None) -> dict:
+    model.eval()
+    result: dict[str, float] = {}
+    if cfg.eval_text:
+        result |= eval_text(model, tokenizer, cfg.eval_text, vocab_size=vocab, seq_len=cfg.seq_len,
+                            batch_size=cfg.batch_size, max_tokens=cfg.eval_tokens)
+    if eval_stores is not None:
+        result |= eval_store(model, eval_stores, vocab_size=vocab, seq_len=cfg.seq_len,
+                             batch_size=cfg.batch_size, max_tokens=cfg.eval_tokens)
+    return result
+
+
+def _open_eval_store(cfg: TrainConfig) -> Store | None:
+    if not cfg.eval_store:
+        return None
+    token = cfg.token if cfg.eval_store.startswith(("http://", "https://")) else None
+    return open_store(cfg.eval_store, token=token, storage_options=cfg.storage_options or None)
+
+
+def _temperature_column(temperature: float, captured: tuple[float, ...], url: str) -> int:
+    for i, t in enumerate(captured):
+        if abs(t - temperature) <= 1e-6 * max(1.0, t):
+            return i
+    raise LogitStoreError(
+        f"--temperature {temperature:g} was not captured in {url}; captured: {', '.join(f'{t:g}' for t in captured)}"
+    )
+
+
+def _check_positions(model: torch.nn.Module, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise LogitStoreError(f"--seq-len {seq_len} exceeds the student's max_position_embeddings {limit}")
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; matrices decay, vectors (norms, biases) do not. Tied weights appear once."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+
+
+def _setup_distributed(device_spec: str) -> tuple[int, int, torch.device]:
+    """(rank, world size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; NCCL on CUDA, else gloo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_spec)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after the checkpoint being resumed, so the file reads as one run."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _write(f, record: dict) -> None:
+    if f is not None:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="train", disable=not enabled)
