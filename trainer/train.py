@@ -140,14 +140,13 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"][rank])
         step = state["step"]
-        if rank == 0:
-            _truncate_metrics(out / "metrics.jsonl", step)
-            log.info("resumed from %s", found[-1])
+        log.info("resumed from %s", found[-1])
     elif found and not cfg.resume:
         raise LogitStoreError(f"{out} has checkpoints of an earlier run: pass --resume to continue it or a new --out")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "token": None}, indent=2) + "\n")
+        _truncate_metrics(out / "metrics.jsonl", step)  # a fresh start (step 0) must not append to old records
 
     ddp = DistributedDataParallel(model) if world > 1 else None
     eval_stores = _open_eval_store(cfg)
