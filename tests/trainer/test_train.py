@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,3 +192,25 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_sigkilled_run_resumes_to_the_uninterrupted_result(tiny_store, student_config, tmp_path):
+    """A real `logitstore-train` process killed with SIGKILL mid-run, then `--resume`d."""
+    args = ["--store", tiny_store, "--student", str(student_config), "--steps", "40", "--batch-size", "4",
+            "--seq-len", "32", "--lr", "3e-3", "--warmup-steps", "2", "--log-every", "1", "--save-every", "5",
+            "--device", "cpu", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--out", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (killed / "checkpoints" / "step_00000010").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    assert not (killed / "final").exists()
+    assert train_main([*args, "--out", str(killed), "--resume"]) == 0
+    assert train_main([*args, "--out", str(tmp_path / "full")]) == 0
+    assert [r["loss"] for r in metrics(killed)] == [r["loss"] for r in metrics(tmp_path / "full")]
