@@ -20,7 +20,9 @@ from logitstore.verify import verify
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return args.run(args)
@@ -41,7 +43,14 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--teacher", required=True, help="HF model dir, .gguf file, hub id, or alias smollm2-135m")
     cap.add_argument("--corpus", required=True, nargs="+", help=".txt, .jsonl or .parquet files")
     cap.add_argument("--out", required=True, help="directory of the new store")
-    cap.add_argument("--k", type=int, default=64, help="top-k ids stored per token (default 64)")
+    cap.add_argument("--k", type=int, default=64,
+                     help="ids stored per token (default 64); the cap in adaptive and sampled modes")
+    cap.add_argument("--mode", choices=["topk", "adaptive", "sampled"], default="topk",
+                     help="topk: the k most likely ids; adaptive: the fewest ids whose mass reaches --coverage; "
+                     "sampled: the distinct ids of --draws seeded draws, with counts")
+    cap.add_argument("--coverage", type=float, default=0.99, help="adaptive mode: T=1 mass to cover (default 0.99)")
+    cap.add_argument("--draws", type=int, default=50, help="sampled mode: draws per token, <= 255 (default 50)")
+    cap.add_argument("--seed", type=int, default=0, help="sampled mode: seed of the draws (default 0)")
     cap.add_argument("--temperatures", default="1,2,4", help="comma-separated temperatures to store lse for")
     cap.add_argument("--max-len", type=int, default=1024, help="longest sequence the teacher sees")
     cap.add_argument("--packing", choices=["packed", "document"], default="packed")
@@ -50,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--unit-tokens", type=int, default=262_144, help="tokens per work unit (= segment)")
     cap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per teacher forward")
     cap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    cap.add_argument("--gpus", type=int, default=1,
+                     help="processes to run (one per GPU, or CPU processes without CUDA); >1 launches torchrun")
     cap.add_argument("--resume", action="store_true", help="continue a killed capture of the same settings")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(run=_capture)
@@ -70,8 +81,15 @@ def _capture(args: argparse.Namespace) -> int:
     # torch and transformers load only for the command that needs them.
     from tqdm import tqdm
 
+    from logitstore.capture import distributed
     from logitstore.capture.engine import CaptureConfig, CaptureProgress, capture
     from logitstore.capture.teacher import load_teacher
+
+    if args.gpus < 1:
+        raise LogitStoreError(f"--gpus {args.gpus} must be >= 1")
+    rank, _ = distributed.rank_and_world()
+    if args.gpus > 1 and "RANK" not in os.environ:  # not yet under torchrun: become its launcher
+        return distributed.launch(args.gpus, _without_gpus(args.argv[args.argv.index("capture") + 1:]))
 
     try:
         temperatures = tuple(float(t) for t in args.temperatures.split(","))
@@ -86,21 +104,41 @@ def _capture(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         unit_tokens=args.unit_tokens,
         batch_tokens=max(args.batch_tokens, args.max_len),
+        mode=args.mode,
+        coverage=args.coverage,
+        draws=args.draws,
+        seed=args.seed,
     )
-    if args.no_progress:
+    if args.no_progress or rank != 0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    teacher = load_teacher(args.teacher, device=args.device)
-    with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress, desc="capture") as bar:
+    teacher = load_teacher(args.teacher, device=distributed.device_for_rank(args.device))
+    # Under torchrun rank 0 shows its own units' progress; the ranks' shares differ by at most one unit.
+    with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress or rank != 0, desc="capture") as bar:
 
         def progress(p: CaptureProgress) -> None:
             bar.total = p.tokens_total
             bar.update(p.tokens_done - bar.n)
 
         store = capture(teacher, args.corpus, args.out, config, resume=args.resume, progress=progress)
-    print(f"{store.url}: {store.num_tokens} tokens, {store.num_sequences} sequences, k={store.meta.capture.k}")
+    if rank == 0:
+        print(f"{store.url}: {store.num_tokens} tokens, {store.num_sequences} sequences, "
+              f"{store.meta.capture.mode} k={store.meta.capture.k}")
     return 0
+
+
+def _without_gpus(argv: list[str]) -> list[str]:
+    """The capture arguments minus --gpus (the workers are one process each)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            out.append(a)
+    return out
 
 
 def describe(url: str) -> dict:

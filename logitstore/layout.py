@@ -10,6 +10,7 @@ STORE/
       topk_logp/   uint16 [n, K]       LogProbCodec codes of log p at T=1
       lse/         float32 [n, n_T]    logsumexp(z / T) over the full vocabulary, per temperature
       seq_offsets/ int64  [m + 1]      sequence boundaries inside the segment
+      counts/      uint8  [n, K]       sampled mode only: draws that hit each id (0 at padding)
       manifest.parquet                 the document pieces of the segment's sequences
   commits/000017.json            create-only commit record; a segment exists only once this exists
   index.json, manifest.parquet   written by finalize(): all commit records / pieces in one read
@@ -41,9 +42,15 @@ with warnings.catch_warnings():
     from zarr.codecs.numcodecs import PCodec
 
 SEGMENT_ARRAYS = ("input_ids", "topk_ids", "id_table", "topk_logp", "lse", "seq_offsets")
+COUNTS_ARRAY = "counts"  # sampled mode only
 INDEX_KEY = "index.json"
 MANIFEST_KEY = "manifest.parquet"
 PCODEC_LEVEL = 8
+
+
+def segment_arrays(mode: str) -> tuple[str, ...]:
+    """The arrays every segment of a store captured in `mode` holds."""
+    return (*SEGMENT_ARRAYS, COUNTS_ARRAY) if mode == "sampled" else SEGMENT_ARRAYS
 
 
 def segment_prefix(segment: int) -> str:

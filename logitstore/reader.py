@@ -36,6 +36,7 @@ class TokenBlock:
     topk_ids: np.ndarray  # int32 [n, K]
     topk_logp: np.ndarray  # float32 [n, K], log p at T=1 over the full vocabulary
     lse: np.ndarray  # float32 [n, n_T], logsumexp(z / T) for each captured temperature
+    counts: np.ndarray | None = None  # uint8 [n, K], sampled captures only: draws per id (0 at padding)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -44,8 +45,10 @@ class TokenBlock:
 class _Segment:
     """A committed segment's arrays, opened on first use."""
 
-    def __init__(self, store: zarr.abc.store.Store, record: layout.SegmentRecord, token_start: int, seq_start: int):
+    def __init__(self, store: zarr.abc.store.Store, record: layout.SegmentRecord, token_start: int, seq_start: int,
+                 names: tuple[str, ...]):
         self.record = record
+        self.names = names
         self.token_start = token_start
         self.seq_start = seq_start
         self._store = store
@@ -60,7 +63,7 @@ class _Segment:
     def arrays(self) -> dict[str, zarr.Array]:
         if self._arrays is None:
             arrays = {}
-            for name in layout.SEGMENT_ARRAYS:
+            for name in self.names:
                 path = f"{self.prefix}/{name}"
                 try:
                     arr = layout.open_array(self._store, path)
@@ -123,8 +126,9 @@ class Store:
         self._codec = LogProbCodec.from_dict(meta.capture.logp_codec)
         self._segments: list[_Segment] = []
         token_start = seq_start = 0
+        names = layout.segment_arrays(meta.capture.mode)
         for record in records:
-            self._segments.append(_Segment(store, record, token_start, seq_start))
+            self._segments.append(_Segment(store, record, token_start, seq_start, names))
             token_start += record.tokens
             seq_start += record.sequences
         self._token_starts = np.array([s.token_start for s in self._segments] + [token_start], dtype=np.int64)
@@ -171,7 +175,9 @@ class Store:
             return parts[0]  # no concatenation copy
         if not parts:
             return self._empty_block()
-        return TokenBlock(*(np.concatenate(arrays) for arrays in zip(*(_fields(p) for p in parts), strict=True)))
+        counts = np.concatenate([p.counts for p in parts]) if parts[0].counts is not None else None
+        return TokenBlock(*(np.concatenate(arrays) for arrays in zip(*(_fields(p) for p in parts), strict=True)),
+                          counts=counts)
 
     def sequence(self, i: int) -> TokenBlock:
         """The i-th sequence (a packed context the teacher saw as one forward pass)."""
@@ -231,18 +237,22 @@ class Store:
         return pa.concat_tables(tables) if tables else layout.MANIFEST_SCHEMA.empty_table()
 
     def _read_segment(self, seg: _Segment, a: int, b: int) -> TokenBlock:
-        input_ids, indices, codes, lse = seg.read_many(("input_ids", "topk_ids", "topk_logp", "lse"), a, b)
+        sampled = self.meta.capture.mode == "sampled"
+        names = ("input_ids", "topk_ids", "topk_logp", "lse") + ((layout.COUNTS_ARRAY,) if sampled else ())
+        input_ids, indices, codes, lse, *counts = seg.read_many(names, a, b)
         return TokenBlock(
             input_ids=input_ids,
             topk_ids=seg.id_table()[indices],
             topk_logp=self._codec.decode(codes),
             lse=lse,
+            counts=counts[0] if sampled else None,
         )
 
     def _empty_block(self) -> TokenBlock:
         k, n_t = self.meta.capture.k, len(self.temperatures)
+        counts = np.zeros((0, k), np.uint8) if self.meta.capture.mode == "sampled" else None
         return TokenBlock(np.zeros(0, np.int32), np.zeros((0, k), np.int32), np.zeros((0, k), np.float32),
-                          np.zeros((0, n_t), np.float32))
+                          np.zeros((0, n_t), np.float32), counts=counts)
 
 
 def _fields(block: TokenBlock) -> tuple[np.ndarray, ...]:

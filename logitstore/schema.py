@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from logitstore.errors import FormatVersionError, MetadataError, NotAStoreError
 
@@ -45,8 +45,15 @@ class TokenizerInfo(_Frozen):
 class CaptureSettings(_Frozen):
     """How the soft labels were taken and encoded."""
 
-    mode: Literal["topk"] = "topk"
-    k: int = Field(gt=0, le=4096)
+    mode: Literal["topk", "adaptive", "sampled"] = Field(
+        default="topk",
+        description="topk: the k most likely ids; adaptive: per token the fewest ids (at most k) whose "
+        "T=1 mass reaches `coverage`; sampled: the distinct ids of `draws` seeded draws (at most k), with counts",
+    )
+    k: int = Field(gt=0, le=4096, description="slots per token (the cap in adaptive and sampled modes)")
+    coverage: float | None = Field(default=None, gt=0, le=1, description="adaptive mode only")
+    draws: int | None = Field(default=None, gt=0, le=255, description="sampled mode only: draws per token")
+    seed: int | None = Field(default=None, ge=0, description="sampled mode only: seed of the draws")
     temperatures: tuple[float, ...] = Field(
         min_length=1, description="temperatures whose full-vocabulary lse is stored"
     )
@@ -68,6 +75,15 @@ class CaptureSettings(_Frozen):
         if 1.0 not in temps:
             raise ValueError("temperature 1.0 must be captured: stored log-probs are decoded at T=1")
         return temps
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> CaptureSettings:
+        needed = {"topk": set(), "adaptive": {"coverage"}, "sampled": {"draws", "seed"}}[self.mode]
+        for name in ("coverage", "draws", "seed"):
+            given = getattr(self, name) is not None
+            if given != (name in needed):
+                raise ValueError(f"{name} is {'required' if not given else 'not allowed'} in mode {self.mode!r}")
+        return self
 
 
 class CorpusInfo(_Frozen):

@@ -46,7 +46,10 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
     report.segments_committed, report.segments_planned = len(store.segments), store.meta.num_segments
     report.complete = store.complete
 
-    hashes = {name: hashlib.sha256() for name in ("input_ids", "topk_ids", "topk_logp", "lse", "seq_lengths")}
+    names = ["input_ids", "topk_ids", "topk_logp", "lse", "seq_lengths"]
+    if store.meta.capture.mode == "sampled":
+        names.append("counts")  # only then, so that other stores' digests do not change
+    hashes = {name: hashlib.sha256() for name in names}
     try:
         lengths = store.sequence_lengths()
         hashes["seq_lengths"].update(lengths.astype(np.int64).tobytes())
@@ -65,11 +68,13 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
             except LogitStoreError as e:
                 report.errors.append(str(e))
                 continue
-            report.errors.extend(_check_block(block, a, store.meta.tokenizer.logits_width))
+            report.errors.extend(_check_block(block, a, store.meta.tokenizer.logits_width, store.meta.capture.draws))
             hashes["input_ids"].update(block.input_ids.astype(np.int32).tobytes())
             hashes["topk_ids"].update(block.topk_ids.astype(np.int32).tobytes())
             hashes["topk_logp"].update(block.topk_logp.astype(np.float32).tobytes())
             hashes["lse"].update(block.lse.astype(np.float32).tobytes())
+            if block.counts is not None:
+                hashes["counts"].update(block.counts.astype(np.uint8).tobytes())
 
     report.ok = not report.errors
     if report.ok:
@@ -84,7 +89,7 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
 MASS_TOLERANCE = 1e-2
 
 
-def _check_block(block: TokenBlock, start: int, logits_width: int) -> list[str]:
+def _check_block(block: TokenBlock, start: int, logits_width: int, draws: int | None) -> list[str]:
     """Invariants every decoded block satisfies; each failure names the array and token range."""
     where = f"tokens [{start}, {start + len(block)})"
     errors = []
@@ -101,4 +106,9 @@ def _check_block(block: TokenBlock, start: int, logits_width: int) -> list[str]:
         errors.append(f"array 'topk_logp', {where}: top-k mass above 1 (max {mass.max():.4f})")
     if not np.isfinite(block.lse).all():
         errors.append(f"array 'lse', {where}: non-finite log-normalizers")
+    if block.counts is not None:
+        if np.any((block.counts == 0) != (block.topk_ids < 0)):
+            errors.append(f"array 'counts', {where}: zero counts and padding ids do not coincide")
+        if draws is not None and np.any(block.counts.sum(axis=1, dtype=np.int64) > draws):
+            errors.append(f"array 'counts', {where}: more than draws={draws} draws for one token")
     return errors

@@ -42,6 +42,7 @@ class SegmentData:
     lse: np.ndarray  # float32 [n, n_T]
     seq_lengths: np.ndarray  # int [m], sums to n
     pieces: pa.Table  # layout.PIECES_SCHEMA, `sequence` local to the segment
+    counts: np.ndarray | None = None  # uint8 [n, K], sampled mode only: draws per id, 0 at padding
 
     def validate(self, meta: StoreMeta) -> None:
         n, k = self.topk_ids.shape
@@ -57,6 +58,13 @@ class SegmentData:
             raise ValueError(f"sequence lengths must be positive and sum to the {n} tokens of the segment")
         if np.any(self.topk_ids >= meta.tokenizer.logits_width) or np.any(self.topk_ids < -1):
             raise ValueError(f"topk_ids outside [-1, logits_width={meta.tokenizer.logits_width})")
+        if (self.counts is not None) != (meta.capture.mode == "sampled"):
+            raise ValueError(f"counts are stored in sampled mode only (this store's mode is {meta.capture.mode!r})")
+        if self.counts is not None:
+            if self.counts.shape != (n, k) or np.any((self.counts == 0) != (self.topk_ids < 0)):
+                raise ValueError("counts must be [n, K] and zero exactly at padding ids")
+            if np.any(self.counts.sum(axis=1, dtype=np.int64) > meta.capture.draws):
+                raise ValueError(f"counts of a token sum to more than draws={meta.capture.draws}")
 
 
 class StoreWriter:
@@ -136,8 +144,10 @@ class StoreWriter:
             "lse": np.asarray(data.lse, dtype=np.float32),
             "seq_offsets": offsets,
         }
+        if data.counts is not None:
+            arrays[layout.COUNTS_ARRAY] = np.asarray(data.counts, dtype=np.uint8)
         chunk = self.meta.capture.chunk_tokens
-        for name in layout.SEGMENT_ARRAYS:
+        for name in layout.segment_arrays(self.meta.capture.mode):
             layout.write_array(self._store, f"{prefix}/{name}", arrays[name], chunk)
         storage.write_key(self._store, layout.segment_manifest_key(segment), _parquet_bytes(data.pieces))
         storage.fsync_tree(self._store, prefix)

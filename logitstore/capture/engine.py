@@ -2,12 +2,15 @@
 
 Per batch, the teacher's final hidden states are projected to logits a few rows at a
 time, so a full fp32 `[B, L, V]` tensor never exists (at V = 262144 one 8192-token batch
-of fp32 logits would be 8.6 GB). Per row chunk: `topk` of the logits, and
-`logsumexp(z / T)` for every captured T; only `[rows, K]` and `[rows, n_T]` leave the
-device. Padding positions are dropped before the projection, so they are never stored.
+of fp32 logits would be 8.6 GB). Each row chunk is reduced on the device by the capture
+mode (reduce.py: top-k, coverage-adaptive or sampled ids, and `logsumexp(z / T)` for every
+captured T); only `[rows, K]` and `[rows, n_T]` leave the device, through pinned buffers
+copied without blocking while the next batch is queued. Padding positions are dropped
+before the projection, so they are never stored.
 
 Work units are consecutive sequences planned before the teacher runs; each becomes one
-segment, written by a background thread while the teacher computes the next unit.
+segment, written by a background thread while the teacher computes the next unit. Under
+torchrun, rank r of W computes units r, r+W, ... (see `capture`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ import pyarrow as pa
 import torch
 
 from logitstore import __version__
+from logitstore.capture import distributed
 from logitstore.capture.corpus import PackedCorpus, PackedSequence, read_documents, tokenize_and_pack
+from logitstore.capture.reduce import Reduction
 from logitstore.capture.teacher import Teacher
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError
@@ -73,7 +78,12 @@ ProgressCallback = Callable[[CaptureProgress], None]
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """What to capture and how to cut the work."""
+    """What to capture and how to cut the work.
+
+    `mode` (see logitstore/capture/reduce.py): "topk" stores the k most likely ids;
+    "adaptive" the fewest ids (at most k) whose T=1 mass reaches `coverage`; "sampled" the
+    distinct ids of `draws` seeded draws (at most min(k, draws) slots) with their counts.
+    """
 
     k: int = 64
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
@@ -86,16 +96,32 @@ class CaptureConfig:
     batch_tokens: int = 8192  # tokens (padded) per teacher forward
     row_chunk: int = 2048  # logits rows materialized at once
     logp_codec: LogProbCodec = field(default_factory=LogProbCodec)
+    mode: Literal["topk", "adaptive", "sampled"] = "topk"
+    coverage: float = 0.99  # adaptive mode
+    draws: int = 50  # sampled mode
+    seed: int = 0  # sampled mode
+
+    @property
+    def width(self) -> int:
+        """Stored slots per token: k, or min(k, draws) in sampled mode (more cannot be distinct)."""
+        return min(self.k, self.draws) if self.mode == "sampled" else self.k
 
     def settings(self) -> CaptureSettings:
         return CaptureSettings(
-            k=self.k,
+            mode=self.mode,
+            k=self.width,
+            coverage=self.coverage if self.mode == "adaptive" else None,
+            draws=self.draws if self.mode == "sampled" else None,
+            seed=self.seed if self.mode == "sampled" else None,
             temperatures=tuple(self.temperatures),
             max_len=self.max_len,
             packing=self.packing,
             logp_codec=self.logp_codec.to_dict(),
             chunk_tokens=self.chunk_tokens,
         )
+
+    def reduction(self) -> Reduction:
+        return Reduction(self.mode, self.width, tuple(self.temperatures), self.coverage, self.draws, self.seed)
 
 
 def plan_units(seq_lengths: Sequence[int], unit_tokens: int) -> list[range]:
@@ -122,7 +148,13 @@ def capture(
     resume: bool = False,
     progress: ProgressCallback | None = None,
 ) -> Store:
-    """Run `teacher` over the corpus files and write a finished store at `out`."""
+    """Run `teacher` over the corpus files and write a finished store at `out`.
+
+    Under torchrun (a process group is initialized, see distributed.py) every rank calls
+    this with the same arguments: rank r computes work units r, r+W, ...; rank 0 creates
+    (or resumes and garbage-collects) the store before the others write, and finalizes it
+    once all have committed. Progress then counts the calling rank's units only.
+    """
     _check_config(config, teacher)
     packed = tokenize_and_pack(
         read_documents(corpus, text_field=config.text_field),
@@ -131,22 +163,23 @@ def capture(
         packing=config.packing,
         max_tokens=config.max_tokens,
     )
-    units = plan_units([len(s.input_ids) for s in packed.sequences], config.unit_tokens)
+    lengths = [len(s.input_ids) for s in packed.sequences]
+    units = plan_units(lengths, config.unit_tokens)
+    unit_tokens = [sum(lengths[j] for j in unit) for unit in units]
+    unit_starts = np.concatenate([[0], np.cumsum(unit_tokens)]).astype(np.int64)
     meta = _store_meta(teacher, packed, config, len(units))
-    if resume:
-        writer = StoreWriter.resume(out, meta)
-        writer.collect_garbage()
-        done = writer.committed()
-    else:
-        writer = StoreWriter.create(out, meta)
-        done = set()
+    rank, world = distributed.rank_and_world()
+    writer = _open_writer(out, meta, resume, rank)
+    done = writer.committed()
 
-    tokens_before = sum(len(packed.sequences[j].input_ids) for i in done for j in units[i])
+    mine = range(rank, len(units), world)
+    tokens_total = sum(unit_tokens[i] for i in mine)
+    tokens_before = sum(unit_tokens[i] for i in mine if i in done)
     tokens_done, started = tokens_before, time.perf_counter()
 
     def report() -> None:
         if progress:
-            progress(CaptureProgress(tokens_done, packed.tokens, tokens_done - tokens_before,
+            progress(CaptureProgress(tokens_done, tokens_total, tokens_done - tokens_before,
                                      time.perf_counter() - started))
 
     report()
@@ -154,11 +187,11 @@ def capture(
     # waiting for it before submitting the next bounds host memory to two units.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
         pending: Future | None = None
-        for i, unit in enumerate(units):
+        for i in mine:
             if i in done:
                 continue
-            seqs = [packed.sequences[j] for j in unit]
-            data = capture_unit(teacher, seqs, config)
+            seqs = [packed.sequences[j] for j in units[i]]
+            data = capture_unit(teacher, seqs, config, token_start=int(unit_starts[i]))
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.write_segment, i, data)
@@ -166,26 +199,69 @@ def capture(
             report()
         if pending is not None:
             pending.result()
-    writer.finalize()
+    distributed.barrier()  # every rank's units are committed
+    if rank == 0:
+        writer.finalize()
+    distributed.barrier()  # nobody opens the store before index.json exists
     return open_store(out)
 
 
-def capture_unit(teacher: Teacher, seqs: list[PackedSequence], config: CaptureConfig) -> SegmentData:
-    """The teacher's soft labels for one work unit, in sequence order."""
+def _open_writer(out: str, meta: StoreMeta, resume: bool, rank: int) -> StoreWriter:
+    """Rank 0 creates the store (or reopens it and removes uncommitted segments); the other
+    ranks open it only once that is done, and fail with rank 0's error if it failed."""
+    writer, error = None, None
+    if rank == 0:
+        try:
+            if resume:
+                writer = StoreWriter.resume(out, meta)
+                writer.collect_garbage()
+            else:
+                writer = StoreWriter.create(out, meta)
+        except LogitStoreError as e:
+            error = e
+    distributed.share_outcome(str(error) if error else None)
+    if error is not None:
+        raise error
+    # Same settings, so the check passes; created_at may differ and is ignored.
+    return writer if writer is not None else StoreWriter.resume(out, meta)
+
+
+def capture_unit(
+    teacher: Teacher, seqs: list[PackedSequence], config: CaptureConfig, *, token_start: int = 0
+) -> SegmentData:
+    """The teacher's soft labels for one work unit, in sequence order. `token_start` is the
+    unit's first global token position (it keys the sampled mode's draws)."""
     lengths = np.array([len(s.input_ids) for s in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    n = int(offsets[-1])
-    topk_ids = np.empty((n, config.k), dtype=np.int32)
-    topk_logp = np.empty((n, config.k), dtype=np.float32)
+    n, k = int(offsets[-1]), config.width
+    topk_ids = np.empty((n, k), dtype=np.int32)
+    topk_logp = np.empty((n, k), dtype=np.float32)
     lse = np.empty((n, len(config.temperatures)), dtype=np.float32)
-    for batch in _batches(lengths, config.batch_tokens):
-        ids, logp, norm = _forward_batch(teacher, [seqs[j].input_ids for j in batch], config)
+    counts = np.empty((n, k), dtype=np.uint8) if config.mode == "sampled" else None
+    reduction = config.reduction()
+
+    def scatter(batch: list[int], result: _BatchResult) -> None:
+        ids, logp, norm, cnt = result.numpy()
         pos = 0
-        for j in batch:  # scatter back: rows come out in the batch's order
+        for j in batch:  # rows come out in the batch's order
             a, b = offsets[j], offsets[j + 1]
             rows = slice(pos, pos + b - a)
             topk_ids[a:b], topk_logp[a:b], lse[a:b] = ids[rows], logp[rows], norm[rows]
+            if counts is not None:
+                counts[a:b] = cnt[rows]
             pos += b - a
+
+    # Software pipeline: batch i's results are copied to the host without blocking, and read
+    # only after batch i+1 is queued, so an accelerator never idles waiting for the host.
+    pending: tuple[list[int], _BatchResult] | None = None
+    for batch in _batches(lengths, config.batch_tokens):
+        keys = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in batch]) + token_start
+        result = _forward_batch(teacher, [seqs[j].input_ids for j in batch], keys, reduction, config.row_chunk)
+        if pending is not None:
+            scatter(*pending)
+        pending = (batch, result)
+    if pending is not None:
+        scatter(*pending)
     return SegmentData(
         input_ids=np.concatenate([s.input_ids for s in seqs]).astype(np.int32),
         topk_ids=topk_ids,
@@ -193,6 +269,7 @@ def capture_unit(teacher: Teacher, seqs: list[PackedSequence], config: CaptureCo
         lse=lse,
         seq_lengths=lengths,
         pieces=_pieces_table(seqs),
+        counts=counts,
     )
 
 
@@ -213,11 +290,26 @@ def _batches(lengths: np.ndarray, batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+@dataclass
+class _BatchResult:
+    """A batch's reduced rows on their way to the host: on CUDA, pinned buffers filled by
+    non-blocking copies, readable once `ready` has fired; on CPU, the tensors themselves."""
+
+    tensors: list[torch.Tensor | None]
+    ready: torch.cuda.Event | None
+
+    def numpy(self) -> list[np.ndarray | None]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [t.numpy() if t is not None else None for t in self.tensors]
+
+
 @torch.inference_mode()
 def _forward_batch(
-    teacher: Teacher, sequences: list[np.ndarray], config: CaptureConfig
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-k ids [n, K], their log-probs at T=1 [n, K], and lse [n, n_T] for the n real tokens."""
+    teacher: Teacher, sequences: list[np.ndarray], keys: np.ndarray, reduction: Reduction, row_chunk: int
+) -> _BatchResult:
+    """ids [n, K], log-probs at T=1 [n, K], lse [n, n_T] and counts [n, K] (sampled) for the
+    n real tokens of a batch, in the batch's order; `keys` are their global positions."""
     model = teacher.model
     device = next(model.parameters()).device
     longest = max(len(s) for s in sequences)
@@ -226,26 +318,36 @@ def _forward_batch(
     for b, s in enumerate(sequences):  # right padding: positions of real tokens are unchanged
         ids[b, : len(s)] = torch.from_numpy(s.astype(np.int64))
         mask[b, : len(s)] = 1
+    # Real-token positions from the host mask: a boolean index on the device would sync.
+    real = mask.flatten().nonzero().squeeze(1).to(device)
     ids, mask = ids.to(device), mask.to(device)
+    keys_t = torch.from_numpy(keys.astype(np.int64)).to(device)
 
     body, head, softcap = _split_model(model)
     hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
-    hidden = hidden[mask.bool()]  # [n, H]: drop padding before paying for the projection
+    hidden = hidden.flatten(0, 1).index_select(0, real)  # [n, H]: drop padding before the projection
 
-    temps = torch.tensor(config.temperatures, dtype=torch.float32, device=device)
-    out_ids, out_logp, out_lse = [], [], []
-    for rows in hidden.split(config.row_chunk):
-        z = head(rows).float()  # [r, V] fp32, the only vocabulary-wide tensor
+    parts = []
+    for rows, row_keys in zip(hidden.split(row_chunk), keys_t.split(row_chunk), strict=True):
+        z = head(rows).float()  # [r, V] fp32, the only vocabulary-wide tensor (plus the reduction's)
         if softcap is not None:
             z = torch.tanh(z / softcap) * softcap
-        values, top = torch.topk(z, config.k, dim=-1)
-        lse_t = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temps.tolist()], dim=-1)
-        logp = values - lse_t[:, config.temperatures.index(1.0), None]
-        top = torch.where(torch.isneginf(logp), -1, top)  # masked logits carry no mass: padding
-        out_ids.append(top.to(torch.int32).cpu())
-        out_logp.append(logp.cpu())
-        out_lse.append(lse_t.cpu())
-    return torch.cat(out_ids).numpy(), torch.cat(out_logp).numpy(), torch.cat(out_lse).numpy()
+        parts.append(reduction(z, row_keys))
+        del z
+    out = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
+    if device.type != "cuda":
+        return _BatchResult(out, None)
+    host = []
+    for t in out:
+        if t is None:
+            host.append(None)
+            continue
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        host.append(buf)
+    ready = torch.cuda.Event()
+    ready.record()
+    return _BatchResult(host, ready)
 
 
 def _split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
@@ -297,8 +399,16 @@ def _store_meta(teacher: Teacher, packed: PackedCorpus, config: CaptureConfig, n
 
 def _check_config(config: CaptureConfig, teacher: Teacher) -> None:
     width = teacher.tokenizer_info.logits_width
-    if not 0 < config.k <= width:
-        raise LogitStoreError(f"--k {config.k} must be between 1 and the teacher's logits width {width}")
+    if not 0 < config.k <= min(width, 4096):
+        raise LogitStoreError(f"--k {config.k} must be between 1 and min(4096, the teacher's logits width {width})")
+    if config.mode not in ("topk", "adaptive", "sampled"):
+        raise LogitStoreError(f"--mode {config.mode!r}: expected topk, adaptive or sampled")
+    if config.mode == "adaptive" and not 0 < config.coverage <= 1:
+        raise LogitStoreError(f"--coverage {config.coverage} must be in (0, 1]")
+    if config.mode == "sampled" and not 0 < config.draws <= 255:
+        raise LogitStoreError(f"--draws {config.draws} must be in [1, 255] (counts are stored as uint8)")
+    if config.mode == "sampled" and config.seed < 0:
+        raise LogitStoreError(f"--seed {config.seed} must be >= 0")
     if 1.0 not in config.temperatures:
         raise LogitStoreError("--temperatures must include 1 (stored log-probs are decoded at T=1)")
     if any(t <= 0 or not math.isfinite(t) for t in config.temperatures):

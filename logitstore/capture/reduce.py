@@ -1,0 +1,105 @@
+"""On-device reduction of one chunk of logit rows to what a store keeps, per capture mode.
+
+Every mode returns `[r, K]` ids (-1 = padding), their exact log-probs at T=1 over the full
+vocabulary (-inf at padding) in descending order, and `[r, n_T]` log-normalizers
+`logsumexp(z / T)`; sampled mode also returns `[r, K]` draw counts. Nothing wider than
+`[r, K]` leaves the device.
+
+- topk: the K largest logits.
+- adaptive: the fewest of the K largest whose T=1 mass reaches `coverage` (the rest padding).
+- sampled: M draws from the T=1 distribution by inverse CDF; the distinct ids with their
+  counts, most likely first, at most K of them. The uniforms come from a counter-based hash
+  of (seed, global token position, draw), not from a stateful generator, so a token's draws
+  do not depend on its batch, its work unit, the process that captured it, or a resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What one capture mode keeps per token; see the module docstring."""
+
+    mode: str
+    k: int  # stored slots per token
+    temperatures: tuple[float, ...]
+    coverage: float | None = None
+    draws: int | None = None
+    seed: int | None = None
+
+    def __call__(
+        self, z: torch.Tensor, keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """fp32 logits [r, V] (and int64 global token positions [r], sampled mode) →
+        (ids int32 [r, K], logp fp32 [r, K], lse fp32 [r, n_T], counts uint8 [r, K] or None)."""
+        lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in self.temperatures], dim=-1)
+        lse1 = lse[:, self.temperatures.index(1.0), None]
+        counts = None
+        if self.mode == "sampled":
+            if keys is None:
+                raise ValueError("sampled mode needs the tokens' global positions")
+            ids, counts = sample_unique(z, lse1, keys, self.draws, self.seed, self.k)
+            logp = torch.where(ids >= 0, z.gather(1, ids.clamp(min=0)) - lse1, -torch.inf)
+        else:
+            values, ids = torch.topk(z, self.k, dim=-1)
+            logp = values - lse1
+            if self.mode == "adaptive":
+                # Keep slot j while the mass of slots < j is below the coverage: the smallest
+                # prefix whose mass reaches it (all K when even K slots fall short).
+                before = torch.cumsum(logp.exp(), dim=-1) - logp.exp()
+                logp = torch.where(before < self.coverage, logp, -torch.inf)
+            # A masked logit (-inf) carries no mass: it is padding, not an id.
+            ids = torch.where(torch.isneginf(logp), -1, ids)
+        return ids.to(torch.int32), logp, lse, counts
+
+
+def sample_unique(
+    z: torch.Tensor, lse1: torch.Tensor, keys: torch.Tensor, draws: int, seed: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`draws` ids per row from softmax(z), by inverse CDF on hashed uniforms; → (distinct ids
+    int64 [r, K] most likely first, -1 padded; counts uint8 [r, K]). When a row has more than
+    K distinct ids, the least likely ones and their draws are dropped."""
+    cdf = (z - lse1).exp_().cumsum_(dim=-1)  # [r, V], the only extra vocabulary-wide buffer
+    u = hashed_uniforms(keys, draws, seed)
+    # Scale by the row's total so float32 rounding of the cumsum cannot push a draw past the end.
+    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=z.shape[1] - 1)
+    del cdf
+    drawn, _ = torch.sort(drawn, dim=-1)
+    first = torch.ones_like(drawn, dtype=torch.bool)
+    first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    group = torch.cumsum(first, dim=-1) - 1  # [r, M]: which distinct id each draw is
+    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
+    ids = torch.full_like(drawn, -1).scatter_(1, group, drawn)  # every draw of a group writes the same id
+    ids = torch.where(counts > 0, ids, -1)
+    # Most likely first (the format's rank order); padding (-inf) last; stable, so ties keep id order.
+    score = torch.where(ids >= 0, z.gather(1, ids.clamp(min=0)), -torch.inf)
+    order = torch.argsort(score, dim=-1, descending=True, stable=True)[:, :k]
+    return ids.gather(1, order), counts.gather(1, order).to(torch.uint8)
+
+
+def hashed_uniforms(keys: torch.Tensor, draws: int, seed: int) -> torch.Tensor:
+    """float32 [r, draws] in [0, 1): splitmix64 of (seed, key, draw) on the keys' device; the
+    same (seed, key, draw) gives the same number everywhere."""
+    counter = keys.to(torch.int64)[:, None] * draws + torch.arange(draws, device=keys.device)
+    x = counter + _i64(seed * 0x9E3779B97F4A7C15 + 0x9E3779B97F4A7C15)  # int64 arithmetic wraps mod 2^64
+    x = (x ^ _srl(x, 30)) * _i64(0xBF58476D1CE4E5B9)
+    x = (x ^ _srl(x, 27)) * _i64(0x94D049BB133111EB)
+    x = x ^ _srl(x, 31)
+    return _srl(x, 40).to(torch.float32) * 2.0**-24  # the top 24 bits: exact in float32
+
+
+def _srl(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _i64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    c &= _MASK64
+    return c - (1 << 64) if c >= 1 << 63 else c

@@ -1,0 +1,57 @@
+"""Multi-process capture through a real torchrun (`logitstore capture --gpus 2`, two CPU
+processes on gloo): the store equals a one-process capture, resume works across ranks, and a
+failure is one line per rank plus one from the launcher."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from logitstore import open_store
+from logitstore.capture.engine import CaptureConfig, capture
+from logitstore.capture.teacher import load_teacher
+from logitstore.verify import verify
+
+CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
+SETTINGS = dict(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=600, unit_tokens=100)
+
+
+def cli_capture(teacher_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "logitstore.cli", "capture", "--gpus", "2", "--teacher", str(teacher_dir),
+            "--corpus", str(CORPUS), "--out", str(out), "--k", "8", "--temperatures", "1,2", "--max-len", "64",
+            "--max-tokens", "600", "--unit-tokens", "100", "--device", "cpu", "--no-progress", *extra]
+    return subprocess.run(args, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_and_resume(tiny_teacher_dir, tmp_path):
+    one = capture(load_teacher(str(tiny_teacher_dir), device="cpu"), [CORPUS], str(tmp_path / "one"),
+                  CaptureConfig(**SETTINGS))
+    want = verify(one.url).digest
+    assert one.meta.num_segments >= 6  # enough units that both ranks write several
+
+    two = tmp_path / "two"
+    proc = cli_capture(tiny_teacher_dir, two)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("600 tokens") == 1  # only rank 0 reports
+    report = verify(str(two))
+    assert report.ok and report.complete and report.digest == want
+
+    # Lose one unit of each rank (as if both were killed before committing), then resume on 2 ranks.
+    for i in (2, 3):
+        (two / "commits" / f"{i:06d}.json").unlink()
+    (two / "index.json").unlink()
+    assert not open_store(str(two)).complete
+    proc = cli_capture(tiny_teacher_dir, two, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert verify(str(two)).digest == want
+
+    # A store that exists without --resume: every rank and the launcher say so in one line each.
+    proc = cli_capture(tiny_teacher_dir, two)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert sum("already holds a store" in line for line in errors) == 2
+    assert "--resume" in errors[-1] and "rank(s) [0, 1]" in errors[-1]
