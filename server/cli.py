@@ -1,11 +1,96 @@
-"""`logitstore-server`: placeholder until the service lands."""
+"""`logitstore-server`: run the API (with an embedded worker) or extra workers.
 
+    logitstore-server serve  [--host 127.0.0.1 --port 8000 --data-dir DIR ...]
+    logitstore-server worker [--data-dir DIR --database-url URL ...]
+
+Every setting also reads from `LOGITSTORE_<NAME>` environment variables; flags win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
 import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from logitstore.errors import LogitStoreError
+from server.settings import Settings
 
 
-def main() -> int:
-    print("logitstore-server: not yet available (the service is tracked in issue 7)", file=sys.stderr)
-    return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings(**_overrides(args))
+    except ValidationError as e:
+        err = e.errors()[0]
+        print(f"error: setting {'.'.join(map(str, err['loc']))}: {err['msg']}", file=sys.stderr)
+        return 2
+    try:
+        return args.run(args, settings)
+    except LogitStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from server.worker import run_worker
+
+    run_worker(settings)
+    return 0
+
+
+def _teacher(value: str) -> tuple[str, str]:
+    name, sep, source = value.partition("=")
+    if not sep or not name or not source:
+        raise argparse.ArgumentTypeError(f"{value!r}: expected NAME=SOURCE, e.g. smollm2-135m=smollm2-135m")
+    return name, source
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", help="corpora, stores and the SQLite database (env LOGITSTORE_DATA_DIR)")
+    common.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite)")
+    common.add_argument("--storage-root", help="directory of the stores (default DATA_DIR/stores)")
+    common.add_argument("--teacher", action="append", type=_teacher, metavar="NAME=SOURCE",
+                        help="offer a teacher (repeatable; replaces the default smollm2-135m)")
+    common.add_argument("--gpus-per-job", type=int, help="0: capture on CPU, 1: on the CUDA device")
+    common.add_argument("--stale-after-s", type=float, help="reclaim a running job silent this long")
+    common.add_argument("--heartbeat-s", type=float, help="heartbeat period of a running job")
+
+    parser = argparse.ArgumentParser(prog="logitstore-server", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    serve = sub.add_parser("serve", parents=[common], help="the HTTP API, with one embedded worker by default")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--admin-key", help="bootstrap key that may create teams (env LOGITSTORE_ADMIN_KEY)")
+    serve.add_argument("--max-upload-bytes", type=int, help="largest corpus upload")
+    serve.add_argument("--no-worker", dest="embedded_worker", action="store_false", default=None,
+                       help="do not start the embedded worker (run `logitstore-server worker` elsewhere)")
+    serve.set_defaults(run=_serve)
+    worker = sub.add_parser("worker", parents=[common], help="claim and run capture jobs")
+    worker.set_defaults(run=_worker)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = ("data_dir", "database_url", "storage_root", "gpus_per_job", "stale_after_s", "heartbeat_s",
+             "admin_key", "max_upload_bytes", "embedded_worker")
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if args.teacher:
+        out["teachers"] = dict(args.teacher)
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,108 @@
+"""`create_app(settings)`: the FastAPI application.
+
+The lifespan creates the tables and, when enabled, starts one embedded worker process
+with the same settings. Every error reaches the client as JSON `{"detail": ...}`: user
+errors from logitstore as 422, anything unexpected as a bare 500 (logged, never a
+traceback in the response).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from logitstore import __version__
+from logitstore.errors import LogitStoreError
+from server.db import Database
+from server.metrics import Metrics
+from server.routers import captures, corpora, stores, teams
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    db = Database(settings.db_url)
+    metrics = Metrics(db)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for d in (settings.data_dir, settings.stores_dir, settings.corpora_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        db.create_tables()
+        worker = start_worker_process(settings) if settings.embedded_worker else None
+        try:
+            yield
+        finally:
+            if worker is not None:
+                stop_worker_process(worker)
+            db.dispose()
+
+    app = FastAPI(
+        title="logitstore",
+        version=__version__,
+        summary="Capture a teacher's soft labels once; share and serve the stores.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.db, app.state.metrics = settings, db, metrics
+    for module in (teams, corpora, captures, stores):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.request_seconds.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).observe(time.perf_counter() - started)
+        return response
+
+    @app.exception_handler(LogitStoreError)
+    async def _user_error(request: Request, exc: LogitStoreError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    @app.get("/healthz", tags=["operations"], summary="Liveness and database reachability")
+    def healthz() -> dict:
+        with db.sessions() as s:
+            s.connection().exec_driver_sql("SELECT 1")
+        return {"ok": True, "version": __version__}
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=PlainTextResponse)
+    def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def start_worker_process(settings: Settings) -> subprocess.Popen:
+    """A `logitstore-server worker` child process with exactly these settings."""
+    env = {**os.environ, **settings.to_env()}
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env)
+    log.info("started embedded worker process %d", proc.pid)
+    return proc
+
+
+def stop_worker_process(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM (the worker hands its job back to the queue), then SIGKILL if it does not exit."""
+    proc.terminate()
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

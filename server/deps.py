@@ -1,0 +1,124 @@
+"""Request dependencies: the database session, the caller (team or admin), and visibility rules.
+
+Visibility is the one rule the whole API follows: a store you may not read is reported
+as absent (404) on every route, so ids of other teams' stores reveal nothing; an action
+on a resource you can see but do not own is 403.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from server.db import ApiKey, Database, Grant, Job, StoreRow, Team, hash_key
+from server.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="an API key: the admin key or a team's key")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a team (by its key) or the admin (by the bootstrap key, no team)."""
+
+    team_id: str | None
+    is_admin: bool = False
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_db(request: Request) -> Database:
+    return request.app.state.db
+
+
+def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
+    """One session per request: committed when the route returns normally, rolled back otherwise."""
+    with db.sessions() as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_principal(
+    session: SessionDep,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
+    key = credentials.credentials
+    if settings.admin_key and hmac.compare_digest(key.encode(), settings.admin_key.encode()):
+        return Principal(team_id=None, is_admin=True)
+    row = session.scalar(select(ApiKey).where(ApiKey.key_sha256 == hash_key(key), ApiKey.revoked.is_(False)))
+    if row is None:
+        raise HTTPException(401, "invalid or revoked API key", {"WWW-Authenticate": "Bearer"})
+    return Principal(team_id=row.team_id)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_team_principal(principal: PrincipalDep) -> Principal:
+    """Routes that act for a team (uploads, captures) need a team key, not the admin key."""
+    if principal.team_id is None:
+        raise HTTPException(403, "this action needs a team's API key; the admin key belongs to no team")
+    return principal
+
+
+TeamPrincipalDep = Annotated[Principal, Depends(get_team_principal)]
+
+
+def find_team(session: Session, name_or_id: str) -> Team:
+    """A team by name (or id); 404 if there is none."""
+    team = session.scalar(select(Team).where(Team.name == name_or_id)) or session.get(Team, name_or_id)
+    if team is None:
+        raise HTTPException(404, f"no team {name_or_id!r}")
+    return team
+
+
+def can_read_store(session: Session, principal: Principal, store: StoreRow) -> bool:
+    if principal.is_admin or store.team_id == principal.team_id:
+        return True
+    return session.get(Grant, (store.id, principal.team_id)) is not None
+
+
+def visible_store(session: Session, principal: Principal, store_id: str) -> StoreRow:
+    """The store, if the caller may read it; otherwise 404, exactly as for an unknown id."""
+    store = session.get(StoreRow, store_id)
+    if store is None or not can_read_store(session, principal, store):
+        raise HTTPException(404, f"no store {store_id!r}")
+    return store
+
+
+def owned_store(session: Session, principal: Principal, store_id: str) -> StoreRow:
+    """The store, if the caller owns it (or is admin); 403 if they may only read it."""
+    store = visible_store(session, principal, store_id)
+    if not principal.is_admin and store.team_id != principal.team_id:
+        raise HTTPException(403, f"store {store_id!r} belongs to another team; only its owner may do this")
+    return store
+
+
+def visible_job(session: Session, principal: Principal, job_id: str) -> Job:
+    """A job is visible to whoever may read its store (owner, grantees, admin); else 404."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    store = session.get(StoreRow, job.store_id)
+    if store is None or not can_read_store(session, principal, store):
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job

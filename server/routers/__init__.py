@@ -1,0 +1,1 @@
+"""One module per resource: teams, corpora, captures (and jobs), stores."""

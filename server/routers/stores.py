@@ -1,0 +1,171 @@
+"""The store catalog, sharing, and the store's files over HTTP for remote readers.
+
+`GET /v1/stores/{id}/zarr/{key}` serves the store directory read-only with Range, ETag
+and If-None-Match, which is all `logitstore.open_store("http://.../zarr", token=...)`
+needs: readers never list directories, they fetch `zarr.json`, `index.json`, commit
+records and byte ranges of shard files by key.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+from sqlalchemy import select
+
+from logitstore.cli import describe
+from server.db import Grant, Job, StoreRow, Team
+from server.deps import PrincipalDep, SessionDep, SettingsDep, find_team, owned_store, visible_store
+from server.routers.captures import JobOut, iso, job_out
+from server.settings import Settings
+
+router = APIRouter(prefix="/v1/stores", tags=["stores"])
+
+
+class StoreSummary(BaseModel):
+    id: str
+    owner: str
+    created_at: str
+    job: JobOut | None
+
+
+class StoreDetail(StoreSummary):
+    zarr_url: str = Field(description="pass to logitstore.open_store(url, token=KEY)")
+    shared_with: list[str] | None = Field(description="teams granted read access (owner and admin only)")
+    info: dict | None = Field(description="what `logitstore info --json` prints; null before the capture starts")
+
+
+class GrantIn(BaseModel):
+    team: str = Field(min_length=1, max_length=64, description="name of the team to share with")
+
+
+def store_dir(settings: Settings, store_id: str) -> Path:
+    return settings.stores_dir / store_id
+
+
+@router.get("", response_model=list[StoreSummary], summary="Stores you own and stores shared with you")
+def list_stores(principal: PrincipalDep, session: SessionDep) -> list[StoreSummary]:
+    query = select(StoreRow).order_by(StoreRow.created_at)
+    if not principal.is_admin:
+        shared = select(Grant.store_id).where(Grant.team_id == principal.team_id)
+        query = query.where((StoreRow.team_id == principal.team_id) | StoreRow.id.in_(shared))
+    return [_summary(session, s) for s in session.scalars(query)]
+
+
+@router.get("/{store_id}", response_model=StoreDetail, summary="A store's metadata (as `logitstore info --json`)")
+def get_store(
+    store_id: str, request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
+) -> StoreDetail:
+    store = visible_store(session, principal, store_id)
+    summary = _summary(session, store)
+    shared = None
+    if principal.is_admin or store.team_id == principal.team_id:
+        shared = _grantees(session, store.id)
+    session.commit()  # describe() reads the store's files: do not hold the database meanwhile
+    path = store_dir(settings, store.id)
+    info = None
+    if (path / "zarr.json").is_file():
+        info = describe(str(path))
+        info.pop("url", None)  # a path on the server's disk means nothing to the caller
+    return StoreDetail(
+        **summary.model_dump(), zarr_url=str(request.url_for("store_file", store_id=store.id, key="")).rstrip("/"),
+        shared_with=shared, info=info,
+    )
+
+
+@router.delete("/{store_id}", status_code=204, summary="Delete a store, its files and its job (owner)")
+def delete_store(store_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> None:
+    store = owned_store(session, principal, store_id)
+    job = session.scalar(select(Job).where(Job.store_id == store.id))
+    if job is not None and job.state in ("queued", "running"):
+        raise HTTPException(409, f"store {store_id!r} is being captured (job {job.id}, {job.state}); cancel it first")
+    session.delete(store)
+    if job is not None:
+        session.delete(job)
+    session.commit()
+    shutil.rmtree(store_dir(settings, store_id), ignore_errors=True)
+
+
+@router.post("/{store_id}/grants", status_code=201, response_model=list[str], summary="Share read access (owner)")
+def add_grant(store_id: str, body: GrantIn, principal: PrincipalDep, session: SessionDep) -> list[str]:
+    store = owned_store(session, principal, store_id)
+    team = find_team(session, body.team)
+    if team.id != store.team_id and session.get(Grant, (store.id, team.id)) is None:
+        session.add(Grant(store_id=store.id, team_id=team.id))
+        session.flush()
+    return _grantees(session, store.id)
+
+
+@router.delete("/{store_id}/grants/{team}", status_code=204, summary="Revoke a team's read access (owner)")
+def delete_grant(store_id: str, team: str, principal: PrincipalDep, session: SessionDep) -> None:
+    store = owned_store(session, principal, store_id)
+    grant = session.get(Grant, (store.id, find_team(session, team).id))
+    if grant is None:
+        raise HTTPException(404, f"store {store_id!r} is not shared with {team!r}")
+    session.delete(grant)
+
+
+@router.api_route(
+    "/{store_id}/zarr/{key:path}",
+    methods=["GET", "HEAD"],
+    name="store_file",
+    summary="A file of the store, read-only (Range, ETag, If-None-Match)",
+    response_class=FileResponse,
+    responses={206: {"description": "the requested byte range"}, 304: {"description": "not modified"}},
+)
+def store_file(
+    store_id: str, key: str, request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
+) -> Response:
+    visible_store(session, principal, store_id)
+    session.commit()  # the file may be large: release the database before streaming it
+    root = store_dir(settings, store_id).resolve()
+    path = _resolve_key(root, key)
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise HTTPException(404, f"store {store_id!r} has no key {key!r}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise HTTPException(404, f"store {store_id!r} has no key {key!r}")
+    # Store files are written once and replaced by rename, so inode + mtime + size name a version.
+    etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    return FileResponse(path, stat_result=st, headers={"ETag": etag}, media_type="application/octet-stream")
+
+
+def _resolve_key(root: Path, key: str) -> Path:
+    """The file for `key` inside the store directory; 400 for any key that could leave it.
+
+    The server has already percent-decoded the path once, so `%2e%2e` arrives as `..`; a key
+    that still holds `%` was encoded twice, which no store key is."""
+    parts = key.split("/")
+    bad = (
+        not key
+        or key.startswith("/")
+        or any(c in key for c in ("\\", "\x00", "%", ":"))
+        or any(p in ("", ".", "..") for p in parts)
+    )
+    if bad:
+        raise HTTPException(400, f"invalid store key {key!r}: use a relative key such as zarr.json")
+    path = (root / os.path.join(*parts)).resolve()
+    if not path.is_relative_to(root):
+        raise HTTPException(400, f"invalid store key {key!r}: it points outside the store")
+    return path
+
+
+def _summary(session: SessionDep, store: StoreRow) -> StoreSummary:
+    owner = session.get(Team, store.team_id)
+    job = session.scalar(select(Job).where(Job.store_id == store.id))
+    return StoreSummary(
+        id=store.id, owner=owner.name, created_at=iso(store.created_at), job=job_out(job) if job else None
+    )
+
+
+def _grantees(session: SessionDep, store_id: str) -> list[str]:
+    query = select(Team.name).join(Grant, Grant.team_id == Team.id).where(Grant.store_id == store_id)
+    return sorted(session.scalars(query))

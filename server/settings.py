@@ -1,0 +1,77 @@
+"""Server settings: environment variables with the prefix `LOGITSTORE_`, overridden by CLI flags.
+
+Everything the API process and the worker processes must agree on (data dir, database,
+storage root, teachers) lives here, so that an embedded worker can be started with the
+server's exact settings by passing them through the environment (`to_env`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "LOGITSTORE_"
+
+
+class Settings(BaseSettings):
+    """One server's configuration. Unset paths derive from `data_dir`."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    data_dir: Path = Field(Path("logitstore-data"), description="corpora, stores and the SQLite database live here")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL; default SQLite (WAL) in DATA_DIR; postgresql://... to scale out"
+    )
+    storage_root: Path | None = Field(None, description="directory of the stores; default DATA_DIR/stores")
+    max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest corpus upload; larger ones get 413")
+    admin_key: str | None = Field(None, description="bootstrap key that may create teams and keys")
+    teachers: dict[str, str] = Field(
+        default_factory=lambda: {"smollm2-135m": "smollm2-135m"},
+        description="teachers this server offers: name -> model directory, .gguf file, hub id or alias",
+    )
+    gpus_per_job: int = Field(0, ge=0, description="0: the teacher runs on CPU; 1: on the worker's CUDA device")
+    embedded_worker: bool = Field(True, description="`serve` starts one worker process beside the API")
+    heartbeat_s: float = Field(5.0, gt=0, description="how often a worker marks its running job alive")
+    stale_after_s: float = Field(60.0, gt=0, description="a running job silent this long is reclaimed")
+    poll_s: float = Field(1.0, gt=0, description="how often an idle worker looks for queued jobs")
+
+    @field_validator("teachers")
+    @classmethod
+    def _some_teacher(cls, teachers: dict[str, str]) -> dict[str, str]:
+        if not teachers:
+            raise ValueError("at least one teacher must be offered")
+        return teachers
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, with PostgreSQL pinned to the psycopg 3 driver that is installed."""
+        url = self.database_url or f"sqlite:///{self.data_dir.resolve() / 'logitstore.db'}"
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url.removeprefix(prefix)
+        return url
+
+    @property
+    def stores_dir(self) -> Path:
+        return (self.storage_root or self.data_dir / "stores").resolve()
+
+    @property
+    def corpora_dir(self) -> Path:
+        return (self.data_dir / "corpora").resolve()
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_job > 0 else "cpu"
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as `LOGITSTORE_*` variables, for a worker process started by the server."""
+        env = {}
+        for name, value in self.model_dump().items():
+            if value is None:
+                continue
+            text = json.dumps(value) if isinstance(value, dict | bool) else str(value)
+            env[ENV_PREFIX + name.upper()] = text
+        return env

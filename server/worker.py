@@ -1,0 +1,207 @@
+"""The worker: claims capture jobs from the database and runs them.
+
+Claiming is atomic, so any number of workers on any number of machines can share one
+database: PostgreSQL hands each worker a different row with `FOR UPDATE SKIP LOCKED`;
+SQLite (one box) does it with a single guarded `UPDATE ... WHERE state = 'queued'`,
+which only one writer can win. A running job's worker refreshes its heartbeat from a
+thread; a job whose heartbeat is older than `stale_after_s` is claimed again by another
+worker and resumed from its committed segments (the capture is deterministic, so the
+finished store is the one an uninterrupted run would have written).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import and_, or_, select, update
+
+from logitstore.errors import LogitStoreError
+from server.db import Corpus, Database, Job, now
+from server.settings import Settings
+from server.teachers import teacher_fingerprint, teacher_source
+
+log = logging.getLogger(__name__)
+
+
+class JobCancelled(Exception):
+    """The job's owner asked to cancel it."""
+
+
+class JobLost(Exception):
+    """Another worker took the job over (this one was presumed dead)."""
+
+
+class WorkerStopping(Exception):
+    """The worker was asked to stop; the job goes back to the queue."""
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: str
+    corpus_path: Path
+    teacher: str
+    teacher_fingerprint: str
+    settings: dict
+    store_id: str
+
+
+class Worker:
+    """Runs jobs one at a time. `run()` loops until `stop` is set; `run_once()` does one job."""
+
+    def __init__(self, settings: Settings, worker_id: str | None = None) -> None:
+        self.settings = settings
+        self.db = Database(settings.db_url)
+        self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.stop = threading.Event()
+        self._teachers: dict[str, object] = {}  # source -> loaded Teacher, reused across jobs
+
+    def run(self) -> None:
+        self.db.create_tables()
+        log.info("worker %s polling %s", self.id, self.settings.db_url.split("@")[-1])
+        while not self.stop.is_set():
+            if self.run_once() is None:
+                self.stop.wait(self.settings.poll_s)
+
+    def run_once(self) -> str | None:
+        """Claim and run one job; its id, or None when nothing was claimable."""
+        job = self.claim()
+        if job is not None:
+            self.execute(job)
+        return job and job.id
+
+    def claim(self) -> ClaimedJob | None:
+        cutoff = now() - self.settings.stale_after_s
+        claimable = or_(Job.state == "queued", and_(Job.state == "running", Job.heartbeat_at < cutoff))
+        taken = {"state": "running", "worker_id": self.id, "heartbeat_at": now(), "attempts": Job.attempts + 1}
+        with self.db.session() as s:
+            if self.db.is_postgresql:
+                job = s.scalar(
+                    select(Job).where(claimable).order_by(Job.created_at).limit(1).with_for_update(skip_locked=True)
+                )
+                if job is None:
+                    return None
+                s.execute(update(Job).where(Job.id == job.id).values(**taken, started_at=job.started_at or now()))
+            else:
+                job = None
+                for job_id in s.scalars(select(Job.id).where(claimable).order_by(Job.created_at).limit(16)):
+                    won = s.execute(update(Job).where(Job.id == job_id, claimable).values(**taken)).rowcount
+                    if won:
+                        job = s.get(Job, job_id)
+                        break
+                if job is None:
+                    return None
+                s.refresh(job)
+                job.started_at = job.started_at or now()
+            corpus = s.get(Corpus, job.corpus_id)
+            claimed = ClaimedJob(
+                id=job.id,
+                corpus_path=self.settings.corpora_dir / f"{corpus.id}{corpus.suffix}",
+                teacher=job.teacher,
+                teacher_fingerprint=job.teacher_fingerprint,
+                settings=dict(job.settings),
+                store_id=job.store_id,
+            )
+        log.info("worker %s claimed job %s", self.id, claimed.id)
+        return claimed
+
+    def execute(self, job: ClaimedJob) -> None:
+        """Run the capture; the job ends succeeded, failed or cancelled (or back in the queue on stop)."""
+        beat = threading.Event()
+        heart = threading.Thread(target=self._heartbeat, args=(job.id, beat), daemon=True, name="heartbeat")
+        heart.start()
+        try:
+            self._capture(job)
+            self._finish(job.id, "succeeded", None)
+        except JobCancelled:
+            self._finish(job.id, "cancelled", "cancelled by request")
+        except JobLost:
+            log.warning("job %s was taken over by another worker; leaving it", job.id)
+        except WorkerStopping:
+            self._requeue(job.id)
+        except LogitStoreError as e:  # the user's to fix; the corpus is named by its file name, not our path
+            self._finish(job.id, "failed", str(e).replace(str(job.corpus_path), job.corpus_path.name))
+        except Exception as e:
+            log.exception("job %s failed", job.id)
+            self._finish(job.id, "failed", f"internal error: {type(e).__name__}: {e}")
+        finally:
+            beat.set()
+            heart.join()
+
+    def _capture(self, job: ClaimedJob) -> None:
+        # torch loads only in the process that captures.
+        from logitstore.capture.engine import CaptureConfig, CaptureProgress, capture
+        from logitstore.capture.teacher import load_teacher
+
+        source = teacher_source(self.settings.teachers, job.teacher)
+        if teacher_fingerprint(source) != job.teacher_fingerprint:
+            raise LogitStoreError(
+                f"worker {self.id} has a different teacher {job.teacher!r} ({source}) than the one the job was "
+                "requested for; give every worker the same teacher files"
+            )
+        cfg = job.settings
+        config = CaptureConfig(
+            k=cfg["k"], temperatures=tuple(cfg["temperatures"]), max_len=cfg["max_len"], packing=cfg["packing"],
+            max_tokens=cfg["max_tokens"], text_field=cfg["text_field"], unit_tokens=cfg["unit_tokens"],
+            batch_tokens=cfg["batch_tokens"],
+        )
+        if source not in self._teachers:
+            self._teachers[source] = load_teacher(source, device=self.settings.device)
+        out = self.settings.stores_dir / job.store_id
+        resume = (out / "zarr.json").is_file()
+        if out.exists() and not resume:
+            shutil.rmtree(out)  # killed before the store existed: nothing to keep
+
+        def progress(p: CaptureProgress) -> None:
+            with self.db.session() as s:
+                row = s.get(Job, job.id)
+                if row.worker_id != self.id or row.state != "running":
+                    raise JobLost(job.id)
+                if row.cancel_requested:
+                    raise JobCancelled(job.id)
+                row.tokens_done, row.tokens_total = p.tokens_done, p.tokens_total
+                row.tokens_per_s, row.eta_s = p.tokens_per_s, p.eta_s
+            if self.stop.is_set():
+                raise WorkerStopping(job.id)
+
+        capture(self._teachers[source], [job.corpus_path], str(out), config, resume=resume, progress=progress)
+
+    def _heartbeat(self, job_id: str, done: threading.Event) -> None:
+        while not done.wait(self.settings.heartbeat_s):
+            with self.db.session() as s:
+                s.execute(update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(heartbeat_at=now()))
+
+    def _finish(self, job_id: str, state: str, error: str | None) -> None:
+        with self.db.session() as s:
+            values = {"state": state, "error": error, "finished_at": now(), "cancel_requested": False}
+            if state == "succeeded":
+                values["eta_s"] = 0.0
+            s.execute(update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(**values))
+        log.info("job %s %s%s", job_id, state, f": {error}" if error else "")
+
+    def _requeue(self, job_id: str) -> None:
+        with self.db.session() as s:
+            s.execute(
+                update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(state="queued", worker_id=None)
+            )
+        log.info("job %s handed back to the queue", job_id)
+
+
+def run_worker(settings: Settings) -> None:
+    """The `logitstore-server worker` process: SIGTERM/SIGINT finish the current work unit, requeue, exit."""
+    worker = Worker(settings)
+
+    def _stop(signum, _frame) -> None:
+        log.info("worker %s stopping (signal %d)", worker.id, signum)
+        worker.stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker.run()

@@ -1,0 +1,239 @@
+"""The API through the real app and its lifespan (TestClient), on SQLite and PostgreSQL.
+
+Captures run in this process through `Worker.run_once()` with the tiny random teacher.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from logitstore.verify import verify
+from server.worker import Worker
+from tests.server.conftest import ADMIN_KEY, Api
+
+
+def test_auth_teams_and_keys(api: Api) -> None:
+    c = api.client
+    assert c.get("/v1/stores").status_code == 401
+    assert c.get("/v1/stores", headers=api.auth("wrong")).status_code == 401
+    a = api.team("alpha")
+    api.team("beta")
+    assert c.post("/v1/teams", json={"name": "alpha"}, headers=api.auth(ADMIN_KEY)).status_code == 409
+    assert c.post("/v1/teams", json={"name": "gamma"}, headers=api.auth(a)).status_code == 403
+    assert c.post("/v1/teams/beta/keys", headers=api.auth(a)).status_code == 403
+    assert [t["name"] for t in c.get("/v1/teams", headers=api.auth(a)).json()] == ["alpha"]
+    # A team makes its own second key, then revokes it.
+    second = c.post("/v1/teams/alpha/keys", headers=api.auth(a)).json()
+    assert c.get("/v1/stores", headers=api.auth(second["key"])).status_code == 200
+    assert c.delete(f"/v1/teams/alpha/keys/{second['id']}", headers=api.auth(a)).status_code == 204
+    assert c.get("/v1/stores", headers=api.auth(second["key"])).status_code == 401
+    # The key is stored only as its hash.
+    from sqlalchemy import select
+
+    from server.db import ApiKey, Database
+
+    db = Database(api.settings.db_url)
+    with db.session() as s:
+        hashes = s.scalars(select(ApiKey.key_sha256)).all()
+    db.dispose()
+    assert second["key"] not in hashes and len(hashes) == 3
+
+
+def test_upload_is_content_addressed_and_validated(api: Api, corpus_slice: Path) -> None:
+    key, other = api.team("alpha"), api.team("beta")
+    data = corpus_slice.read_bytes()
+    first = api.upload(key, data, filename="shakespeare.txt")
+    assert first.status_code == 201, first.text
+    body = first.json()
+    import hashlib
+
+    assert body["id"] == hashlib.sha256(data).hexdigest()
+    assert body["documents"] == 40 and body["bytes"] == len(data)
+    again = api.upload(key, data, filename="renamed.txt")
+    assert again.status_code == 200 and again.json()["id"] == body["id"]
+    assert api.upload(other, data).status_code == 201  # new to that team, same id
+    stored = api.settings.corpora_dir / f"{body['id']}.txt"
+    assert stored.read_bytes() == data
+
+    # JSONL and Parquet, with the line / row of a bad record named in the error.
+    good = b'{"text": "hello world"}\n{"text": "second doc"}\n'
+    assert api.upload(key, good, filename="c.jsonl").json()["documents"] == 2
+    bad = api.upload(key, b'{"text": "ok"}\n{"text": 3}\n', filename="c.jsonl")
+    assert bad.status_code == 422 and "c.jsonl:2" in bad.json()["detail"]
+    assert "field 'text' must be a string" in bad.json()["detail"]
+    missing = api.upload(key, b'{"body": "x"}\n', filename="c.jsonl", text_field="content")
+    assert missing.status_code == 422 and "missing field 'content'" in missing.json()["detail"]
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"text": ["one", None]}), buf)
+    bad_pq = api.upload(key, buf.getvalue(), filename="c.parquet")
+    assert bad_pq.status_code == 422 and "c.parquet:row 1" in bad_pq.json()["detail"]
+    assert api.upload(key, b"\xff\xfe bad", filename="x.txt").status_code == 422
+    assert api.upload(key, b"   \n\n  ", filename="x.txt").status_code == 422  # empty corpus
+    unsupported = api.upload(key, b"hi", filename="x.csv")
+    assert unsupported.status_code == 422 and ".parquet" in unsupported.json()["detail"]
+    assert api.upload(ADMIN_KEY, data).status_code == 403  # the admin key belongs to no team
+    # Nothing half-uploaded is left behind.
+    assert not any((api.settings.corpora_dir / ".incoming").iterdir())
+
+
+def test_upload_size_limit(make_settings, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+
+    settings = make_settings(max_upload_bytes=1000)
+    with TestClient(create_app(settings)) as client:
+        api = Api(client, settings)
+        key = api.team("alpha")
+        assert api.upload(key, b"word " * 150).status_code == 201
+        assert api.upload(key, b"word " * 300).status_code == 413
+
+        def chunks():  # no Content-Length: the limit is enforced while streaming
+            for _ in range(300):
+                yield b"word "
+
+        r = client.post("/v1/corpora", params={"filename": "big.txt"}, content=chunks(), headers=api.auth(key))
+        assert r.status_code == 413 and "1000 bytes" in r.json()["detail"]
+        assert not any((settings.corpora_dir / ".incoming").iterdir())
+
+
+def test_capture_requests_dedup_and_validation(api: Api, corpus_slice: Path) -> None:
+    key, other = api.team("alpha"), api.team("beta")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    unknown = api.capture(key, corpus, teacher="gpt-9")
+    assert unknown.status_code == 422 and "this server offers: tiny" in unknown.json()["detail"]
+    assert api.capture(key, corpus, temperatures=[2.0]).status_code == 422
+    assert api.capture(key, corpus, k=0).status_code == 422
+    assert api.capture(other, corpus).status_code == 404  # beta never uploaded it
+    first = api.capture(key, corpus)
+    assert first.status_code == 201 and first.json()["state"] == "queued"
+    # Same request (temperatures in another order, another unit size): the same job.
+    same = api.capture(key, corpus, temperatures=[2.0, 1.0], unit_tokens=999)
+    assert same.status_code == 200 and same.json()["id"] == first.json()["id"]
+    assert api.capture(key, corpus, k=4).json()["id"] != first.json()["id"]
+    # Another team asking for the same computation gets the same job and read access to its store.
+    assert api.upload(other, corpus_slice.read_bytes()).status_code == 201
+    shared = api.capture(other, corpus)
+    assert shared.status_code == 200 and shared.json()["id"] == first.json()["id"]
+    store_id = first.json()["store_id"]
+    assert api.client.get(f"/v1/stores/{store_id}", headers=api.auth(other)).status_code == 200
+    assert api.client.delete(f"/v1/jobs/{first.json()['id']}", headers=api.auth(other)).status_code == 403
+
+
+def test_capture_runs_and_store_is_served(api: Api, corpus_slice: Path, reference_store: Path) -> None:
+    key, other = api.team("alpha"), api.team("beta")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    job = api.capture(key, corpus).json()
+    assert Worker(api.settings).run_once() == job["id"]
+    done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
+    assert done["state"] == "succeeded", done
+    assert done["tokens_done"] == done["tokens_total"] == CAPTURE_TOKENS and done["eta_s"] == 0
+    assert Worker(api.settings).run_once() is None  # nothing left to claim
+
+    store_id = job["store_id"]
+    store_path = api.settings.stores_dir / store_id
+    assert verify(str(store_path)).digest == verify(str(reference_store)).digest
+    detail = api.client.get(f"/v1/stores/{store_id}", headers=api.auth(key)).json()
+    assert detail["info"]["tokens"] == CAPTURE_TOKENS and detail["info"]["complete"] is True
+    assert detail["info"]["meta"]["capture"]["k"] == 8 and detail["shared_with"] == []
+    assert detail["zarr_url"].endswith(f"/v1/stores/{store_id}/zarr")
+
+    c, h = api.client, api.auth(key)
+    url = f"/v1/stores/{store_id}/zarr"
+    full = c.get(f"{url}/zarr.json", headers=h)
+    assert full.status_code == 200 and full.content == (store_path / "zarr.json").read_bytes()
+    etag = full.headers["etag"]
+    assert c.get(f"{url}/zarr.json", headers={**h, "If-None-Match": etag}).status_code == 304
+    shard = next(p for p in sorted((store_path / "segments").rglob("*")) if p.is_file() and p.stat().st_size > 100)
+    rel = shard.relative_to(store_path).as_posix()
+    part = c.get(f"{url}/{rel}", headers={**h, "Range": "bytes=10-49"})
+    assert part.status_code == 206 and part.content == shard.read_bytes()[10:50]
+    assert part.headers["content-range"] == f"bytes 10-49/{shard.stat().st_size}"
+    head = c.head(f"{url}/{rel}", headers=h)
+    assert head.status_code == 200 and int(head.headers["content-length"]) == shard.stat().st_size
+    assert c.get(f"{url}/no/such/key", headers=h).status_code == 404
+    # Another team sees nothing, on every route, until the store is shared; then reads; then not again.
+    o = api.auth(other)
+    for path in (f"/v1/stores/{store_id}", f"{url}/zarr.json", f"/v1/jobs/{job['id']}"):
+        assert c.get(path, headers=o).status_code == 404, path
+    assert c.get("/v1/stores", headers=o).json() == []
+    assert c.post(f"/v1/stores/{store_id}/grants", json={"team": "alpha"}, headers=o).status_code == 404
+    assert c.post(f"/v1/stores/{store_id}/grants", json={"team": "beta"}, headers=h).json() == ["beta"]
+    assert c.get(f"{url}/zarr.json", headers=o).status_code == 200
+    assert [s["id"] for s in c.get("/v1/stores", headers=o).json()] == [store_id]
+    assert c.delete(f"/v1/stores/{store_id}", headers=o).status_code == 403
+    assert c.delete(f"/v1/stores/{store_id}/grants/beta", headers=h).status_code == 204
+    assert c.get(f"{url}/zarr.json", headers=o).status_code == 404
+    # The owner deletes it: files, catalog entry and job are gone.
+    assert c.delete(f"/v1/stores/{store_id}", headers=h).status_code == 204
+    assert not store_path.exists()
+    assert c.get(f"/v1/stores/{store_id}", headers=h).status_code == 404
+    assert c.get(f"/v1/jobs/{job['id']}", headers=h).status_code == 404
+
+
+CAPTURE_TOKENS = 640
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../zarr.json", "..", "a/../../x", "%2e%2e/zarr.json", "%252e%252e/x", "segments/..%2f..%2fx",
+     "..\\..\\x", "/etc/passwd", "segments//x", "c:/x"],
+)
+def test_store_keys_cannot_leave_the_store(api: Api, key: str, corpus_slice: Path) -> None:
+    team = api.team("alpha")
+    corpus = api.upload(team, corpus_slice.read_bytes()).json()["id"]
+    store_id = api.capture(team, corpus).json()["store_id"]
+    store = api.settings.stores_dir / store_id
+    store.mkdir(parents=True)
+    (store / "zarr.json").write_text("{}")
+    (api.settings.stores_dir / "zarr.json").write_text("secret")  # what a traversal would reach
+    r = api.client.get(f"/v1/stores/{store_id}/zarr/{key}", headers=api.auth(team))
+    assert 400 <= r.status_code < 500, (key, r.status_code)  # httpx may normalize the path first
+    assert b"secret" not in r.content
+    assert r.headers["content-type"].startswith("application/json")
+
+
+def test_cancel_queued_job_and_requeue(api: Api, corpus_slice: Path) -> None:
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    job = api.capture(key, corpus).json()
+    r = api.client.delete(f"/v1/jobs/{job['id']}", headers=api.auth(key))
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert Worker(api.settings).run_once() is None  # a cancelled job is never claimed
+    # The same request again queues the same job once more.
+    again = api.capture(key, corpus)
+    assert again.status_code == 201 and again.json()["id"] == job["id"] and again.json()["state"] == "queued"
+
+
+def test_failed_capture_reports_the_error(api: Api) -> None:
+    key = api.team("alpha")
+    corpus = api.upload(key, b'{"body": "hello"}\n{"body": "again"}\n', filename="c.jsonl",
+                        text_field="body").json()["id"]
+    # Validated with text_field=body at upload, captured with a field the records lack.
+    job = api.capture(key, corpus, text_field="missing").json()
+    Worker(api.settings).run_once()
+    done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
+    assert done["state"] == "failed"
+    assert "missing field 'missing'" in done["error"] and str(api.settings.data_dir) not in done["error"]
+
+
+def test_metrics_and_health(api: Api, corpus_slice: Path) -> None:
+    assert api.client.get("/healthz").json()["ok"] is True
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    api.capture(key, corpus)
+    api.capture(key, corpus, k=4)
+    Worker(api.settings).run_once()
+    text = api.client.get("/metrics").text
+    assert 'logitstore_jobs{state="queued"} 1.0' in text
+    assert 'logitstore_jobs{state="succeeded"} 1.0' in text
+    assert f"logitstore_tokens_captured_total {float(CAPTURE_TOKENS)}" in text
+    assert 'logitstore_request_seconds_count{method="POST",route="/v1/captures",status="201"} 2.0' in text
+    np.testing.assert_equal(json.loads(api.client.get("/openapi.json").text)["info"]["title"], "logitstore")
