@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
-from itertools import islice
+from itertools import islice, pairwise
 
 import numpy as np
 import pytest
 import torch
 
 from logitstore import open_store
+from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError
 from trainer.data import StoreDataset, make_loader
 
@@ -23,59 +24,93 @@ def check_batch_against_store(batch: dict, store, dataset: StoreDataset, block_i
         assert batch["mask"][row].sum() == n and batch["mask"][row, :n].all()
         np.testing.assert_array_equal(batch["input_ids"][row, :n].numpy(), ref.input_ids)
         np.testing.assert_array_equal(batch["topk_ids"][row, :n].numpy(), ref.topk_ids)
-        np.testing.assert_array_equal(batch["topk_logp"][row, :n].float().numpy(), ref.topk_logp)  # bf16 exact
+        np.testing.assert_array_equal(batch["topk_logp"][row, :n].float().numpy(), ref.topk_logp)
         np.testing.assert_array_equal(batch["lse"][row, :n].numpy(), ref.lse)
         nxt = store.read(a + 1, min(z + 1, end)).input_ids
         np.testing.assert_array_equal(batch["labels"][row, : len(nxt)].numpy(), nxt)
         assert (batch["labels"][row, len(nxt) :] == -100).all()
-        assert (batch["topk_ids"][row, n:] == -1).all()
+        assert (batch["topk_ids"][row, n:] == -1).all() and (batch["topk_logp"][row, n:] == -torch.inf).all()
+        assert (batch["input_ids"][row, n:] == store.meta.tokenizer.pad_id).all()
     return int(batch["mask"].sum())
+
+
+def seen_tokens(batches, dataset: StoreDataset, workers: int, num_tokens: int, store) -> np.ndarray:
+    """How often each token appears in the given local batches (checked against the store on the way)."""
+    seen = np.zeros(num_tokens, dtype=np.int64)
+    for b, batch in enumerate(batches):
+        blocks = dataset.local_batch_blocks(b, workers)
+        check_batch_against_store(batch, store, dataset, blocks)  # delivered = dealt
+        for blk in blocks:
+            seen[dataset.blocks[0][blk] : dataset.blocks[1][blk]] += 1
+    return seen
 
 
 @pytest.mark.parametrize("packing", ["packed", "document"])
 def test_batches_equal_the_store_and_blocks_stay_inside_sequences(tiny_store_factory, packing):
-    url = tiny_store_factory(packing=packing, max_tokens=1500)
+    url = tiny_store_factory(packing=packing, max_tokens=1500, chunk_tokens=128)
     store = open_store(url)
-    ds = StoreDataset(url, seq_len=24, batch_size=5, seed=3)
+    ds = StoreDataset(url, seq_len=24, batch_size=5, seed=3, read_tokens=48)
     starts, stops, ends = ds.blocks
     # Blocks tile every sequence exactly: ceil(n / L) blocks per sequence, none crossing a boundary.
-    assert (stops <= ends).all() and (stops - starts <= 24).all()
+    assert (stops <= ends).all() and (stops - starts <= 24).all() and (starts[1:] == stops[:-1]).all()
     assert np.sum(stops - starts) == store.num_tokens
     assert ds.blocks_per_epoch == int(np.sum(-(-store.sequence_lengths() // 24)))
-    for g, batch in enumerate(islice(iter(ds), 6)):
+    # Runs: consecutive blocks inside one chunk-aligned stretch of one segment; an epoch moves them whole.
+    off, spans = ds.run_offsets, store.segment_spans()
+    assert ds.run_tokens == 128
+    for a, z in pairwise(off):
+        seg = next(s for s in spans if s[0] <= starts[a] < s[1])
+        assert starts[z - 1] < seg[1] and len({(starts[i] - seg[0]) // 128 for i in range(a, z)}) == 1
+    order = ds.epoch_order(0)
+    assert sorted(order.tolist()) == list(range(ds.blocks_per_epoch))
+    position = np.argsort(order)
+    for a, z in pairwise(off):  # runs are never split: each run's blocks in order, one after the other
+        assert np.array_equal(position[a:z], position[a] + np.arange(z - a))
+    for b, batch in enumerate(islice(iter(ds), 12)):
         assert batch["topk_logp"].dtype == torch.bfloat16 and batch["input_ids"].dtype == torch.int32
-        check_batch_against_store(batch, store, ds, ds.global_batch_blocks(g))
+        assert batch["labels"].dtype == torch.int64 and batch["lse"].shape == (5, 24, 2)
+        check_batch_against_store(batch, store, ds, ds.local_batch_blocks(b))
 
 
 def test_one_epoch_over_ranks_and_workers_covers_every_token_once(tiny_store):
     store = open_store(tiny_store)
-    world, batch_size = 2, 3
-    seen = np.zeros(store.num_tokens, dtype=np.int64)
-    for rank in range(world):
-        ds = StoreDataset(tiny_store, seq_len=32, batch_size=batch_size, seed=1, rank=rank, world_size=world)
-        per_rank = ds.blocks_per_epoch // (world * batch_size)  # whole global batches inside epoch 0
-        for local, batch in enumerate(islice(make_loader(ds, num_workers=2), per_rank)):
-            blocks = ds.global_batch_blocks(local * world + rank)
-            check_batch_against_store(batch, store, ds, blocks)  # delivered = dealt
-            for blk in blocks:
-                seen[ds.blocks[0][blk] : ds.blocks[1][blk]] += 1
-    assert seen.max() == 1  # no token twice within the epoch
-    covered = per_rank * world * batch_size
-    assert seen.sum() == np.sum((ds.blocks[1] - ds.blocks[0])[ds.epoch_order(0)[:covered]])
-    # Epoch 0's leftover blocks open the next global batches: none is skipped.
-    leftover = ds.epoch_order(0)[covered:]
-    following = np.concatenate([ds.global_batch_blocks(per_rank * world + i) for i in range(world)])
-    assert np.array_equal(following[: len(leftover)], leftover)
+    world, workers, batch_size = 2, 2, 3
+    rank_ds = [StoreDataset(tiny_store, seq_len=32, batch_size=batch_size, seed=1, rank=r, world_size=world,
+                            read_tokens=64) for r in range(world)]
+    n = rank_ds[0].blocks_per_epoch
+    per_window = world * batch_size * workers * rank_ds[0].read_blocks  # blocks dealt per window
+    inside = n // per_window  # windows wholly inside epoch 0
+    local = workers * rank_ds[0].read_blocks  # local batches per window and rank
+    seen_first = np.zeros(store.num_tokens, dtype=np.int64)
+    seen_more = np.zeros(store.num_tokens, dtype=np.int64)
+    for ds in rank_ds:
+        batches = list(islice(make_loader(ds, num_workers=workers), (inside + 1) * local))
+        seen_first += seen_tokens(batches[: inside * local], ds, workers, store.num_tokens, store)
+        seen_more += seen_tokens(batches, ds, workers, store.num_tokens, store)
+    assert seen_first.max() == 1 and seen_first.sum() > 0  # inside the epoch, no token twice
+    assert seen_more.min() >= 1  # one more window finishes the epoch: no block skipped
+    block_len = rank_ds[0].blocks[1] - rank_ds[0].blocks[0]
+    counts = np.add.reduceat(seen_more, rank_ds[0].blocks[0]) // block_len  # per block
+    assert counts.max() <= 2 and counts.sum() == (inside + 1) * per_window
 
 
-def test_workers_deliver_the_same_stream_and_orders_depend_on_seed_and_epoch(tiny_store):
-    def rows(num_workers: int, seed: int = 0, n: int = 6) -> list[torch.Tensor]:
+def test_two_ranks_see_what_one_process_with_twice_the_batch_sees(tiny_store):
+    one = StoreDataset(tiny_store, seq_len=32, batch_size=4, seed=0, read_tokens=96)
+    ranks = [StoreDataset(tiny_store, seq_len=32, batch_size=2, seed=0, rank=r, world_size=2, read_tokens=96)
+             for r in range(2)]
+    for big, *small in islice(zip(iter(one), *map(iter, ranks), strict=False), 7):
+        for name in big:
+            assert torch.equal(big[name], torch.cat([s[name] for s in small]))
+
+
+def test_orders_depend_on_seed_and_epoch_only(tiny_store):
+    def rows(seed: int, n: int = 6) -> list[torch.Tensor]:
         ds = StoreDataset(tiny_store, seq_len=32, batch_size=4, seed=seed)
-        return [b["input_ids"] for b in islice(make_loader(ds, num_workers=num_workers), n)]
+        return [b["input_ids"] for b in islice(make_loader(ds, num_workers=0), n)]
 
-    zero, two = rows(0), rows(2)
-    assert all(torch.equal(a, b) for a, b in zip(zero, two, strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(zero, rows(0, seed=1), strict=True))
+    same, again, other = rows(0), rows(0), rows(1)
+    assert all(torch.equal(a, b) for a, b in zip(same, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(same, other, strict=True))
     ds = StoreDataset(tiny_store, seq_len=32, batch_size=4, seed=0)
     assert not np.array_equal(ds.epoch_order(0), ds.epoch_order(1))
     assert sorted(ds.epoch_order(1).tolist()) == list(range(ds.blocks_per_epoch))
@@ -83,23 +118,30 @@ def test_workers_deliver_the_same_stream_and_orders_depend_on_seed_and_epoch(tin
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_continues_with_the_next_batch(tiny_store, num_workers):
-    ds = StoreDataset(tiny_store, seq_len=32, batch_size=4, seed=0)
-    full = [b["input_ids"] for b in islice(make_loader(ds, num_workers=num_workers), 9)]
-    first = make_loader(StoreDataset(tiny_store, seq_len=32, batch_size=4, seed=0), num_workers=num_workers)
+    def loader(seq_len: int = 32, workers: int = num_workers):
+        return make_loader(StoreDataset(tiny_store, seq_len=seq_len, batch_size=4, seed=0, read_tokens=96),
+                           num_workers=workers)
+
+    full = list(islice(iter(loader()), 9))
+    first = loader()
     list(islice(iter(first), 5))
     state = first.state_dict()
-    resumed = make_loader(StoreDataset(tiny_store, seq_len=32, batch_size=4, seed=0), num_workers=num_workers)
+    resumed = loader()
     resumed.load_state_dict(state)
-    rest = [b["input_ids"] for b in islice(iter(resumed), 4)]
-    assert all(torch.equal(a, b) for a, b in zip(full[5:], rest, strict=True))
-    other = make_loader(StoreDataset(tiny_store, seq_len=16, batch_size=4, seed=0))
+    rest = list(islice(iter(resumed), 4))
+    for a, b in zip(full[5:], rest, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(LogitStoreError, match="seq_len 32 -> 16"):
-        other.load_state_dict(state)
+        loader(seq_len=16).load_state_dict(state)
+    with pytest.raises(LogitStoreError, match=f"workers {max(num_workers, 1)} -> 3"):
+        loader(workers=3).load_state_dict(state)
 
 
 def test_bad_arguments_and_unfinished_stores_are_refused(tiny_store, tmp_path):
-    with pytest.raises(LogitStoreError, match="seq_len and batch_size"):
+    with pytest.raises(LogitStoreError, match="seq_len, batch_size and read_tokens must be >= 1"):
         StoreDataset(tiny_store, seq_len=0, batch_size=2)
+    with pytest.raises(LogitStoreError, match="rank 2 is outside world_size 2"):
+        StoreDataset(tiny_store, seq_len=8, batch_size=2, rank=2, world_size=2)
     with pytest.raises(LogitStoreError, match="no such directory"):
         _ = StoreDataset(str(tmp_path / "nope"), seq_len=8, batch_size=2).meta
     partial = tmp_path / "partial"
@@ -112,6 +154,27 @@ def test_bad_arguments_and_unfinished_stores_are_refused(tiny_store, tmp_path):
     assert ds.blocks_per_epoch > 0
 
 
+def test_every_code_of_the_default_codec_is_exact_in_bfloat16():
+    codec = LogProbCodec()
+    values = codec.decode(np.arange(codec.inf_code + 1, dtype=np.uint16))
+    assert np.isneginf(values[-1]) and np.isfinite(values[:-1]).all()
+    through = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(through, values)
+    finer = LogProbCodec(mantissa_bits=8)
+    values = finer.decode(np.arange(finer.inf_code, dtype=np.uint16))
+    assert not np.array_equal(torch.from_numpy(values).to(torch.bfloat16).float().numpy(), values)
+
+
+def test_a_finer_codec_is_delivered_in_float32(tiny_store_factory):
+    url = tiny_store_factory(max_tokens=600, logp_codec=LogProbCodec(mantissa_bits=8))
+    store = open_store(url)
+    ds = StoreDataset(url, seq_len=64, batch_size=3)
+    for b, batch in enumerate(islice(iter(ds), 3)):
+        assert batch["topk_logp"].dtype == torch.float32
+        check_batch_against_store(batch, store, ds, ds.local_batch_blocks(b))
+
+
+@pytest.mark.slow  # the moto server starts in ~10 s
 def test_s3_store_streams_like_the_local_one(tiny_store, s3_server):
     import s3fs
 
