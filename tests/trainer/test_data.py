@@ -72,6 +72,15 @@ def test_batches_equal_the_store_and_blocks_stay_inside_sequences(tiny_store_fac
         check_batch_against_store(batch, store, ds, ds.local_batch_blocks(b))
 
 
+def test_blocks_longer_than_the_sequences_are_padded_sequences(tiny_store):
+    store = open_store(tiny_store)
+    ds = StoreDataset(tiny_store, seq_len=100, batch_size=4, read_tokens=200)
+    assert ds.blocks_per_epoch == store.num_sequences
+    for b, batch in enumerate(islice(iter(ds), 3)):
+        assert batch["input_ids"].shape == (4, 100)
+        check_batch_against_store(batch, store, ds, ds.local_batch_blocks(b))
+
+
 def test_one_epoch_over_ranks_and_workers_covers_every_token_once(tiny_store):
     store = open_store(tiny_store)
     world, workers, batch_size = 2, 2, 3
