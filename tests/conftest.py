@@ -111,7 +111,9 @@ def pytest_collection_modifyitems(config, items):
 def s3_server() -> Any:
     """A real S3-compatible server (moto's server mode) on a free loopback port, for the session.
 
-    Yields the fsspec/s3fs storage options that reach it (endpoint, dummy credentials).
+    Yields the fsspec/s3fs storage options that reach it (endpoint, dummy credentials). The
+    same dummy credentials are in the environment for the session only, so no client in a
+    test can fall back to real ones.
     """
     import socket
 
@@ -122,7 +124,13 @@ def s3_server() -> Any:
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
-    try:
-        yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
-    finally:
-        server.stop()
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                            ("AWS_DEFAULT_REGION", "us-east-1")):
+            env.setenv(name, value)
+        env.delenv("AWS_SESSION_TOKEN", raising=False)
+        env.delenv("AWS_PROFILE", raising=False)
+        try:
+            yield {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
+        finally:
+            server.stop()
