@@ -183,7 +183,7 @@ def test_a_finer_codec_is_delivered_in_float32(tiny_store_factory):
         check_batch_against_store(batch, store, ds, ds.local_batch_blocks(b))
 
 
-@pytest.mark.slow  # the moto server starts in ~10 s
+@pytest.mark.slow  # 10-15 s on 2 shared cores: upload to moto, then reads over HTTP
 def test_s3_store_streams_like_the_local_one(tiny_store, s3_server):
     import s3fs
 
