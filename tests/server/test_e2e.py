@@ -1,0 +1,228 @@
+"""End to end through a real `logitstore-server serve` (uvicorn on a loopback port, embedded
+worker process): upload, capture, poll, and read the store over HTTP with `open_store`,
+compared with a local capture of the same corpus and settings; the auth matrix; raw
+path-traversal requests; and a worker SIGKILLed mid-capture whose job a new worker finishes.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+import logitstore
+from logitstore.errors import NotAStoreError
+from logitstore.verify import verify
+from tests.server.conftest import ADMIN_KEY, CAPTURE, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@contextmanager
+def running(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen]:
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", *args], env={**os.environ, **env}, cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@contextmanager
+def serve(tmp: Path, teachers: list[str], *extra: str) -> Iterator[httpx.Client]:
+    port = free_port()
+    args = ["serve", "--port", str(port), "--data-dir", str(tmp / "data"), "--heartbeat-s", "0.5",
+            *(f for t in teachers for f in ("--teacher", t)), *extra]
+    with running(args, {"LOGITSTORE_ADMIN_KEY": ADMIN_KEY}, tmp / "server.log") as proc:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.get("/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, (tmp / "server.log").read_text()
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.2)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def make_team(client: httpx.Client, name: str) -> str:
+    assert client.post("/v1/teams", json={"name": name}, headers=auth(ADMIN_KEY)).status_code == 201
+    return client.post(f"/v1/teams/{name}/keys", headers=auth(ADMIN_KEY)).json()["key"]
+
+
+def upload(client: httpx.Client, key: str, path: Path) -> str:
+    with path.open("rb") as f:
+        r = client.post("/v1/corpora", params={"filename": path.name}, content=f, headers=auth(key))
+    assert r.status_code in (200, 201), r.text
+    return r.json()["id"]
+
+
+def wait_for(client: httpx.Client, key: str, job_id: str, states=("succeeded", "failed", "cancelled"),
+             timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
+        if job["state"] in states:
+            return job
+        assert time.monotonic() < deadline, f"job still {job['state']}: {job}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory, tiny_teacher_dir: Path) -> Iterator[httpx.Client]:
+    with serve(tmp_path_factory.mktemp("live"), [f"tiny={tiny_teacher_dir}"]) as client:
+        yield client
+
+
+def test_capture_over_http_equals_local_capture(live: httpx.Client, corpus_slice: Path, reference_store: Path) -> None:
+    key, other = make_team(live, "alpha"), make_team(live, "beta")
+    corpus = upload(live, key, corpus_slice)
+    r = live.post("/v1/captures", json={"corpus_id": corpus, "teacher": "tiny", **CAPTURE}, headers=auth(key))
+    assert r.status_code == 201, r.text
+    job = wait_for(live, key, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    assert job["tokens_done"] == job["tokens_total"] == CAPTURE["max_tokens"]
+
+    url = f"{str(live.base_url).rstrip('/')}/v1/stores/{job['store_id']}/zarr"
+    remote, local = logitstore.open_store(url, token=key), logitstore.open_store(str(reference_store))
+    assert (remote.num_tokens, remote.num_sequences, remote.complete) == (local.num_tokens, local.num_sequences, True)
+    for a, b in [(0, 100), (123, 517), (0, remote.num_tokens)]:
+        x, y = remote.read(a, b), local.read(a, b)
+        for name in ("input_ids", "topk_ids", "topk_logp", "lse"):
+            np.testing.assert_array_equal(getattr(x, name), getattr(y, name), err_msg=name)
+    np.testing.assert_array_equal(remote.sequence(3).topk_ids, local.sequence(3).topk_ids)
+    remote_report = verify(url, storage_options={"headers": auth(key)})
+    assert remote_report.ok and remote_report.digest == verify(str(reference_store)).digest
+
+    # The auth matrix, over the network.
+    store = job["store_id"]
+    assert live.get(f"/v1/stores/{store}").status_code == 401
+    assert live.get(f"/v1/stores/{store}/zarr/zarr.json").status_code == 401
+    for path in (f"/v1/stores/{store}", f"/v1/stores/{store}/zarr/zarr.json", f"/v1/jobs/{job['id']}"):
+        assert live.get(path, headers=auth(other)).status_code == 404, path
+    assert live.delete(f"/v1/stores/{store}", headers=auth(other)).status_code == 404
+    with pytest.raises(NotAStoreError):
+        logitstore.open_store(url, token=other)
+    assert live.post(f"/v1/stores/{store}/grants", json={"team": "beta"}, headers=auth(key)).status_code == 201
+    assert logitstore.open_store(url, token=other).read(0, 10).topk_ids.shape == (10, CAPTURE["k"])
+    assert live.delete(f"/v1/stores/{store}", headers=auth(other)).status_code == 403
+    assert live.delete(f"/v1/jobs/{job['id']}", headers=auth(other)).status_code == 403
+    assert live.delete(f"/v1/stores/{store}/grants/beta", headers=auth(key)).status_code == 204
+    assert live.get(f"/v1/stores/{store}/zarr/zarr.json", headers=auth(other)).status_code == 404
+
+    # Cancel: a second, different capture, cancelled while queued or running, ends cancelled.
+    r = live.post("/v1/captures", json={"corpus_id": corpus, "teacher": "tiny", **CAPTURE, "k": 3},
+                  headers=auth(key)).json()
+    live.delete(f"/v1/jobs/{r['id']}", headers=auth(key))
+    assert wait_for(live, key, r["id"], states=("cancelled", "succeeded"))["state"] in ("cancelled", "succeeded")
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["../zarr.json", "../../../../etc/passwd", "%2e%2e/zarr.json", "%2E%2E%2Fzarr.json", "..%2fzarr.json",
+     "%252e%252e/zarr.json", "..\\zarr.json", "..%5czarr.json", "/etc/passwd", "%2fetc%2fpasswd", "./../zarr.json",
+     "segments/../../zarr.json", "%00zarr.json"],
+)
+def test_raw_traversal_requests_are_refused(live: httpx.Client, corpus_slice: Path, raw: str) -> None:
+    key = _traversal_key(live, corpus_slice)
+    store = live.get("/v1/stores", headers=auth(key)).json()[0]["id"]
+    conn = http.client.HTTPConnection(live.base_url.host, live.base_url.port, timeout=10)
+    conn.request("GET", f"/v1/stores/{store}/zarr/{raw}", headers=auth(key))  # sent as is, no normalization
+    r = conn.getresponse()
+    body = r.read()
+    assert r.status in (400, 404), (raw, r.status, body)
+    assert b"root:" not in body and b"logitstore" not in body
+
+
+_teams: dict[str, str] = {}
+
+
+def _traversal_key(live: httpx.Client, corpus_slice: Path) -> str:
+    """One team with one finished store, shared by the traversal cases."""
+    if "key" not in _teams:
+        key = make_team(live, "traversal")
+        corpus = upload(live, key, corpus_slice)
+        r = live.post("/v1/captures", json={"corpus_id": corpus, "teacher": "tiny", **CAPTURE, "k": 2},
+                      headers=auth(key))
+        assert wait_for(live, key, r.json()["id"])["state"] == "succeeded"
+        _teams["key"] = key
+    return _teams["key"]
+
+
+def test_sigkilled_worker_job_is_resumed_by_a_new_worker(tmp_path: Path, tiny_teacher_dir: Path) -> None:
+    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.teacher import load_teacher
+
+    corpus = ROOT / "examples" / "data" / "tinyshakespeare.txt"
+    settings = {"k": 8, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 24_000, "unit_tokens": 256}
+    worker_args = ["worker", "--data-dir", str(tmp_path / "data"), "--teacher", f"tiny={tiny_teacher_dir}",
+                   "--heartbeat-s", "0.5", "--stale-after-s", "3"]
+    with serve(tmp_path, [f"tiny={tiny_teacher_dir}"], "--no-worker") as client:
+        key = make_team(client, "alpha")
+        job_id = client.post("/v1/captures", json={"corpus_id": upload(client, key, corpus), "teacher": "tiny",
+                                                   **settings}, headers=auth(key)).json()["id"]
+        with running(worker_args, {}, tmp_path / "worker1.log") as first:
+            deadline = time.monotonic() + 120
+            while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json())["tokens_done"] < 2000:
+                assert time.monotonic() < deadline and job["state"] in ("queued", "running"), job
+                time.sleep(0.05)
+            os.kill(first.pid, signal.SIGKILL)
+            first.wait()
+        killed_at = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
+        assert killed_at["state"] == "running" and killed_at["tokens_done"] < killed_at["tokens_total"], killed_at
+        with running(worker_args, {}, tmp_path / "worker2.log"):
+            job = wait_for(client, key, job_id)
+        assert (job["state"], job["attempts"]) == ("succeeded", 2), job
+        store = tmp_path / "data" / "stores" / job["store_id"]
+
+    reference = tmp_path / "uninterrupted"
+    config = CaptureConfig(k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=24_000, unit_tokens=256)
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus], str(reference), config)
+    resumed = verify(str(store))
+    assert resumed.ok and resumed.digest == verify(str(reference)).digest
+
+
+@pytest.mark.slow
+def test_smollm2_capture_through_the_server(tmp_path: Path, smollm2_teacher, corpus_slice: Path) -> None:
+    from logitstore.capture.engine import CaptureConfig, capture
+
+    settings = {"k": 16, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 200}
+    with serve(tmp_path, ["smollm2-135m=smollm2-135m"]) as client:
+        key = make_team(client, "alpha")
+        r = client.post("/v1/captures", json={"corpus_id": upload(client, key, corpus_slice),
+                                              "teacher": "smollm2-135m", **settings}, headers=auth(key))
+        job = wait_for(client, key, r.json()["id"])
+        assert job["state"] == "succeeded", job
+        url = f"{str(client.base_url).rstrip('/')}/v1/stores/{job['store_id']}/zarr"
+        remote = verify(url, storage_options={"headers": auth(key)})
+    local = tmp_path / "local"
+    capture(smollm2_teacher, [corpus_slice], str(local), CaptureConfig(k=16, temperatures=(1.0, 2.0), max_len=128,
+                                                                       max_tokens=200))
+    assert remote.ok and remote.tokens == 200 and remote.digest == verify(str(local)).digest
