@@ -20,7 +20,8 @@ Readers find segments by probing `commits/{i}` for i < num_segments (or reading
 index.json), never by listing, so a store served over plain HTTP works the same.
 Every array is one shard per segment (the writer buffers the whole unit and writes each
 shard once: no partial-shard read-modify-write), inner chunks of `chunk_tokens` rows,
-pcodec inside the shard, and crc32c on every inner chunk and on the shard index.
+pcodec inside the shard (zstd for the uint8 `counts`, which pcodec refuses), and crc32c
+on every inner chunk and on the shard index.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 import pyarrow as pa
 import zarr
 from zarr.abc.store import Store
-from zarr.codecs import Crc32cCodec
+from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -46,6 +47,7 @@ COUNTS_ARRAY = "counts"  # sampled mode only
 INDEX_KEY = "index.json"
 MANIFEST_KEY = "manifest.parquet"
 PCODEC_LEVEL = 8
+ZSTD_LEVEL = 9
 
 
 def segment_arrays(mode: str) -> tuple[str, ...]:
@@ -87,6 +89,10 @@ def write_array(store: Store, path: str, data: np.ndarray, chunk_rows: int) -> N
     chunk_rows = max(1, min(chunk_rows, rows))
     chunks = (chunk_rows, *data.shape[1:])
     shards = (math.ceil(rows / chunk_rows) * chunk_rows, *data.shape[1:])
+    # pcodec refuses 8-bit integers (sampled mode's counts): those get plain bytes + zstd.
+    byte_sized = data.dtype.itemsize == 1
+    serializer = BytesCodec() if byte_sized else PCodec(level=PCODEC_LEVEL)
+    compressors = [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()] if byte_sized else [Crc32cCodec()]
     with warnings.catch_warnings():
         # pcodec is a numcodecs codec, not (yet) in the Zarr v3 spec: zarr warns about it.
         warnings.simplefilter("ignore")
@@ -98,8 +104,8 @@ def write_array(store: Store, path: str, data: np.ndarray, chunk_rows: int) -> N
             chunks=chunks,
             shards=shards,
             filters=None,
-            serializer=PCodec(level=PCODEC_LEVEL),
-            compressors=[Crc32cCodec()],
+            serializer=serializer,
+            compressors=compressors,
             fill_value=0,
             config={"write_empty_chunks": True},
             overwrite=True,

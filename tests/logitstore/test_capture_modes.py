@@ -1,0 +1,169 @@
+"""Beyond fixed top-k: coverage-adaptive k, sampled ids with counts, and a 2^18-wide vocabulary,
+each checked against a float64 full-softmax reference of the same teacher."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_capture import assert_matches_reference, reference
+
+from logitstore.capture.engine import CaptureConfig, capture
+from logitstore.capture.reduce import Reduction, hashed_uniforms
+from logitstore.capture.teacher import load_teacher
+from logitstore.codecs import LogProbCodec
+from logitstore.verify import verify
+
+CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.fixture(scope="module")
+def peaked_teacher(tiny_teacher_dir):
+    """The tiny random teacher with its final norm scaled up: confident, varied distributions
+    (mean top-1 ~0.76, top-64 mass ~0.9), like a trained model's, instead of near-uniform ones."""
+    teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
+    with torch.no_grad():
+        teacher.model.model.norm.weight.fill_(30.0)
+    return teacher
+
+
+def test_adaptive_keeps_the_fewest_ids_reaching_the_coverage(peaked_teacher, tmp_path):
+    config = CaptureConfig(mode="adaptive", coverage=0.8, k=32, temperatures=(1.0, 2.0), max_len=64, max_tokens=300,
+                           unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
+    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "a"), config)
+    assert store.meta.capture.mode == "adaptive" and store.meta.capture.coverage == 0.8
+    bound = LogProbCodec().topk_error_bound
+    kept_counts = []
+    for i in range(store.num_sequences):
+        block = store.sequence(i)
+        logp_ref, lse_ref = reference(peaked_teacher.model, block.input_ids, store.temperatures)
+        ranked = -np.sort(-logp_ref, axis=1)[:, :32]
+        mass = np.cumsum(np.exp(ranked), axis=1)
+        # The smallest prefix whose mass reaches 0.8, capped at 32 (float32 vs float64 may
+        # disagree by one slot only where the mass sits within rounding of the coverage).
+        want = np.minimum((mass < 0.8).sum(axis=1) + 1, 32)
+        kept = (block.topk_ids >= 0).sum(axis=1)
+        near = np.abs(mass[np.arange(len(want)), np.minimum(want, 31) - 1] - 0.8) < 1e-5
+        assert np.all((kept == want) | near)
+        kept_counts.append(kept)
+        # Kept slots come first, are the teacher's top ids, and carry their exact log-probs.
+        assert np.all(np.isneginf(block.topk_logp) == (block.topk_ids < 0))
+        assert np.all(np.diff((block.topk_ids >= 0).astype(int), axis=1) <= 0)
+        got = np.take_along_axis(logp_ref, np.maximum(block.topk_ids, 0).astype(np.int64), axis=1)
+        real = block.topk_ids >= 0
+        assert np.all(np.abs(got - ranked)[real] <= 1e-4)
+        assert np.all(np.abs(block.topk_logp - got)[real] <= (bound(np.where(real, got, -np.inf)) + 1e-4)[real])
+        np.testing.assert_allclose(block.lse, lse_ref, atol=2e-4)
+        # The tail bucket holds exactly the rest of the mass, since lse is full-vocabulary.
+        _, tail = store.teacher_logprobs(block, 1.0)
+        exact_tail = 1 - np.where(real, np.exp(got), 0).sum(axis=1)
+        np.testing.assert_allclose(np.exp(tail), exact_tail, atol=2e-2 * 0.2 + 1e-4)
+    kept = np.concatenate(kept_counts)
+    assert kept.min() == 1 and kept.max() == 32 and 1 < kept.mean() < 16  # k really adapts
+    assert verify(store.url).ok
+
+
+def test_sampled_stores_distinct_draws_with_counts_and_exact_logprobs(peaked_teacher, tmp_path):
+    config = CaptureConfig(mode="sampled", draws=20, seed=7, k=16, temperatures=(1.0, 2.0), max_len=64,
+                           max_tokens=300, unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
+    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "s"), config)
+    meta = store.meta.capture
+    assert (meta.mode, meta.draws, meta.seed, meta.k) == ("sampled", 20, 7, 16)
+    block = store.read(0, store.num_tokens)
+    real = block.topk_ids >= 0
+    assert block.counts.dtype == np.uint8 and np.all((block.counts > 0) == real)
+    totals = block.counts.sum(axis=1, dtype=np.int64)
+    # 20 draws, at most 16 distinct kept: all draws are accounted for unless a row had more distinct ids.
+    assert np.all(totals <= 20) and np.all((totals == 20) | (real.sum(axis=1) == 16))
+    assert (totals == 20).mean() > 0.9
+    for i in range(store.num_sequences):
+        seq = store.sequence(i)
+        logp_ref, lse_ref = reference(peaked_teacher.model, seq.input_ids, store.temperatures)
+        ok = seq.topk_ids >= 0
+        got = np.take_along_axis(logp_ref, np.maximum(seq.topk_ids, 0).astype(np.int64), axis=1)
+        assert np.all(np.abs(seq.topk_logp - got)[ok] <= 2.0**-7 * np.abs(got[ok]) + 2e-4)
+        np.testing.assert_allclose(seq.lse, lse_ref, atol=2e-4)
+        # Most likely first, ids distinct within a row.
+        assert np.all(np.diff(np.where(ok, got, -1e30), axis=1)[ok[:, 1:]] <= 1e-6)
+        assert all(len(set(r[r >= 0])) == (r >= 0).sum() for r in seq.topk_ids)
+    assert verify(store.url).ok
+
+    # Draws are keyed by the token's global position, not by a generator's state: a resumed
+    # capture draws the same ids for the units it redoes...
+    digest = verify(store.url).digest
+    for i in range(store.meta.num_segments - 1):
+        (tmp_path / "s" / "commits" / f"{i:06d}.json").unlink()
+    (tmp_path / "s" / "index.json").unlink()
+    resumed = capture(peaked_teacher, [CORPUS], str(tmp_path / "s"), config, resume=True)
+    assert verify(resumed.url).digest == digest
+    # ... and other unit and batch cuts draw the same ids, except where float rounding of a
+    # differently batched forward moves a CDF boundary across a draw.
+    other = capture(peaked_teacher, [CORPUS], str(tmp_path / "t"),
+                    CaptureConfig(**{**config.__dict__, "unit_tokens": 10_000, "batch_tokens": 64, "row_chunk": 7}))
+    again = other.read(0, other.num_tokens)
+    assert np.mean(again.topk_ids == block.topk_ids) > 0.99 and np.mean(again.counts == block.counts) > 0.99
+    reseeded = capture(peaked_teacher, [CORPUS], str(tmp_path / "u"), CaptureConfig(**{**config.__dict__, "seed": 8}))
+    assert np.mean(reseeded.read(0, store.num_tokens).counts == block.counts) < 0.9
+
+
+def test_sampled_draw_frequencies_follow_the_distribution():
+    """counts / M is an unbiased estimate of p: over many tokens with the same logits, the mean
+    of counts / M per id matches softmax(z) within Monte Carlo error."""
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 300, generator=gen) * 2.5
+    z[0, 17] = -torch.inf  # a masked logit is never drawn
+    rows, draws = 4000, 30
+    ids, logp, _, counts = Reduction("sampled", draws, (1.0,), draws=draws, seed=3)(z.repeat(rows, 1),
+                                                                                     torch.arange(rows) * 11)
+    est = torch.zeros(300, dtype=torch.float64)
+    est.scatter_add_(0, ids.clamp(min=0).long().flatten(), (counts.double() * (ids >= 0)).flatten())
+    est /= rows * draws
+    p = torch.softmax(z[0].double(), dim=0)
+    sigma = torch.sqrt(p * (1 - p) / (rows * draws))
+    assert torch.all((est - p).abs() <= 5 * sigma + 1e-12)
+    assert est[17] == 0
+    np.testing.assert_allclose(logp[ids >= 0], torch.log_softmax(z, -1)[0][ids[ids >= 0].long()], atol=1e-5)
+
+
+def test_hashed_uniforms_are_uniform_and_position_keyed():
+    u = hashed_uniforms(torch.arange(50_000), 8, seed=1)
+    assert u.min() >= 0 and u.max() < 1
+    hist = torch.histc(u, bins=16, min=0, max=1) / u.numel()
+    assert torch.all((hist - 1 / 16).abs() < 3e-3)
+    np.testing.assert_array_equal(hashed_uniforms(torch.tensor([123, 7]), 8, 1)[0], u[123])
+    assert not torch.equal(hashed_uniforms(torch.arange(10), 8, seed=2), u[:10])
+
+
+@pytest.fixture(scope="module")
+def wide_teacher_dir(smollm2_tokenizer, tmp_path_factory) -> Path:
+    """A tiny random Llama whose logits are 262144 wide (Gemma-3 size), with the SmolLM2 tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=262_144, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=smollm2_tokenizer.bos_token_id,
+                         eos_token_id=smollm2_tokenizer.eos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(20.0)  # confident enough that the top-k mass is not negligible
+    out = tmp_path_factory.mktemp("wide_teacher")
+    model.save_pretrained(out)
+    smollm2_tokenizer.save_pretrained(out)
+    return out
+
+
+def test_vocab_262144_ids_round_trip_exactly(wide_teacher_dir, tmp_path):
+    teacher = load_teacher(str(wide_teacher_dir), device="cpu")
+    assert teacher.tokenizer_info.logits_width == 262_144
+    config = CaptureConfig(k=16, temperatures=(1.0, 2.0), max_len=48, max_tokens=150, unit_tokens=100,
+                           chunk_tokens=32, batch_tokens=96, row_chunk=40)
+    store = capture(teacher, [CORPUS], str(tmp_path / "w"), config)
+    assert store.meta.tokenizer.logits_width == 262_144
+    assert_matches_reference(store, teacher.model, config.logp_codec)
+    ids = store.read(0, store.num_tokens).topk_ids
+    assert ids.max() > 200_000 and (ids > 65_535).mean() > 0.5  # far beyond uint16, stored exactly
+    assert verify(store.url).ok
