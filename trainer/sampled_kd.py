@@ -1,0 +1,81 @@
+"""KD loss for sampled captures (`logitstore capture --mode sampled`): random-sampling KD.
+
+A sampled store keeps, per token, the distinct ids of M draws from the teacher's T=1
+distribution p, with their counts c_i and exact log-probs. The empirical distribution
+p̂_i = c_i / M is an unbiased estimate of p (E[c_i] = M p_i), and the loss is linear in it:
+
+    L̂ = Σ_i p̂_i (log p_i − log q_i)      E[L̂] = KL(p ‖ q),  E[∇_z L̂] = ∇_z KL(p ‖ q) = q − p
+
+so the student gets an unbiased estimate of the full forward-KL gradient from ~M/3 stored
+ids instead of the whole vocabulary. Without `teacher_logp` the Σ p̂_i log p_i term is left
+out: the value is then a cross-entropy (KL plus the teacher's entropy, a constant), with the
+same gradient.
+
+At a temperature T ≠ 1 the draws still come from p, not from p_T ∝ p^(1/T); each draw is
+re-weighted by the exact importance ratio p_T(i) / p(i), computable because the store keeps
+log p_i and the full-vocabulary lse at every captured T:
+log p_T(i) = (log p_i + lse(1)) / T − lse(T). The weighted sum stays unbiased for
+KL(p_T ‖ q_T), but its variance grows with T (ids the draws rarely hit carry more of p_T)
+and the per-token weights no longer sum to exactly 1. As in `kd_loss`, the divergence is
+scaled by T². Tokens whose draws were dropped for the store's k cap (more distinct ids than
+k) lose those draws' weight: that bias is zero when k >= M, the capture's default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["sampled_kd_loss"]
+
+
+def sampled_kd_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    draws: int,
+    *,
+    temperature: float = 1.0,
+    teacher_logp: torch.Tensor | None = None,
+    lse_1: torch.Tensor | None = None,
+    lse_t: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """T² · mean over tokens of Σ_i (c_i / M) w_i (log p_T(i) − log q_T(i)), w_i = p_T(i) / p(i).
+
+    Args:
+        logits: [N, V] student logits (any float dtype; the math is fp32).
+        ids: [N, K] stored ids, -1 = padding; counts: [N, K] draws per id (0 at padding).
+        draws: M, the store's `capture.draws`.
+        temperature: T > 0; the student is softmax(logits / T).
+        teacher_logp: [N, K] stored log p at T=1; adds the teacher's entropy term so the value
+            estimates the KL itself (required when T != 1).
+        lse_1, lse_t: [N] stored lse at T=1 and at `temperature` (required when T != 1).
+
+    Returns:
+        A float32 scalar; tokens with no stored id are left out of the mean (none: 0).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if temperature != 1.0 and (teacher_logp is None or lse_1 is None or lse_t is None):
+        raise ValueError("temperature != 1 needs teacher_logp, lse_1 and lse_t to re-weight the T=1 draws")
+    if ids.shape != counts.shape or ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"ids {tuple(ids.shape)}, counts {tuple(counts.shape)} and logits {tuple(logits.shape)} "
+                         "must agree on [N, K] / N")
+    valid = ids >= 0
+    safe = ids.clamp(min=0).long()
+    logq = torch.log_softmax(logits.float() / temperature, dim=-1).gather(1, safe)  # [N, K]
+    weight = counts.float() / draws * valid
+    log_p_t = None
+    if teacher_logp is not None:
+        logp = torch.where(valid, teacher_logp.float(), 0.0)
+        if temperature == 1.0:
+            log_p_t = logp
+        else:
+            log_p_t = (logp + lse_1.float()[:, None]) / temperature - lse_t.float()[:, None]
+            weight = weight * torch.exp(log_p_t - logp)
+    per_token = -(weight * logq).sum(dim=-1)
+    if log_p_t is not None:
+        per_token = per_token + (weight * log_p_t).sum(dim=-1)
+    rows = valid.any(dim=-1)
+    if not bool(rows.any()):
+        return logits.float().sum() * 0.0  # zero, with zero gradients
+    return temperature**2 * per_token[rows].mean()
