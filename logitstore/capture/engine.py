@@ -94,7 +94,9 @@ class CaptureConfig:
     unit_tokens: int = 262_144  # tokens per work unit = per segment (one shard per array)
     chunk_tokens: int = 4096  # rows per Zarr chunk inside a shard
     batch_tokens: int = 8192  # tokens (padded) per teacher forward
-    row_chunk: int = 2048  # logits rows materialized at once
+    # Logit rows materialized at once: the reduction holds ~3 fp32 [row_chunk, V] buffers, which stay
+    # well under the bare forward's [batch_tokens, V] logits (measured: benchmarks/capture.py).
+    row_chunk: int = 512
     logp_codec: LogProbCodec = field(default_factory=LogProbCodec)
     mode: Literal["topk", "adaptive", "sampled"] = "topk"
     coverage: float = 0.99  # adaptive mode

@@ -38,7 +38,7 @@ class Reduction:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """fp32 logits [r, V] (and int64 global token positions [r], sampled mode) →
         (ids int32 [r, K], logp fp32 [r, K], lse fp32 [r, n_T], counts uint8 [r, K] or None)."""
-        lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in self.temperatures], dim=-1)
+        lse = torch.stack([torch.logsumexp(z / t if t != 1.0 else z, dim=-1) for t in self.temperatures], dim=-1)
         lse1 = lse[:, self.temperatures.index(1.0), None]
         counts = None
         if self.mode == "sampled":
