@@ -19,10 +19,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from logitstore import __version__
 from logitstore.errors import LogitStoreError
 from server.db import Database
+from server.deps import ReadAccessCache
 from server.metrics import Metrics
 from server.routers import captures, corpora, stores, teams
 from server.settings import Settings
@@ -55,18 +57,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.settings, app.state.db, app.state.metrics = settings, db, metrics
+    app.state.read_cache = ReadAccessCache(settings.read_cache_s)
     for module in (teams, corpora, captures, stores):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def measure(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.request_seconds.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(LatencyMiddleware, metrics=metrics)
 
     @app.exception_handler(LogitStoreError)
     async def _user_error(request: Request, exc: LogitStoreError) -> JSONResponse:
@@ -88,6 +83,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class LatencyMiddleware:
+    """Request latency by method, route template and status; plain ASGI, so that the many small
+    range reads of remote readers do not pay for a BaseHTTPMiddleware's extra task and queue."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.request_seconds.labels(scope["method"], route, str(status)).observe(
+                time.perf_counter() - started
+            )
 
 
 def start_worker_process(settings: Settings) -> subprocess.Popen:

@@ -7,7 +7,10 @@ on a resource you can see but do not own is 403.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -31,6 +34,36 @@ class Principal:
     is_admin: bool = False
 
 
+class ReadAccessCache:
+    """Recent "this key may read this store" decisions, so that the many small range reads of
+    a remote reader skip the database. Revoking a key or a grant, or deleting a store, clears
+    it in this process; other API processes notice within `ttl_s`."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._until: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _key(token: str, store_id: str) -> tuple[str, str]:
+        return hashlib.sha256(token.encode()).hexdigest(), store_id
+
+    def allows(self, token: str, store_id: str) -> bool:
+        until = self._until.get(self._key(token, store_id))
+        return until is not None and until > time.monotonic()
+
+    def remember(self, token: str, store_id: str) -> None:
+        if self.ttl_s > 0:
+            with self._lock:
+                if len(self._until) > 100_000:  # bounded: forget everything rather than grow
+                    self._until.clear()
+                self._until[self._key(token, store_id)] = time.monotonic() + self.ttl_s
+
+    def clear(self) -> None:
+        with self._lock:
+            self._until.clear()
+
+
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
@@ -52,13 +85,15 @@ def get_session(db: Annotated[Database, Depends(get_db)]) -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def get_principal(
-    session: SessionDep,
-    settings: SettingsDep,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+def get_principal(session: SessionDep, settings: SettingsDep, credentials: BearerDep) -> Principal:
+    return authenticate(session, settings, credentials)
+
+
+def authenticate(session: Session, settings: Settings, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """The caller named by the bearer key; 401 without a valid one."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", {"WWW-Authenticate": "Bearer"})
     key = credentials.credentials
@@ -71,6 +106,13 @@ def get_principal(
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def get_read_cache(request: Request) -> ReadAccessCache:
+    return request.app.state.read_cache
+
+
+ReadCacheDep = Annotated[ReadAccessCache, Depends(get_read_cache)]
 
 
 def get_team_principal(principal: PrincipalDep) -> Principal:

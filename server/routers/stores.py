@@ -14,13 +14,24 @@ import stat
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from logitstore.cli import describe
-from server.db import Grant, Job, StoreRow, Team
-from server.deps import PrincipalDep, SessionDep, SettingsDep, find_team, owned_store, visible_store
+from server.db import Database, Grant, Job, StoreRow, Team
+from server.deps import (
+    BearerDep,
+    PrincipalDep,
+    ReadCacheDep,
+    SessionDep,
+    SettingsDep,
+    authenticate,
+    find_team,
+    owned_store,
+    visible_store,
+)
 from server.routers.captures import JobOut, iso, job_out
 from server.settings import Settings
 
@@ -79,7 +90,9 @@ def get_store(
 
 
 @router.delete("/{store_id}", status_code=204, summary="Delete a store, its files and its job (owner)")
-def delete_store(store_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep) -> None:
+def delete_store(
+    store_id: str, principal: PrincipalDep, session: SessionDep, settings: SettingsDep, cache: ReadCacheDep
+) -> None:
     store = owned_store(session, principal, store_id)
     job = session.scalar(select(Job).where(Job.store_id == store.id))
     if job is not None and job.state in ("queued", "running"):
@@ -88,6 +101,7 @@ def delete_store(store_id: str, principal: PrincipalDep, session: SessionDep, se
     if job is not None:
         session.delete(job)
     session.commit()
+    cache.clear()
     shutil.rmtree(store_dir(settings, store_id), ignore_errors=True)
 
 
@@ -102,12 +116,14 @@ def add_grant(store_id: str, body: GrantIn, principal: PrincipalDep, session: Se
 
 
 @router.delete("/{store_id}/grants/{team}", status_code=204, summary="Revoke a team's read access (owner)")
-def delete_grant(store_id: str, team: str, principal: PrincipalDep, session: SessionDep) -> None:
+def delete_grant(store_id: str, team: str, principal: PrincipalDep, session: SessionDep, cache: ReadCacheDep) -> None:
     store = owned_store(session, principal, store_id)
     grant = session.get(Grant, (store.id, find_team(session, team).id))
     if grant is None:
         raise HTTPException(404, f"store {store_id!r} is not shared with {team!r}")
     session.delete(grant)
+    session.commit()
+    cache.clear()
 
 
 @router.api_route(
@@ -118,11 +134,15 @@ def delete_grant(store_id: str, team: str, principal: PrincipalDep, session: Ses
     response_class=FileResponse,
     responses={206: {"description": "the requested byte range"}, 304: {"description": "not modified"}},
 )
-def store_file(
-    store_id: str, key: str, request: Request, principal: PrincipalDep, session: SessionDep, settings: SettingsDep
+async def store_file(
+    store_id: str, key: str, request: Request, credentials: BearerDep, settings: SettingsDep, cache: ReadCacheDep
 ) -> Response:
-    visible_store(session, principal, store_id)
-    session.commit()  # the file may be large: release the database before streaming it
+    # Async, and no database session unless the access check is not cached: a remote reader
+    # sends many small range requests, and this is their whole cost besides the bytes.
+    token = credentials.credentials if credentials is not None else ""
+    if not cache.allows(token, store_id):
+        await run_in_threadpool(_check_read_access, request.app.state.db, settings, credentials, store_id)
+        cache.remember(token, store_id)
     root = store_dir(settings, store_id).resolve()
     path = _resolve_key(root, key)
     try:
@@ -136,6 +156,11 @@ def store_file(
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
     return FileResponse(path, stat_result=st, headers={"ETag": etag}, media_type="application/octet-stream")
+
+
+def _check_read_access(db: Database, settings: Settings, credentials, store_id: str) -> None:
+    with db.sessions() as session:
+        visible_store(session, authenticate(session, settings, credentials), store_id)
 
 
 def _resolve_key(root: Path, key: str) -> Path:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from server.db import ApiKey, Team, hash_key
-from server.deps import PrincipalDep, SessionDep, find_team
+from server.deps import PrincipalDep, ReadCacheDep, SessionDep, find_team
 
 router = APIRouter(prefix="/v1/teams", tags=["teams"])
 
@@ -60,12 +60,14 @@ def create_key(team: str, principal: PrincipalDep, session: SessionDep) -> KeyOu
 
 
 @router.delete("/{team}/keys/{key_id}", status_code=204, summary="Revoke an API key (admin or the team)")
-def revoke_key(team: str, key_id: str, principal: PrincipalDep, session: SessionDep) -> None:
+def revoke_key(team: str, key_id: str, principal: PrincipalDep, session: SessionDep, cache: ReadCacheDep) -> None:
     row = _team_for(principal, session, team)
     api_key = session.get(ApiKey, key_id)
     if api_key is None or api_key.team_id != row.id:
         raise HTTPException(404, f"team {row.name!r} has no key {key_id!r}")
     api_key.revoked = True
+    session.commit()
+    cache.clear()
 
 
 def _team_for(principal: PrincipalDep, session: SessionDep, team: str) -> Team:
