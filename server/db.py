@@ -25,6 +25,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
@@ -166,7 +167,16 @@ class Database:
         return self.engine.dialect.name == "postgresql"
 
     def create_tables(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create missing tables. The API and workers on other machines may start at once:
+        on PostgreSQL two concurrent CREATE TABLEs can collide, and the loser just retries."""
+        for attempt in range(5):
+            try:
+                Base.metadata.create_all(self.engine)
+                return
+            except DBAPIError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -76,3 +76,18 @@ def test_cancel_a_running_job(api: Api, corpus_slice: Path) -> None:
     assert (r["state"], r["error"], r["cancel_requested"]) == ("cancelled", "cancelled by request", False)
     assert api.client.delete(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["state"] == "cancelled"
     worker.db.dispose()
+
+
+def test_a_stopping_worker_hands_its_job_back(api: Api, corpus_slice: Path) -> None:
+    key, [job_id] = _queue_jobs(api, corpus_slice, 1)
+    worker = Worker(api.settings)
+    job = worker.claim()
+    worker.stop.set()  # what SIGTERM does: the capture stops at its next progress report
+    worker.execute(job)
+    r = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()
+    assert r["state"] == "queued"
+    other = Worker(api.settings)
+    assert other.run_once() == job_id  # picked up at once, no heartbeat timeout to wait for
+    assert api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["state"] == "succeeded"
+    worker.db.dispose()
+    other.db.dispose()
