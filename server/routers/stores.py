@@ -126,14 +126,15 @@ def delete_grant(store_id: str, team: str, principal: PrincipalDep, session: Ses
     cache.clear()
 
 
-@router.api_route(
-    "/{store_id}/zarr/{key:path}",
-    methods=["GET", "HEAD"],
-    name="store_file",
-    summary="A file of the store, read-only (Range, ETag, If-None-Match)",
-    response_class=FileResponse,
-    responses={206: {"description": "the requested byte range"}, 304: {"description": "not modified"}},
-)
+_FILE_ROUTE = "/{store_id}/zarr/{key:path}"
+_FILE_DOC = {
+    "response_class": FileResponse,
+    "responses": {206: {"description": "the requested byte range"}, 304: {"description": "not modified"}},
+}
+
+
+@router.get(_FILE_ROUTE, name="store_file", summary="A file of the store, read-only (Range, ETag)", **_FILE_DOC)
+@router.head(_FILE_ROUTE, operation_id="store_file_head", summary="Size and ETag of a store file", **_FILE_DOC)
 async def store_file(
     store_id: str, key: str, request: Request, credentials: BearerDep, settings: SettingsDep, cache: ReadCacheDep
 ) -> Response:
