@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError
 
 from logitstore.errors import LogitStoreError
 from server.settings import Settings
@@ -32,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(args, settings)
     except LogitStoreError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except DBAPIError as e:
+        reason = str(e.orig or e).strip().splitlines()[0]
+        print(f"error: database {settings.db_url.split('@')[-1]}: {reason}", file=sys.stderr)
         return 1
 
 
