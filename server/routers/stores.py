@@ -9,6 +9,7 @@ records and byte ranges of shard files by key.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -156,7 +157,52 @@ async def store_file(
     etag = f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    return FileResponse(path, stat_result=st, headers={"ETag": etag}, media_type="application/octet-stream")
+    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+    span = _small_read(request, st.st_size)
+    if span is None:  # HEAD, multipart or If-Range requests, big bodies: Starlette streams them
+        return FileResponse(path, stat_result=st, headers=headers, media_type="application/octet-stream")
+    start, length = span
+    # One thread hop for the whole read (FileResponse takes one each for open, seek, read, close):
+    # readers send many small range requests, so this is most of their per-request cost.
+    data = await run_in_threadpool(_pread, path, start, length)
+    if request.headers.get("range") is None:
+        return Response(data, headers=headers, media_type="application/octet-stream")
+    headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{st.st_size}"
+    return Response(data, status_code=206, headers=headers, media_type="application/octet-stream")
+
+
+# Bodies up to this size are read in one go; larger ones stream.
+_SMALL_READ = 8 << 20
+_SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+
+
+def _small_read(request: Request, size: int) -> tuple[int, int] | None:
+    """(start, length) of a GET this route answers itself, or None to leave it to FileResponse.
+
+    A single range `a-b`, `a-` or `-n` (RFC 9110); one that starts past the end is 416."""
+    value = request.headers.get("range")
+    if request.method != "GET" or request.headers.get("if-range") is not None:
+        return None
+    if value is None:
+        return (0, size) if size <= _SMALL_READ else None
+    m = _SINGLE_RANGE.match(value.strip())
+    if m is None or m.group(1) == m.group(2) == "":
+        return None  # several ranges, or malformed: FileResponse answers (multipart or 400)
+    if m.group(1):
+        start = int(m.group(1))
+        stop = min(int(m.group(2)) + 1, size) if m.group(2) else size
+        if m.group(2) and int(m.group(2)) < start:
+            return None
+    else:
+        start, stop = max(size - int(m.group(2)), 0), size
+    if start >= size or stop <= start:
+        raise HTTPException(416, f"range {value!r} is outside the {size} bytes", {"Content-Range": f"bytes */{size}"})
+    return (start, stop - start) if stop - start <= _SMALL_READ else None
+
+
+def _pread(path: Path, start: int, length: int) -> bytes:
+    with path.open("rb", buffering=0) as f:
+        return os.pread(f.fileno(), length, start)
 
 
 def _check_read_access(db: Database, settings: Settings, credentials, store_id: str) -> None:

@@ -200,6 +200,32 @@ def test_store_keys_cannot_leave_the_store(api: Api, key: str, corpus_slice: Pat
     assert r.headers["content-type"].startswith("application/json")
 
 
+def test_store_file_ranges(api: Api, corpus_slice: Path) -> None:
+    team = api.team("alpha")
+    corpus = api.upload(team, corpus_slice.read_bytes()).json()["id"]
+    store_id = api.capture(team, corpus).json()["store_id"]
+    data = bytes(range(256)) * 40
+    (api.settings.stores_dir / store_id / "segments").mkdir(parents=True)
+    (api.settings.stores_dir / store_id / "segments" / "blob").write_bytes(data)
+    url, h = f"/v1/stores/{store_id}/zarr/segments/blob", api.auth(team)
+
+    def get(rng: str):
+        return api.client.get(url, headers={**h, "Range": rng})
+
+    for rng, (a, b) in {"bytes=0-0": (0, 1), "bytes=100-": (100, len(data)), "bytes=-17": (len(data) - 17, len(data)),
+                        "bytes=10000-20000": (10000, len(data)), "bytes=-99999": (0, len(data))}.items():
+        r = get(rng)
+        assert r.status_code == 206 and r.content == data[a:b], rng
+        assert r.headers["content-range"] == f"bytes {a}-{b - 1}/{len(data)}"
+    for rng in ("bytes=10240-", "bytes=-0"):
+        r = get(rng)
+        assert r.status_code == 416 and r.headers["content-range"] == f"bytes */{len(data)}"
+    multi = get("bytes=0-1,5-6")  # Starlette's multipart answer
+    assert multi.status_code == 206 and multi.headers["content-type"].startswith("multipart/byteranges")
+    whole = api.client.get(url, headers=h)
+    assert whole.status_code == 200 and whole.content == data and whole.headers["accept-ranges"] == "bytes"
+
+
 def test_cancel_queued_job_and_requeue(api: Api, corpus_slice: Path) -> None:
     key = api.team("alpha")
     corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
