@@ -116,13 +116,14 @@ def list_teachers(principal: PrincipalDep, settings: SettingsDep) -> TeachersOut
 def create_capture(
     body: CaptureRequest, response: Response, principal: TeamPrincipalDep, session: SessionDep, settings: SettingsDep
 ) -> JobOut:
-    if session.get(CorpusOwner, (body.corpus_id, principal.team_id)) is None:
-        raise HTTPException(404, f"no corpus {body.corpus_id!r} uploaded by your team; upload it with POST /v1/corpora")
     try:
         source = teacher_source(settings.teachers, body.teacher)
     except UnknownTeacherError as e:
         raise HTTPException(422, str(e)) from None
+    session.commit()  # hashing a teacher's files the first time takes a while: do not hold the database
     fingerprint = teacher_fingerprint(source)
+    if session.get(CorpusOwner, (body.corpus_id, principal.team_id)) is None:
+        raise HTTPException(404, f"no corpus {body.corpus_id!r} uploaded by your team; upload it with POST /v1/corpora")
     job_settings = body.settings()
     keyed = {k: v for k, v in job_settings.items() if k not in _NOT_IN_DEDUP_KEY}
     dedup_key = hashlib.sha256(
