@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from logitstore import open_store
 from logitstore.capture.teacher import resolve_device
 from trainer.data import StoreDataset, make_loader
-from trainer.train import TrainConfig, _micro_step
+from trainer.train import Targets, TrainConfig, _micro_step
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"
 
@@ -46,8 +46,9 @@ def student_for(vocab: int, size: str, seq_len: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def time_steps(model, batches, cfg: TrainConfig, vocab, t_col, one_col, device, steps: int, warmup: int) -> dict:
+def time_steps(model, batches, cfg: TrainConfig, targets: Targets, steps: int, warmup: int) -> dict:
     """Tokens/s and steps/s of forward + KD loss + backward + AdamW over `steps` steps after `warmup`."""
+    device = targets.device
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     tokens = 0
     for i, batch in enumerate(islice(batches, warmup + steps)):
@@ -55,7 +56,7 @@ def time_steps(model, batches, cfg: TrainConfig, vocab, t_col, one_col, device, 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, tokens = time.perf_counter(), 0
-        loss, _, _ = _micro_step(model, batch, cfg, vocab, t_col, one_col, device, measure=False)
+        loss, _, _ = _micro_step(model, batch, cfg, targets, measure=False)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -88,7 +89,7 @@ def main() -> None:
         vocab = store.meta.tokenizer.vocab_size
         temps = store.meta.capture.temperatures
         cfg = TrainConfig(store=url, student="-", out=tmp, temperature=args.temperature)
-        t_col, one_col = temps.index(args.temperature), temps.index(1.0)
+        targets = Targets(vocab, temps.index(args.temperature), temps.index(1.0), device)
         size = args.student or ("small" if device.type == "cuda" else "tiny")
         common = {"device": str(device), "student": size, "batch_size": args.batch_size, "seq_len": args.seq_len,
                   "vocab": vocab, "k": store.meta.capture.k, "num_workers": args.num_workers}
@@ -114,7 +115,7 @@ def main() -> None:
         results = {}
         for arm, batches in (("in_memory", cycle(cached)), ("streamed", iter(loader())),
                              ("in_memory_again", cycle(cached))):
-            results[arm] = time_steps(model, batches, cfg, vocab, t_col, one_col, device, args.steps, args.warmup)
+            results[arm] = time_steps(model, batches, cfg, targets, args.steps, args.warmup)
             print(json.dumps({"bench": "train", "arm": arm, **common,
                               **{k: round(v, 2) for k, v in results[arm].items()}}))
         bound = max(results["in_memory"]["tokens_per_s"], results["in_memory_again"]["tokens_per_s"])

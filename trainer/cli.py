@@ -26,7 +26,11 @@ HELP = {
     "tokenizer": "the student's tokenizer (default: its own, else the store's teacher's)",
     "token": "API key for a store served by logitstore-server",
     "storage_options": "fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}' for S3",
-    "loss": "kd (soft labels from the store) or ce (hard labels only: the baseline)",
+    "loss": "kd (soft labels from the store), ce (hard labels only: the baseline) or online (the teacher "
+    "in the loop, full vocabulary: the comparison; the store gives only the tokens)",
+    "topk_renormalize": "kd without the tail: teacher and student renormalized over the stored ids "
+    "(DistillKit's and Axolotl's sparse KD; for comparisons)",
+    "teacher": "--loss online: the teacher (default: the store's), sharing the store's tokenizer",
     "temperature": "training temperature; one of the store's captured temperatures",
     "divergence": "fkl, rkl, jsd or tvd",
     "alpha": "weight of the hard-label CE mixed into the KD loss",

@@ -8,7 +8,11 @@ rank. The loss per micro-batch is
 over the K+1 buckets of the store (`trainer.kd_loss`), or plain CE with `loss="ce"` (the
 baseline every KD run should beat). The teacher at the training temperature T is rebuilt on
 the device from the stored T=1 log-probs and the full-vocabulary normalizers, so T is any
-temperature the store captured.
+temperature the store captured. A sampled-mode store trains on its draws with the unbiased
+estimator (`trainer.sampled_kd`). For comparisons (`benchmarks/quality.py`), the same loop
+runs the losses others use (`trainer.kd_baselines`): top-k renormalized without the tail
+(`topk_renormalize`), and online KD with the teacher in the loop over the full vocabulary
+(`loss="online"`, the store gives only the tokens).
 
 Run with `torchrun --nproc-per-node G -m trainer ...` for DDP: each rank reads its own share
 of the store (no overlap), gradients are averaged, rank 0 logs, evaluates and saves.
@@ -31,13 +35,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from logitstore.capture.teacher import resolve_device
+from logitstore.capture.teacher import load_teacher, resolve_device
 from logitstore.errors import LogitStoreError
 from logitstore.reader import Store, open_store
+from logitstore.schema import StoreMeta
 from trainer.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from trainer.data import StoreDataset, make_loader
 from trainer.evaluate import eval_store, eval_text
+from trainer.kd_baselines import full_vocab_kl, renormalized_topk_kl
 from trainer.kd_loss import kd_loss, teacher_logprobs_at_temperature
+from trainer.sampled_kd import sampled_kd_loss
 from trainer.student import load_student
 
 log = logging.getLogger(__name__)
@@ -55,7 +62,9 @@ class TrainConfig:
     tokenizer: str | None = None  # default: the student's own, else the store's teacher's
     token: str | None = None  # API key, for a store served by logitstore-server
     storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint, ...)
-    loss: Literal["kd", "ce"] = "kd"
+    loss: Literal["kd", "ce", "online"] = "kd"
+    topk_renormalize: bool = False  # kd: drop the tail and renormalize over the top-k (DistillKit's way)
+    teacher: str | None = None  # online: the teacher (default: the store's); must share its tokenizer
     temperature: float = 1.0
     divergence: str = "fkl"
     alpha: float = 0.0  # weight of the hard-label CE in "kd" mode
@@ -80,10 +89,18 @@ class TrainConfig:
     resume: bool = False
 
     def check(self) -> None:
-        if self.loss not in ("kd", "ce"):
-            raise LogitStoreError(f"--loss must be 'kd' or 'ce', got {self.loss!r}")
+        if self.loss not in ("kd", "ce", "online"):
+            raise LogitStoreError(f"--loss must be 'kd', 'ce' or 'online', got {self.loss!r}")
         if self.divergence not in DIVERGENCES:
             raise LogitStoreError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if self.topk_renormalize and self.loss != "kd":
+            raise LogitStoreError("--topk-renormalize applies to --loss kd only")
+        if (self.topk_renormalize or self.loss == "online") and self.divergence != "fkl":
+            raise LogitStoreError(
+                "--topk-renormalize and --loss online compute the forward KL only: use --divergence fkl"
+            )
+        if self.teacher and self.loss != "online":
+            raise LogitStoreError("--teacher is the online teacher: it needs --loss online")
         if not 0.0 <= self.alpha <= 1.0:
             raise LogitStoreError(f"--alpha must be in [0, 1], got {self.alpha}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
@@ -120,10 +137,18 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
     )  # fmt: skip
     meta = dataset.meta
     temps = meta.capture.temperatures
-    t_col, one_col = _temperature_column(cfg.temperature, temps, cfg.store), temps.index(1.0)
+    one_col = temps.index(1.0)
+    # Online KD computes the teacher at any temperature; the store's lse is not needed then.
+    t_col = one_col if cfg.loss == "online" else _temperature_column(cfg.temperature, temps, cfg.store)
+    draws = meta.capture.draws if meta.capture.mode == "sampled" else None
+    if draws is not None and cfg.loss == "kd" and (cfg.divergence != "fkl" or cfg.topk_renormalize):
+        raise LogitStoreError(f"{cfg.store} is a sampled-mode store: its draws estimate the forward KL only "
+                              "(--divergence fkl, without --topk-renormalize)")
     student = load_student(cfg.student, meta, tokenizer=cfg.tokenizer, seed=cfg.seed)
     model, vocab = student.model.to(device), student.vocab_size
     _check_positions(model, cfg.seq_len)
+    teacher = _online_teacher(cfg, meta, device) if cfg.loss == "online" else None
+    targets = Targets(vocab, t_col, one_col, device, draws, teacher)
 
     optimizer = _optimizer(model, cfg, device)
     warmup = min(cfg.warmup_steps, cfg.steps)
@@ -162,7 +187,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
                 batch = next(batches)
                 sync = ddp is None or micro == cfg.grad_accum - 1
                 with nullcontext() if sync else ddp.no_sync():
-                    loss, kd, ce = _micro_step(ddp or model, batch, cfg, vocab, t_col, one_col, device,
+                    loss, kd, ce = _micro_step(ddp or model, batch, cfg, targets,
                                                measure=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
                     (loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss.detach(), kd, ce]) / cfg.grad_accum
@@ -212,65 +237,99 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
     return final
 
 
+@dataclass
+class Targets:
+    """What turns a batch into the teacher's side of the loss."""
+
+    vocab: int  # student output columns that are tokens (the store's vocab_size)
+    t_col: int  # lse column of the training temperature
+    one_col: int  # lse column of T = 1
+    device: torch.device
+    draws: int | None = None  # a sampled-mode store: draws per token
+    teacher: torch.nn.Module | None = None  # loss "online": the teacher in the loop
+
+
 def _micro_step(
-    model: torch.nn.Module,
-    batch: dict[str, torch.Tensor],
-    cfg: TrainConfig,
-    vocab: int,
-    t_col: int,
-    one_col: int,
-    device: torch.device,
-    *,
-    measure: bool,
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets, *, measure: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss to backpropagate, kd part, ce part) of one micro-batch. The part that is not in the
     loss is computed only when `measure` (a logging step), without gradient."""
+    device = targets.device
     ids = batch["input_ids"].to(device, non_blocking=True).long()
     labels = batch["labels"].to(device, non_blocking=True).reshape(-1)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         logits = model(input_ids=ids).logits
-    z = logits.reshape(-1, logits.shape[-1])[:, :vocab]  # padded output columns are not tokens
+    z = logits.reshape(-1, logits.shape[-1])[:, : targets.vocab]  # padded output columns are not tokens
     nan = torch.tensor(float("nan"), device=device)
     if cfg.loss == "ce":
         ce = F.cross_entropy(z.float(), labels, ignore_index=-100)
-        kd = _teacher_kd(z.detach(), batch, cfg, t_col, one_col, device) if measure else nan
+        kd = _stored_kd(z.detach(), batch, cfg, targets) if measure else nan
         return ce, kd, ce.detach()
 
-    topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, batch["topk_ids"].shape[-1])
-    logp_t = _teacher_logp(batch, cfg.temperature, t_col, one_col, device)
-    ce = F.cross_entropy(z.detach().float(), labels, ignore_index=-100) if measure or cfg.alpha > 0 else nan
-    # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the logits
-    # for backward: the head's backward uses its input and weight), saving an [N, V] allocation.
-    loss = kd_loss(
-        z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence, alpha=cfg.alpha,
-        labels=labels if cfg.alpha > 0 else None, inplace_grad=z.is_cuda,
-    )  # fmt: skip
-    if cfg.alpha == 0:
-        kd = loss.detach()
-    elif cfg.alpha < 1:
-        kd = (loss.detach() - cfg.alpha * ce) / (1 - cfg.alpha)  # same tokens in both means
-    else:
-        kd = _teacher_kd(z.detach(), batch, cfg, t_col, one_col, device) if measure else nan
-    return loss, kd, ce
+    if cfg.loss == "kd" and targets.draws is None and not cfg.topk_renormalize:
+        topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, batch["topk_ids"].shape[-1])
+        logp_t = _teacher_logp(batch, cfg.temperature, targets)
+        ce = F.cross_entropy(z.detach().float(), labels, ignore_index=-100) if measure or cfg.alpha > 0 else nan
+        # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the logits
+        # for backward: the head's backward uses its input and weight), saving an [N, V] allocation.
+        loss = kd_loss(
+            z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence, alpha=cfg.alpha,
+            labels=labels if cfg.alpha > 0 else None, inplace_grad=z.is_cuda,
+        )  # fmt: skip
+        if cfg.alpha == 0:
+            kd = loss.detach()
+        elif cfg.alpha < 1:
+            kd = (loss.detach() - cfg.alpha * ce) / (1 - cfg.alpha)  # same tokens in both means
+        else:
+            kd = _stored_kd(z.detach(), batch, cfg, targets) if measure else nan
+        return loss, kd, ce
+
+    # Sampled draws, the renormalized top-k and online KD: plain torch losses, CE mixed in here.
+    kd = _torch_kd(z, ids, batch, cfg, targets)
+    if cfg.alpha > 0:
+        ce = F.cross_entropy(z.float(), labels, ignore_index=-100)
+        return (1 - cfg.alpha) * kd + cfg.alpha * ce, kd.detach(), ce.detach()
+    ce = F.cross_entropy(z.detach().float(), labels, ignore_index=-100) if measure else nan
+    return kd, kd.detach(), ce
 
 
-def _teacher_logp(batch: dict[str, torch.Tensor], temperature: float, t_col: int, one_col: int,
-                  device: torch.device) -> torch.Tensor:
+def _torch_kd(z: torch.Tensor, ids: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+              targets: Targets) -> torch.Tensor:
+    device = targets.device
+    mask = batch["mask"].to(device, non_blocking=True).reshape(-1)
+    if cfg.loss == "online":
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            teacher_logits = targets.teacher(input_ids=ids).logits
+        teacher_z = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, : targets.vocab]
+        return full_vocab_kl(z, teacher_z, mask, cfg.temperature)
+    k = batch["topk_ids"].shape[-1]
+    topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, k)
+    if targets.draws is not None:
+        lse = batch["lse"].to(device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
+        return sampled_kd_loss(
+            z, topk_ids, batch["counts"].to(device, non_blocking=True).reshape(-1, k), targets.draws,
+            temperature=cfg.temperature, teacher_logp=batch["topk_logp"].to(device).reshape(-1, k),
+            lse_1=lse[:, targets.one_col], lse_t=lse[:, targets.t_col],
+        )  # fmt: skip
+    return renormalized_topk_kl(z, topk_ids, _teacher_logp(batch, cfg.temperature, targets), mask, cfg.temperature)
+
+
+def _teacher_logp(batch: dict[str, torch.Tensor], temperature: float, targets: Targets) -> torch.Tensor:
     """[N, K] teacher log-probs at `temperature`, exact over the full vocabulary."""
     k = batch["topk_logp"].shape[-1]
-    logp1 = batch["topk_logp"].to(device, non_blocking=True).reshape(-1, k).float()
-    if t_col == one_col:
+    logp1 = batch["topk_logp"].to(targets.device, non_blocking=True).reshape(-1, k).float()
+    if targets.t_col == targets.one_col:
         return logp1
-    lse = batch["lse"].to(device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
-    logp_t, _tail = teacher_logprobs_at_temperature(logp1, lse[:, one_col], lse[:, t_col], temperature)
+    lse = batch["lse"].to(targets.device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
+    logp_t, _tail = teacher_logprobs_at_temperature(logp1, lse[:, targets.one_col], lse[:, targets.t_col], temperature)
     return logp_t
 
 
-def _teacher_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, t_col: int, one_col: int,
-                device: torch.device) -> torch.Tensor:
+def _stored_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> torch.Tensor:
+    """The K+1-bucket divergence to the store's teacher (for the log, when it is not the loss)."""
     with torch.no_grad():
-        topk_ids = batch["topk_ids"].to(device).reshape(-1, batch["topk_ids"].shape[-1])
-        logp_t = _teacher_logp(batch, cfg.temperature, t_col, one_col, device)
+        topk_ids = batch["topk_ids"].to(targets.device).reshape(-1, batch["topk_ids"].shape[-1])
+        logp_t = _teacher_logp(batch, cfg.temperature, targets)
         return kd_loss(z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence)
 
 
@@ -300,6 +359,20 @@ def _temperature_column(temperature: float, captured: tuple[float, ...], url: st
     raise LogitStoreError(
         f"--temperature {temperature:g} was not captured in {url}; captured: {', '.join(f'{t:g}' for t in captured)}"
     )
+
+
+def _online_teacher(cfg: TrainConfig, meta: StoreMeta, device: torch.device) -> torch.nn.Module:
+    source = cfg.teacher or meta.teacher.source
+    teacher = load_teacher(source, device=device)
+    if teacher.tokenizer_info.fingerprint != meta.tokenizer.fingerprint:
+        raise LogitStoreError(
+            f"--teacher {source}: its tokenizer ({teacher.tokenizer_info.vocab_size} tokens, "
+            f"{teacher.tokenizer_info.fingerprint[:12]}) is not the store's ({meta.tokenizer.vocab_size} tokens, "
+            f"{meta.tokenizer.fingerprint[:12]})"
+        )
+    if teacher.info.weights_sha256 != meta.teacher.weights_sha256:
+        log.warning("online teacher %s is not the store's teacher (weights differ)", source)
+    return teacher.model
 
 
 def _check_positions(model: torch.nn.Module, seq_len: int) -> None:

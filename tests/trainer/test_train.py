@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from logitstore import open_store
+from logitstore.errors import LogitStoreError
 from trainer.cli import main as train_main
+from trainer.data import StoreDataset
 from trainer.evaluate import eval_store
 from trainer.student import StudentError, load_student
 from trainer.train import TrainConfig, lr_factor, train
@@ -102,6 +104,52 @@ def test_kd_loss_falls_and_kd_student_is_closer_to_the_teacher_than_ce(
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "kd" / "final")
     AutoTokenizer.from_pretrained(tmp_path / "kd" / "final")
     assert model.config.vocab_size == 49152
+
+
+@pytest.fixture(scope="module")
+def ce_eval_kl(tiny_store, heldout_store, student_config, tmp_path_factory) -> float:
+    """Held-out KL to the teacher of the CE-only student trained like `train_signal` trains."""
+    out = tmp_path_factory.mktemp("ce")
+    train(base_config(tiny_store, student_config, out, loss="ce", eval_store=heldout_store, **SIGNAL_RUN),
+          progress=False)
+    return next(r for r in reversed(metrics(out)) if "eval_kl" in r)["eval_kl"]
+
+
+SIGNAL_RUN = dict(steps=30, save_every=0, lr=2e-2, eval_tokens=512, log_every=1)
+
+
+@pytest.mark.parametrize("signal", ["sampled", "renormalized", "online"])
+def test_other_teacher_signals_train_the_student_toward_the_teacher(
+    signal, tiny_store, tiny_store_factory, heldout_store, peaked_teacher_dir, student_config, ce_eval_kl, tmp_path
+):
+    store = tiny_store_factory(mode="sampled", draws=16, seed=1) if signal == "sampled" else tiny_store
+    extra = {"renormalized": {"topk_renormalize": True}, "online": {"loss": "online"}}.get(signal, {})
+    cfg = base_config(store, student_config, tmp_path, eval_store=heldout_store, **SIGNAL_RUN, **extra)
+    train(cfg, progress=False)
+    records = metrics(tmp_path)
+    assert next(r for r in reversed(records) if "eval_kl" in r)["eval_kl"] < ce_eval_kl
+    if signal != "online":
+        return
+    # The first step's KD is the initial student's full-vocabulary KL to the teacher on the first batch.
+    meta = open_store(store).meta
+    student = load_student(str(student_config), meta, seed=cfg.seed).model
+    teacher = AutoModelForCausalLM.from_pretrained(peaked_teacher_dir)
+    batch = next(iter(StoreDataset(store, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed)))
+    ids, mask = batch["input_ids"].long(), batch["mask"]
+    with torch.no_grad():
+        s, t = student(input_ids=ids).logits[mask], teacher(input_ids=ids).logits[mask]
+    expected = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
+    assert records[0]["kd_loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_signal_options_are_checked(tiny_store, tiny_store_factory, tiny_teacher_dir, student_config, tmp_path):
+    with pytest.raises(LogitStoreError, match="forward KL only"):
+        train(base_config(tiny_store, student_config, tmp_path, topk_renormalize=True, divergence="rkl"))
+    with pytest.raises(LogitStoreError, match="needs --loss online"):
+        train(base_config(tiny_store, student_config, tmp_path, teacher=str(tiny_teacher_dir)))
+    sampled = tiny_store_factory(mode="sampled", draws=16, seed=1)
+    with pytest.raises(LogitStoreError, match="sampled-mode store"):
+        train(base_config(sampled, student_config, tmp_path, divergence="jsd"), progress=False)
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_store, student_config, tmp_path):
