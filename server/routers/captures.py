@@ -39,7 +39,13 @@ class CaptureRequest(BaseModel):
     k: int = Field(64, ge=1, le=4096, description="top-k ids stored per token")
     temperatures: list[float] = Field([1.0, 2.0, 4.0], min_length=1, max_length=16,
                                       description="temperatures whose lse is stored; must include 1")
-    mode: Literal["topk"] = "topk"
+    mode: Literal["topk", "adaptive", "sampled"] = Field(
+        "topk", description="topk: the k likeliest ids; adaptive: the fewest (at most k) reaching `coverage`; "
+        "sampled: `draws` seeded draws from the teacher, ids with counts"
+    )
+    coverage: float = Field(0.99, gt=0, le=1, description="adaptive mode: T=1 probability mass to reach")
+    draws: int = Field(50, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="sampled mode: seed of the draws")
     max_len: int = Field(1024, ge=1, le=131_072, description="longest sequence the teacher sees")
     packing: Literal["packed", "document"] = "packed"
     max_tokens: int | None = Field(None, ge=1, description="stop after this many corpus tokens")
@@ -60,7 +66,9 @@ class CaptureRequest(BaseModel):
 
     def settings(self) -> dict:
         """The capture settings as the worker uses them (batch_tokens at least max_len, as the CLI does)."""
-        out = self.model_dump(exclude={"corpus_id", "teacher"})
+        unused = {"adaptive": {"draws", "seed"}, "sampled": {"coverage"}}.get(self.mode, {"coverage", "draws", "seed"})
+        # Settings a mode ignores are dropped so that they cannot split identical captures in the dedup key.
+        out = self.model_dump(exclude={"corpus_id", "teacher", *unused})
         out["batch_tokens"] = max(self.batch_tokens, self.max_len)
         return out
 

@@ -181,6 +181,35 @@ def test_capture_runs_and_store_is_served(api: Api, corpus_slice: Path, referenc
 CAPTURE_TOKENS = 640
 
 
+def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.teacher import load_teacher
+    from tests.server.conftest import CAPTURE
+
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    topk = api.capture(key, corpus).json()
+    # A setting the mode ignores does not make another capture; one it uses does.
+    assert api.capture(key, corpus, coverage=0.5, draws=7).json()["id"] == topk["id"]
+    assert api.capture(key, corpus, mode="sampled", draws=300).status_code == 422
+    sampled = api.capture(key, corpus, mode="sampled", draws=12, seed=3, coverage=0.5)
+    assert sampled.status_code == 201 and sampled.json()["settings"]["draws"] == 12
+    assert "coverage" not in sampled.json()["settings"]
+    assert api.capture(key, corpus, mode="sampled", draws=12, seed=4).json()["id"] != sampled.json()["id"]
+    worker = Worker(api.settings)
+    while worker.run_once() is not None:
+        pass
+
+    reference = tmp_path / "reference"
+    config = CaptureConfig(k=CAPTURE["k"], temperatures=tuple(CAPTURE["temperatures"]), max_len=CAPTURE["max_len"],
+                           max_tokens=CAPTURE["max_tokens"], batch_tokens=8192, mode="sampled", draws=12, seed=3)
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(reference), config)
+    served = api.settings.stores_dir / sampled.json()["store_id"]
+    assert verify(str(served)).digest == verify(str(reference)).digest
+    info = api.client.get(f"/v1/stores/{sampled.json()['store_id']}", headers=api.auth(key)).json()["info"]
+    assert info["meta"]["capture"]["mode"] == "sampled" and info["meta"]["capture"]["draws"] == 12
+
+
 @pytest.mark.parametrize(
     "key",
     ["../zarr.json", "..", "a/../../x", "%2e%2e/zarr.json", "%252e%252e/x", "segments/..%2f..%2fx",
