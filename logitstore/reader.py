@@ -278,12 +278,22 @@ def open_store(
     if storage.is_local(url) and not storage.local_path(url).is_dir():
         raise NotAStoreError(f"{url}: no such directory; pass the directory that `logitstore capture --out` created")
     store = storage.open_kv(url, read_only=True, storage_options=storage_options)
-    raw = storage.read_key(store, "zarr.json")
+    remote = url.startswith(("http://", "https://"))
+    try:
+        raw = storage.read_key(store, "zarr.json")
+    except Exception as e:  # remote (aiohttp, s3fs) errors: the user needs the reason, not a traceback
+        if storage.is_local(url):
+            raise
+        status = getattr(e, "status", None)
+        if status in (401, 403) or isinstance(e, PermissionError):
+            raise NotAStoreError(f"{url}: access refused ({status or e}); pass valid credentials "
+                                 "(for a logitstore server: your team's API key, token= / --token)") from None
+        reason = str(e).splitlines()[0] if str(e) else repr(e)
+        raise NotAStoreError(f"{url}: cannot read zarr.json: {reason}") from None
     if raw is None:
-        raise NotAStoreError(
-            f"{url} is not a logitstore store: it has no zarr.json at its root; "
-            "pass the directory that `logitstore capture --out` created"
-        )
+        hint = ("on a logitstore server: no such store, or not shared with your team" if remote
+                else "pass the directory that `logitstore capture --out` created")
+        raise NotAStoreError(f"{url} is not a logitstore store: it has no zarr.json at its root ({hint})")
     try:
         attrs = json.loads(raw).get("attributes", {})
     except ValueError:

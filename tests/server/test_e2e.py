@@ -128,7 +128,7 @@ def test_capture_over_http_equals_local_capture(live: httpx.Client, corpus_slice
     for path in (f"/v1/stores/{store}", f"/v1/stores/{store}/zarr/zarr.json", f"/v1/jobs/{job['id']}"):
         assert live.get(path, headers=auth(other)).status_code == 404, path
     assert live.delete(f"/v1/stores/{store}", headers=auth(other)).status_code == 404
-    with pytest.raises(NotAStoreError):
+    with pytest.raises(NotAStoreError, match="no such store, or not shared with your team"):
         logitstore.open_store(url, token=other)
     assert live.post(f"/v1/stores/{store}/grants", json={"team": "beta"}, headers=auth(key)).status_code == 201
     assert logitstore.open_store(url, token=other).read(0, 10).topk_ids.shape == (10, CAPTURE["k"])
@@ -142,6 +142,56 @@ def test_capture_over_http_equals_local_capture(live: httpx.Client, corpus_slice
                   headers=auth(key)).json()
     live.delete(f"/v1/jobs/{r['id']}", headers=auth(key))
     assert wait_for(live, key, r["id"], states=("cancelled", "succeeded"))["state"] in ("cancelled", "succeeded")
+
+
+def test_trainer_streams_and_trains_from_the_server(
+    live: httpx.Client, corpus_slice: Path, tiny_teacher_dir: Path, tmp_path: Path
+) -> None:
+    """StoreDataset over the server's URL (opened lazily inside a DataLoader worker) yields the
+    batches it yields from a local capture with the same segments; a short training run reads
+    and evaluates over HTTP."""
+    import torch
+    from transformers import LlamaConfig
+
+    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.teacher import load_teacher
+    from trainer.data import StoreDataset, make_loader
+    from trainer.train import TrainConfig, train
+
+    # The data order follows the segments (reads are chunk-aligned runs inside one), so the
+    # local twin is cut into the same units as the server's.
+    local_store = tmp_path / "local"
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(local_store),
+            CaptureConfig(**{**CAPTURE, "temperatures": tuple(CAPTURE["temperatures"])}))
+
+    key = make_team(live, "trainers")
+    corpus = upload(live, key, corpus_slice)
+    r = live.post("/v1/captures", json={"corpus_id": corpus, "teacher": "tiny", **CAPTURE}, headers=auth(key))
+    job = wait_for(live, key, r.json()["id"])
+    assert job["state"] == "succeeded", job
+    url = f"{str(live.base_url).rstrip('/')}/v1/stores/{job['store_id']}/zarr"
+
+    def batches(store: str, token: str | None) -> list[dict]:
+        ds = StoreDataset(store, seq_len=32, batch_size=4, seed=3, token=token)
+        it = iter(make_loader(ds, num_workers=1))
+        return [next(it) for _ in range(6)]
+
+    for remote, local in zip(batches(url, key), batches(str(local_store), None), strict=True):
+        assert remote.keys() == local.keys()
+        for name in remote:
+            assert torch.equal(remote[name], local[name]), name
+    with pytest.raises(NotAStoreError, match=r"access refused \(401\).*API key"):
+        next(iter(make_loader(StoreDataset(url, seq_len=32, batch_size=4, token="wrong-key"))))
+
+    student = tmp_path / "student.json"
+    LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True).to_json_file(str(student))
+    cfg = TrainConfig(store=url, token=key, student=str(student), out=str(tmp_path / "run"), steps=3, batch_size=4,
+                      seq_len=32, warmup_steps=1, save_every=0, eval_store=url, eval_tokens=256, device="cpu")
+    final = train(cfg, progress=False)
+    assert (final / "config.json").is_file()
+    records = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert '"eval_kl"' in records and key not in (tmp_path / "run" / "config.json").read_text()
 
 
 @pytest.mark.parametrize(
