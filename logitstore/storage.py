@@ -53,7 +53,7 @@ def write_key(store: Store, key: str, data: bytes) -> None:
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
         _write_synced(tmp, data)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
         return
     sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
 
@@ -77,7 +77,7 @@ def create_key(store: Store, key: str, data: bytes) -> bool:
             return False
         finally:
             tmp.unlink()
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
         return True
     if key_exists(store, key):
         return False
@@ -97,7 +97,7 @@ def fsync_tree(store: Store, prefix: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_path(Path(dirpath))
 
 
 def delete_key(store: Store, key: str) -> None:
@@ -117,7 +117,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (a directory's fsync makes the names in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from logitstore.storage import fsync_path
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
@@ -36,12 +38,12 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, trainer_state:
     save_model(model, str(tmp / "model.safetensors"))
     torch.save({**trainer_state, "step": step, "rng": _rng_state()}, tmp / "trainer_state.pt")
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync_path(f)
+    fsync_path(tmp)
     if final.exists():  # re-saving a step (a resumed run that saves again at the same step)
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync(root)
+    fsync_path(root)
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old)
     for partial in root.glob("*.partial"):
@@ -79,11 +81,3 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
