@@ -242,7 +242,7 @@ class Store:
         input_ids, indices, codes, lse, *counts = seg.read_many(names, a, b)
         return TokenBlock(
             input_ids=input_ids,
-            topk_ids=seg.id_table()[indices],
+            topk_ids=np.take(seg.id_table(), indices),  # take: ~1.5x faster than fancy indexing
             topk_logp=self._codec.decode(codes),
             lse=lse,
             counts=counts[0] if sampled else None,

@@ -119,6 +119,17 @@ def test_huge_float64_saturates_never_inf() -> None:
     assert np.all(np.isfinite(codec.decode(codes)))
 
 
+@pytest.mark.parametrize("codec", CODECS, ids=codec_ids)
+def test_table_decode_equals_the_arithmetic_for_every_code(codec: LogProbCodec) -> None:
+    codes = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
+    table, arithmetic = codec.decode(codes), codec.decode_arithmetic(codes)
+    assert table.shape == arithmetic.shape == (256, 256) and table.dtype == np.float32
+    np.testing.assert_array_equal(table.view(np.uint32), arithmetic.view(np.uint32))  # bit for bit, -inf too
+    flat = table.reshape(-1)
+    assert np.isneginf(flat[codec.inf_code :]).all() and np.isfinite(flat[: codec.inf_code]).all()
+    np.testing.assert_array_equal(codec.decode(codes.astype(np.int32)), arithmetic)  # other dtypes: the arithmetic
+
+
 def test_scalar_inputs() -> None:
     codec = LogProbCodec()
     code = codec.encode(np.float32(-1.0))
