@@ -116,7 +116,8 @@ def write_array(store: Store, path: str, data: np.ndarray, chunk_rows: int) -> N
 def open_array(store: Store, path: str) -> zarr.Array:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return zarr.open_array(store, path=path, mode="r")
+        # zarr_format=3: without it Zarr also probes for v2 metadata keys (extra requests over HTTP).
+        return zarr.open_array(store, path=path, mode="r", zarr_format=3)
 
 
 def shard_keys(arr: zarr.Array, path: str) -> list[str]:
