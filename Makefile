@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,10 @@ lint: venv
 
 test: venv lint
 	$(VENV)/bin/python -m pytest -q
+
+# The whole product once: server, capture over HTTP, training over HTTP, eval, report.
+demo: venv
+	$(PY) examples/demo.py
 
 clean:
 	rm -rf $(VENV)
