@@ -1,17 +1,26 @@
 """Fixtures shared by every test folder: the SmolLM2 GGUF, its tokenizer, tiny random
 teachers built from it; and the skip of `gpu` tests without CUDA.
 
-torch and transformers are imported inside the fixtures so that format-only tests do not
-pay for them.
+transformers is imported inside the fixtures so that format-only tests do not pay for it.
+
+Without CUDA the Triton kernels run in the interpreter. TRITON_INTERPRET is read when triton
+and each @triton.jit function are first imported, and tests in any folder may import triton
+indirectly (transformers, torch), so it is set here, before any test module loads. With CUDA
+the kernels are compiled instead and the kernel tests run on the GPU.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_SEED = 0
 
@@ -67,7 +76,6 @@ def smollm2_teacher() -> Any:
 
 
 def _save_tiny_teacher(out: Path, tokenizer: Any, seed: int) -> Path:
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -93,13 +101,7 @@ def _save_tiny_teacher(out: Path, tokenizer: Any, seed: int) -> Path:
 
 
 def pytest_collection_modifyitems(config, items):
-    try:
-        import torch
-
-        has_cuda = torch.cuda.is_available()
-    except ImportError:
-        has_cuda = False
-    if has_cuda:
+    if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -297,10 +297,15 @@ def _scale_kernel(grad_ptr, grad_stride, scale_ptr, V, BLOCK_V: tl.constexpr):
 
 
 def interpreting() -> bool:
-    """True when the kernels were built for the Triton interpreter (TRITON_INTERPRET=1 at import)."""
+    """True when the kernels can run in the Triton interpreter.
+
+    Both our kernels and triton's own jit'd library functions (`tl.sum`, `tl.sort`...) must have
+    been built with TRITON_INTERPRET=1: if `triton` was imported before it was set, the
+    library functions are compiled-mode and an interpreted kernel cannot call them.
+    """
     from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(_kd_loss_kernel, InterpretedFunction)
+    return isinstance(_kd_loss_kernel, InterpretedFunction) and isinstance(tl.sum, InterpretedFunction)
 
 
 def block_v_for(vocab_size: int, k: int) -> int:
@@ -478,7 +483,8 @@ def kd_loss_triton(
     if not logits.is_cuda and not interpreting():
         raise ValueError(
             "kd_loss: backend='triton' got CPU tensors but the Triton interpreter is off; set "
-            "TRITON_INTERPRET=1 before trainer.kd_loss_triton is first imported, or use backend='torch'"
+            "TRITON_INTERPRET=1 before triton is first imported (by this module or any other), or use "
+            "backend='torch'"
             + (" (TRITON_INTERPRET is set now, but was not at import)" if os.environ.get("TRITON_INTERPRET") else "")
         )
     return KDLossFunction.apply(

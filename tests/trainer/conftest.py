@@ -1,21 +1,14 @@
-"""Trainer fixtures: tiny captured stores; kernel tests run on CPU under the Triton interpreter.
+"""Trainer fixtures: tiny captured stores.
 
-TRITON_INTERPRET is read when a kernel is decorated with @triton.jit, i.e. when
-trainer.kd_loss_triton is first imported, so it is set here, before any test module loads.
-With a CUDA device the kernels are compiled instead and the same tests run on the GPU (an
-interpreted kernel would make the real-shape @pytest.mark.gpu tests take hours).
+Kernel tests run on CPU under the Triton interpreter (set in tests/conftest.py).
 """
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

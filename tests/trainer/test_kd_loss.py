@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -367,13 +369,35 @@ def test_auto_backend_on_cpu_is_the_reference():
     assert torch.equal(auto, ref)
 
 
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    import trainer.kd_loss_triton as kt
-
-    z, ids, logp, _ = make_case(seed=13)
-    monkeypatch.setattr(kt, "interpreting", lambda: False)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
-        kd_loss(z.cpu(), ids.cpu(), logp.cpu(), backend="triton")
+@pytest.mark.parametrize(
+    "setup",
+    [
+        "",  # the interpreter never switched on
+        "import triton; os.environ['TRITON_INTERPRET'] = '1'",  # switched on after triton was imported
+    ],
+    ids=["off", "set-after-triton-import"],
+)
+def test_triton_on_cpu_needs_the_interpreter(setup):
+    """Not a crash inside the interpreter: a ValueError that says what to set, and when."""
+    script = f"""
+import os
+import subprocess
+import sys
+{setup}
+import torch
+from trainer.kd_loss import kd_loss
+z = torch.randn(3, 50)
+ids = torch.topk(z, 5, dim=1).indices
+logp = torch.log_softmax(torch.randn(3, 50), 1).gather(1, ids)
+try:
+    kd_loss(z, ids, logp, backend="triton")
+except ValueError as e:
+    print(e)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "set TRITON_INTERPRET=1 before triton is first imported" in run.stdout
 
 
 # ----------------------------------------------------------------------------------------------
