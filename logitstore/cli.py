@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from logitstore import storage
 from logitstore.errors import LogitStoreError
@@ -141,9 +142,9 @@ def _without_gpus(argv: list[str]) -> list[str]:
     return out
 
 
-def describe(url: str) -> dict:
-    """What `info --json` prints: the metadata plus sizes."""
-    store = open_store(url)
+def describe(url: str, storage_options: dict[str, Any] | None = None) -> dict:
+    """What `info --json` prints: the metadata plus sizes (`disk_bytes` where the store can be listed)."""
+    store = open_store(url, storage_options=storage_options)
     out = {
         "url": store.url,
         "tokens": store.num_tokens,
@@ -153,10 +154,8 @@ def describe(url: str) -> dict:
         "complete": store.complete,
         "meta": store.meta.model_dump(mode="json"),
     }
-    if storage.is_local(url):
-        disk = sum(
-            os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(storage.local_path(url)) for f in files
-        )
+    disk = storage.tree_bytes(url, storage_options)
+    if disk is not None:
         out["disk_bytes"] = disk
         out["bytes_per_token"] = disk / store.num_tokens if store.num_tokens else None
     return out

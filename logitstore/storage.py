@@ -8,11 +8,15 @@ which is what makes a segment commit crash-safe.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
+from fsspec.asyn import AsyncFileSystem
 from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
@@ -28,11 +32,69 @@ def local_path(url: str | os.PathLike) -> Path:
     return Path(s.removeprefix("file://")).expanduser()
 
 
+def join(root: str | os.PathLike, name: str) -> str:
+    """`root/name` for a local directory (as a path) or a URL such as `s3://bucket/prefix`."""
+    if is_local(root):
+        return str(local_path(root) / name)
+    return f"{str(root).rstrip('/')}/{name}"
+
+
 def open_kv(url: str | os.PathLike, *, read_only: bool, storage_options: dict[str, Any] | None = None) -> Store:
     """A Zarr store over a local path or an fsspec URL."""
     if is_local(url):
         return LocalStore(local_path(url), read_only=read_only)
-    return FsspecStore.from_url(str(url), storage_options=storage_options, read_only=read_only)
+    options = dict(storage_options or {})
+    if not read_only:
+        # A writer's listings must see other processes' writes: garbage collection after a
+        # killed writer lists `segments/`, and s3fs would otherwise answer from its listing
+        # cache, which lives as long as the (process-wide, shared) filesystem instance.
+        options.setdefault("use_listings_cache", False)
+    return FsspecStore.from_url(str(url), storage_options=options, read_only=read_only)
+
+
+def remove_tree(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> None:
+    """Delete a whole store (every key under `url`); nothing to delete is not an error."""
+    if is_local(url):
+        shutil.rmtree(local_path(url), ignore_errors=True)
+        return
+    fs, path = _filesystem(url, storage_options)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path, recursive=True)
+
+
+def tree_bytes(url: str | os.PathLike, storage_options: dict[str, Any] | None = None) -> int | None:
+    """Total size of the files under `url`, or None where it cannot be listed (http(s)://)."""
+    if is_local(url):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(local_path(url)) for f in files)
+    if str(url).startswith(("http://", "https://")):
+        return None
+    fs, path = _filesystem(url, storage_options)
+    return int(fs.du(path, total=True))
+
+
+def _filesystem(url: str | os.PathLike, storage_options: dict[str, Any] | None) -> tuple[Any, str]:
+    # Listings straight from the backend: another process may have written since the last one.
+    return fsspec.url_to_fs(str(url), **{"use_listings_cache": False, **(storage_options or {})})
+
+
+def async_filesystem(url: str, storage_options: dict[str, Any] | None = None) -> tuple[AsyncFileSystem, str]:
+    """A fresh asynchronous fsspec filesystem for `url` and the path of `url` on it, for use
+    inside the running event loop (the server's reads). Fresh (not fsspec's process-wide
+    cached instance), because an async instance is bound to the loop it first runs in."""
+    options = {"asynchronous": True, "skip_instance_cache": True, "use_listings_cache": False}
+    fs, path = fsspec.url_to_fs(url, **{**options, **(storage_options or {})})
+    if not fs.async_impl:
+        raise ValueError(f"{url}: fsspec has no asynchronous filesystem for this protocol")
+    return fs, path
+
+
+async def close_filesystem(fs: AsyncFileSystem) -> None:
+    """Close the HTTP session of a filesystem from `async_filesystem` (fsspec has no public call
+    for it: s3fs keeps its aiobotocore client in `_s3`, HTTP its aiohttp session in `_session`)."""
+    for attr in ("_s3", "_session"):
+        client = getattr(fs, attr, None)
+        if client is not None and hasattr(client, "close"):
+            await client.close()
 
 
 def read_key(store: Store, key: str) -> bytes | None:
@@ -63,8 +125,9 @@ def create_key(store: Store, key: str, data: bytes) -> bool:
 
     Local: the content is written and fsync'd under a temporary name, then hard-linked to
     the final name (`link` fails if the name exists), so a reader sees either nothing or
-    the whole record, and two writers can never both succeed. Object stores: the
-    backend's conditional put (`If-None-Match: *` on S3) through Zarr's set_if_not_exists.
+    the whole record, and two writers can never both succeed. Object stores: one conditional
+    put through fsspec's `mode="create"` (`If-None-Match: *` on S3); Zarr's set_if_not_exists
+    is an exists-then-put there, which two writers can both pass.
     """
     if isinstance(store, LocalStore):
         path = Path(store.root) / key
@@ -79,7 +142,13 @@ def create_key(store: Store, key: str, data: bytes) -> bool:
             tmp.unlink()
         fsync_path(path.parent)
         return True
-    if key_exists(store, key):
+    if isinstance(store, FsspecStore):
+        try:
+            sync(store.fs._pipe_file(f"{store.path.rstrip('/')}/{key}", data, mode="create"))
+        except FileExistsError:
+            return False
+        return True
+    if key_exists(store, key):  # other stores (memory): no concurrent writers to race with
         return False
     sync(store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(data)))
     return True

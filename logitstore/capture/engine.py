@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -149,6 +149,7 @@ def capture(
     *,
     resume: bool = False,
     progress: ProgressCallback | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> Store:
     """Run `teacher` over the corpus files and write a finished store at `out`.
 
@@ -156,6 +157,9 @@ def capture(
     this with the same arguments: rank r computes work units r, r+W, ...; rank 0 creates
     (or resumes and garbage-collects) the store before the others write, and finalizes it
     once all have committed. Progress then counts the calling rank's units only.
+
+    `out` is a local directory or an fsspec URL (`s3://bucket/prefix/store`); `storage_options`
+    go to fsspec as they are (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
     """
     _check_config(config, teacher)
     packed = tokenize_and_pack(
@@ -171,7 +175,7 @@ def capture(
     unit_starts = np.concatenate([[0], np.cumsum(unit_tokens)]).astype(np.int64)
     meta = _store_meta(teacher, packed, config, len(units))
     rank, world = distributed.rank_and_world()
-    writer = _open_writer(out, meta, resume, rank)
+    writer = _open_writer(out, meta, resume, rank, storage_options)
     done = writer.committed()
 
     mine = range(rank, len(units), world)
@@ -205,27 +209,29 @@ def capture(
     if rank == 0:
         writer.finalize()
     distributed.barrier()  # nobody opens the store before index.json exists
-    return open_store(out)
+    return open_store(out, storage_options=storage_options)
 
 
-def _open_writer(out: str, meta: StoreMeta, resume: bool, rank: int) -> StoreWriter:
+def _open_writer(
+    out: str, meta: StoreMeta, resume: bool, rank: int, storage_options: dict[str, Any] | None
+) -> StoreWriter:
     """Rank 0 creates the store (or reopens it and removes uncommitted segments); the other
     ranks open it only once that is done, and fail with rank 0's error if it failed."""
     writer, error = None, None
     if rank == 0:
         try:
             if resume:
-                writer = StoreWriter.resume(out, meta)
+                writer = StoreWriter.resume(out, meta, storage_options=storage_options)
                 writer.collect_garbage()
             else:
-                writer = StoreWriter.create(out, meta)
+                writer = StoreWriter.create(out, meta, storage_options=storage_options)
         except LogitStoreError as e:
             error = e
     distributed.share_outcome(str(error) if error else None)
     if error is not None:
         raise error
     # Same settings, so the check passes; created_at may differ and is ignored.
-    return writer if writer is not None else StoreWriter.resume(out, meta)
+    return writer if writer is not None else StoreWriter.resume(out, meta, storage_options=storage_options)
 
 
 def capture_unit(
