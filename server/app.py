@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from logitstore import __version__
+from logitstore import __version__, storage
 from logitstore.errors import LogitStoreError
 from server.db import Database
 from server.deps import ReadAccessCache
@@ -39,15 +39,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        for d in (settings.data_dir, settings.stores_dir, settings.corpora_dir):
+        local_dirs = [settings.data_dir, settings.corpora_dir]
+        if settings.stores_local:
+            local_dirs.append(settings.stores_dir)
+        for d in local_dirs:
             d.mkdir(parents=True, exist_ok=True)
         db.create_tables()
+        # Store files under an s3:// root are read through one asynchronous filesystem, made in
+        # this event loop (the one that serves requests) and closed with it.
+        app.state.remote_fs = None
+        if not settings.stores_local:
+            app.state.remote_fs = storage.async_filesystem(settings.storage_root, settings.storage_options)
         worker = start_worker_process(settings) if settings.embedded_worker else None
         try:
             yield
         finally:
             if worker is not None:
                 stop_worker_process(worker)
+            if app.state.remote_fs is not None:
+                await storage.close_filesystem(app.state.remote_fs[0])
             db.dispose()
 
     app = FastAPI(

@@ -9,6 +9,7 @@ Every setting also reads from `LOGITSTORE_<NAME>` environment variables; flags w
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -63,11 +64,24 @@ def _teacher(value: str) -> tuple[str, str]:
     return name, source
 
 
+def _json_object(value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. {\"endpoint_url\": \"http://host:9000\"}")
+    return parsed
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--data-dir", help="corpora, stores and the SQLite database (env LOGITSTORE_DATA_DIR)")
     common.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql://user@host/db (default: SQLite)")
-    common.add_argument("--storage-root", help="directory of the stores (default DATA_DIR/stores)")
+    common.add_argument("--storage-root", help="where stores live: a directory (default DATA_DIR/stores) or "
+                        "s3://bucket/prefix")
+    common.add_argument("--storage-options", type=_json_object, metavar="JSON",
+                        help='fsspec options for an s3:// root, e.g. \'{"endpoint_url": "http://minio:9000"}\'')
     common.add_argument("--teacher", action="append", type=_teacher, metavar="NAME=SOURCE",
                         help="offer a teacher (repeatable; replaces the default smollm2-135m)")
     common.add_argument("--gpus-per-job", type=int, help="0: capture on CPU, 1: on the CUDA device")
@@ -90,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = ("data_dir", "database_url", "storage_root", "gpus_per_job", "stale_after_s", "heartbeat_s",
-             "admin_key", "max_upload_bytes", "embedded_worker")
+    names = ("data_dir", "database_url", "storage_root", "storage_options", "gpus_per_job", "stale_after_s",
+             "heartbeat_s", "admin_key", "max_upload_bytes", "embedded_worker")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.teacher:
         out["teachers"] = dict(args.teacher)

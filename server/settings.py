@@ -8,10 +8,14 @@ server's exact settings by passing them through the environment (`to_env`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from logitstore import storage
 
 ENV_PREFIX = "LOGITSTORE_"
 
@@ -25,7 +29,13 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default SQLite (WAL) in DATA_DIR; postgresql://... to scale out"
     )
-    storage_root: Path | None = Field(None, description="directory of the stores; default DATA_DIR/stores")
+    storage_root: str | None = Field(
+        None, description="where stores live: a directory (default DATA_DIR/stores) or s3://bucket/prefix"
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for an s3:// storage_root, e.g. endpoint_url, key, secret, client_kwargs",
+    )
     max_upload_bytes: int = Field(2 * 1024**3, gt=0, description="largest corpus upload; larger ones get 413")
     admin_key: str | None = Field(None, description="bootstrap key that may create teams and keys")
     teachers: dict[str, str] = Field(
@@ -40,6 +50,11 @@ class Settings(BaseSettings):
     read_cache_s: float = Field(
         2.0, ge=0, description="store file reads reuse a (key, store) access check this long; 0: check every read"
     )
+
+    @field_validator("storage_root", mode="before")
+    @classmethod
+    def _root_as_text(cls, root: Any) -> Any:
+        return os.fspath(root) if isinstance(root, os.PathLike) else root
 
     @field_validator("teachers")
     @classmethod
@@ -58,8 +73,21 @@ class Settings(BaseSettings):
         return url
 
     @property
+    def stores_local(self) -> bool:
+        """Stores live in a local (or network-mounted) directory, not behind a URL."""
+        return self.storage_root is None or storage.is_local(self.storage_root)
+
+    @property
     def stores_dir(self) -> Path:
-        return (self.storage_root or self.data_dir / "stores").resolve()
+        """The directory of the stores (local storage roots only)."""
+        if not self.stores_local:
+            raise ValueError(f"storage root {self.storage_root} is not a local directory")
+        root = storage.local_path(self.storage_root) if self.storage_root else self.data_dir / "stores"
+        return root.resolve()
+
+    def store_url(self, store_id: str) -> str:
+        """Where store `store_id` lives: an absolute path, or a URL under an s3:// root."""
+        return storage.join(self.stores_dir if self.stores_local else self.storage_root, store_id)
 
     @property
     def corpora_dir(self) -> Path:

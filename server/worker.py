@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import socket
 import threading
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
 
+from logitstore import storage
 from logitstore.errors import LogitStoreError
 from server.db import Corpus, Database, Job, now
 from server.settings import Settings
@@ -155,10 +155,10 @@ class Worker:
         )
         if source not in self._teachers:
             self._teachers[source] = load_teacher(source, device=self.settings.device)
-        out = self.settings.stores_dir / job.store_id
-        resume = (out / "zarr.json").is_file()
-        if out.exists() and not resume:
-            shutil.rmtree(out)  # killed before the store existed: nothing to keep
+        out, options = self.settings.store_url(job.store_id), self.settings.storage_options
+        resume = storage.key_exists(storage.open_kv(out, read_only=True, storage_options=options), "zarr.json")
+        if not resume:
+            storage.remove_tree(out, options)  # killed before the store existed: nothing to keep
 
         def progress(p: CaptureProgress) -> None:
             with self.db.session() as s:
@@ -172,7 +172,8 @@ class Worker:
             if self.stop.is_set():
                 raise WorkerStopping(job.id)
 
-        capture(self._teachers[source], [job.corpus_path], str(out), config, resume=resume, progress=progress)
+        capture(self._teachers[source], [job.corpus_path], out, config, resume=resume, progress=progress,
+                storage_options=options)
 
     def _heartbeat(self, job_id: str, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_s):

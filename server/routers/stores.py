@@ -1,25 +1,31 @@
 """The store catalog, sharing, and the store's files over HTTP for remote readers.
 
-`GET /v1/stores/{id}/zarr/{key}` serves the store directory read-only with Range, ETag
-and If-None-Match, which is all `logitstore.open_store("http://.../zarr", token=...)`
-needs: readers never list directories, they fetch `zarr.json`, `index.json`, commit
-records and byte ranges of shard files by key.
+`GET /v1/stores/{id}/zarr/{key}` serves the store read-only with Range, ETag and
+If-None-Match, which is all `logitstore.open_store("http://.../zarr", token=...)` needs:
+readers never list directories, they fetch `zarr.json`, `index.json`, commit records and
+byte ranges of shard files by key. The store lives in a local directory (read with
+`os.pread`, or streamed by Starlette) or under an `s3://` storage root (read through the
+app's asynchronous fsspec filesystem).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
-import shutil
 import stat
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
+from fsspec.asyn import AsyncFileSystem
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
+from logitstore import storage
 from logitstore.cli import describe
 from server.db import Database, Grant, Job, StoreRow, Team
 from server.deps import (
@@ -36,6 +42,7 @@ from server.deps import (
 from server.routers.captures import JobOut, iso, job_out
 from server.settings import Settings
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/stores", tags=["stores"])
 
 
@@ -57,6 +64,7 @@ class GrantIn(BaseModel):
 
 
 def store_dir(settings: Settings, store_id: str) -> Path:
+    """The store's directory under a local storage root."""
     return settings.stores_dir / store_id
 
 
@@ -79,11 +87,11 @@ def get_store(
     if principal.is_admin or store.team_id == principal.team_id:
         shared = _grantees(session, store.id)
     session.commit()  # describe() reads the store's files: do not hold the database meanwhile
-    path = store_dir(settings, store.id)
+    url, options = settings.store_url(store.id), settings.storage_options
     info = None
-    if (path / "zarr.json").is_file():
-        info = describe(str(path))
-        info.pop("url", None)  # a path on the server's disk means nothing to the caller
+    if storage.key_exists(storage.open_kv(url, read_only=True, storage_options=options), "zarr.json"):
+        info = describe(url, options)
+        info.pop("url", None)  # a path on the server's disk (or its bucket) means nothing to the caller
     return StoreDetail(
         **summary.model_dump(), zarr_url=str(request.url_for("store_file", store_id=store.id, key="")).rstrip("/"),
         shared_with=shared, info=info,
@@ -103,7 +111,11 @@ def delete_store(
         session.delete(job)
     session.commit()
     cache.clear()
-    shutil.rmtree(store_dir(settings, store_id), ignore_errors=True)
+    url = settings.store_url(store_id)
+    try:
+        storage.remove_tree(url, settings.storage_options)
+    except Exception:  # the store is gone for every reader already; its files are the operator's to remove
+        log.exception("store %s deleted, but removing its files at %s failed; remove them by hand", store_id, url)
 
 
 @router.post("/{store_id}/grants", status_code=201, response_model=list[str], summary="Share read access (owner)")
@@ -145,6 +157,10 @@ async def store_file(
     if not cache.allows(token, store_id):
         await run_in_threadpool(_check_read_access, request.app.state.db, settings, credentials, store_id)
         cache.remember(token, store_id)
+    if not settings.stores_local:
+        _check_key(key)
+        fs, root = request.app.state.remote_fs
+        return await _remote_file(request, fs, f"{root.rstrip('/')}/{store_id}/{key}", store_id, key)
     root = store_dir(settings, store_id).resolve()
     path = _resolve_key(root, key)
     try:
@@ -177,17 +193,25 @@ _SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
 def _small_read(request: Request, size: int) -> tuple[int, int] | None:
-    """(start, length) of a GET this route answers itself, or None to leave it to FileResponse.
-
-    A single range `a-b`, `a-` or `-n` (RFC 9110); one that starts past the end is 416."""
+    """(start, length) of a GET this route answers itself, or None to leave it to FileResponse."""
     value = request.headers.get("range")
     if request.method != "GET" or request.headers.get("if-range") is not None:
         return None
     if value is None:
         return (0, size) if size <= _SMALL_READ else None
+    span = _single_range(value, size)
+    if span is None:
+        return None  # several ranges, or malformed: FileResponse answers (multipart or 400)
+    start, stop = span
+    return (start, stop - start) if stop - start <= _SMALL_READ else None
+
+
+def _single_range(value: str, size: int) -> tuple[int, int] | None:
+    """(start, stop) of a single range `a-b`, `a-` or `-n` (RFC 9110), None for anything else;
+    one that starts past the end is 416."""
     m = _SINGLE_RANGE.match(value.strip())
     if m is None or m.group(1) == m.group(2) == "":
-        return None  # several ranges, or malformed: FileResponse answers (multipart or 400)
+        return None
     if m.group(1):
         start = int(m.group(1))
         stop = min(int(m.group(2)) + 1, size) if m.group(2) else size
@@ -197,7 +221,51 @@ def _small_read(request: Request, size: int) -> tuple[int, int] | None:
         start, stop = max(size - int(m.group(2)), 0), size
     if start >= size or stop <= start:
         raise HTTPException(416, f"range {value!r} is outside the {size} bytes", {"Content-Range": f"bytes */{size}"})
-    return (start, stop - start) if stop - start <= _SMALL_READ else None
+    return start, stop
+
+
+async def _remote_file(request: Request, fs: AsyncFileSystem, path: str, store_id: str, key: str) -> Response:
+    """The object at `path` under an s3:// storage root, as the local branch answers for a file:
+    ETag and If-None-Match (304), one byte range (206, 416 past the end), HEAD, 404 when missing.
+    Several ranges, an unparsable Range or a stale If-Range get the whole object (RFC 9110 lets
+    a server ignore Range); readers send single ranges only."""
+    missing = HTTPException(404, f"store {store_id!r} has no key {key!r}")
+    try:
+        info = await fs._info(path)
+    except FileNotFoundError:
+        raise missing from None
+    if info.get("type") != "file":
+        raise missing
+    size = int(info["size"])
+    # Objects are only ever replaced whole, and S3's ETag names an object's content (other
+    # backends: its modification time), so with the size it names a version.
+    version = info.get("ETag") or info.get("LastModified") or info.get("mtime")
+    etag = '"' + hashlib.sha256(f"{version}-{size}".encode()).hexdigest()[:32] + '"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})
+    headers, status, (start, stop) = {"ETag": etag, "Accept-Ranges": "bytes"}, 200, (0, size)
+    value, if_range = request.headers.get("range"), request.headers.get("if-range")
+    span = _single_range(value, size) if value is not None and if_range in (None, etag) else None
+    if span is not None:
+        (start, stop), status = span, 206
+        headers["Content-Range"] = f"bytes {start}-{stop - 1}/{size}"
+    media = "application/octet-stream"
+    if request.method == "HEAD":
+        return Response(status_code=status, headers={**headers, "Content-Length": str(stop - start)}, media_type=media)
+    if stop - start > _SMALL_READ:
+        return StreamingResponse(_remote_chunks(fs, path, start, stop), status_code=status,
+                                 headers={**headers, "Content-Length": str(stop - start)}, media_type=media)
+    try:
+        data = await fs._cat_file(path, start=start, end=stop) if stop > start else b""
+    except FileNotFoundError:  # deleted since the _info above
+        raise missing from None
+    return Response(data, status_code=status, headers=headers, media_type=media)
+
+
+async def _remote_chunks(fs: AsyncFileSystem, path: str, start: int, stop: int) -> AsyncIterator[bytes]:
+    """A large object body in `_SMALL_READ` pieces: memory per request stays bounded."""
+    for a in range(start, stop, _SMALL_READ):
+        yield await fs._cat_file(path, start=a, end=min(a + _SMALL_READ, stop))
 
 
 def _pread(path: Path, start: int, length: int) -> bytes:
@@ -210,8 +278,8 @@ def _check_read_access(db: Database, settings: Settings, credentials, store_id: 
         visible_store(session, authenticate(session, settings, credentials), store_id)
 
 
-def _resolve_key(root: Path, key: str) -> Path:
-    """The file for `key` inside the store directory; 400 for any key that could leave it.
+def _check_key(key: str) -> None:
+    """400 for any key that could leave the store.
 
     The server has already percent-decoded the path once, so `%2e%2e` arrives as `..`; a key
     that still holds `%` was encoded twice, which no store key is."""
@@ -224,7 +292,13 @@ def _resolve_key(root: Path, key: str) -> Path:
     )
     if bad:
         raise HTTPException(400, f"invalid store key {key!r}: use a relative key such as zarr.json")
-    path = (root / os.path.join(*parts)).resolve()
+
+
+def _resolve_key(root: Path, key: str) -> Path:
+    """The file for `key` inside the store directory; 400 for any key that could leave it,
+    by its spelling or (symlinks included) by where it resolves to."""
+    _check_key(key)
+    path = (root / os.path.join(*key.split("/"))).resolve()
     if not path.is_relative_to(root):
         raise HTTPException(400, f"invalid store key {key!r}: it points outside the store")
     return path
