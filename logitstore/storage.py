@@ -3,7 +3,9 @@
 Everything else in logitstore speaks Zarr's `Store` interface, so the same reader works
 on a disk, behind the server's HTTP endpoint, and in S3. The two things Zarr does not
 give us are here: durable writes (fsync) and an atomic create-only put of a small file,
-which is what makes a segment commit crash-safe.
+which is what makes a segment commit crash-safe. So is everything else that must know
+whether a store is a directory or a URL: joining a root and a name, deleting or sizing a
+whole store, and the asynchronous filesystem the server reads `s3://` stores through.
 """
 
 from __future__ import annotations
