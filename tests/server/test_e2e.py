@@ -226,6 +226,26 @@ def _traversal_key(live: httpx.Client, corpus_slice: Path) -> str:
     return _teams["key"]
 
 
+def capture_and_kill_worker(
+    client: httpx.Client, key: str, corpus: Path, settings: dict, worker_args: list[str], tmp_path: Path,
+    after_tokens: int,
+) -> str:
+    """Request a capture, run one worker until it has committed `after_tokens`, SIGKILL it, and
+    check that the job is left running and unfinished; returns the job id."""
+    job_id = client.post("/v1/captures", json={"corpus_id": upload(client, key, corpus), "teacher": "tiny",
+                                               **settings}, headers=auth(key)).json()["id"]
+    with running(worker_args, {}, tmp_path / "worker1.log") as first:
+        deadline = time.monotonic() + 120
+        while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json())["tokens_done"] < after_tokens:
+            assert time.monotonic() < deadline and job["state"] in ("queued", "running"), job
+            time.sleep(0.05)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    killed_at = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
+    assert killed_at["state"] == "running" and killed_at["tokens_done"] < killed_at["tokens_total"], killed_at
+    return job_id
+
+
 @pytest.mark.slow
 def test_sigkilled_worker_job_is_resumed_by_a_new_worker(tmp_path: Path, tiny_teacher_dir: Path) -> None:
     from logitstore.capture.engine import CaptureConfig, capture
@@ -237,17 +257,7 @@ def test_sigkilled_worker_job_is_resumed_by_a_new_worker(tmp_path: Path, tiny_te
                    "--heartbeat-s", "0.5", "--stale-after-s", "3"]
     with serve(tmp_path, [f"tiny={tiny_teacher_dir}"], "--no-worker") as client:
         key = make_team(client, "alpha")
-        job_id = client.post("/v1/captures", json={"corpus_id": upload(client, key, corpus), "teacher": "tiny",
-                                                   **settings}, headers=auth(key)).json()["id"]
-        with running(worker_args, {}, tmp_path / "worker1.log") as first:
-            deadline = time.monotonic() + 120
-            while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json())["tokens_done"] < 1000:
-                assert time.monotonic() < deadline and job["state"] in ("queued", "running"), job
-                time.sleep(0.05)
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait()
-        killed_at = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
-        assert killed_at["state"] == "running" and killed_at["tokens_done"] < killed_at["tokens_total"], killed_at
+        job_id = capture_and_kill_worker(client, key, corpus, settings, worker_args, tmp_path, after_tokens=1000)
         with running(worker_args, {}, tmp_path / "worker2.log"):
             job = wait_for(client, key, job_id)
         assert (job["state"], job["attempts"]) == ("succeeded", 2), job

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import signal
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +25,7 @@ from server.app import create_app
 from server.settings import Settings
 from server.worker import Worker
 from tests.server.conftest import ADMIN_KEY, CAPTURE, Api
-from tests.server.test_e2e import ROOT, auth, make_team, running, serve, upload, wait_for
+from tests.server.test_e2e import ROOT, auth, capture_and_kill_worker, make_team, running, serve, upload, wait_for
 
 CAPTURE_TOKENS = CAPTURE["max_tokens"]
 
@@ -183,18 +180,8 @@ def test_sigkilled_worker_resumes_in_the_bucket(
                    "--heartbeat-s", "0.5", "--stale-after-s", "3", *s3_flags]
     with serve(tmp_path, [f"tiny={tiny_teacher_dir}"], "--no-worker", *s3_flags) as client:
         key = make_team(client, "alpha")
-        job_id = client.post("/v1/captures", json={"corpus_id": upload(client, key, corpus), "teacher": "tiny",
-                                                   **settings}, headers=auth(key)).json()["id"]
-        with running(worker_args, {}, tmp_path / "worker1.log") as first:
-            deadline = time.monotonic() + 120
-            while (job := client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json())["tokens_done"] < 600:
-                assert time.monotonic() < deadline and job["state"] in ("queued", "running"), job
-                time.sleep(0.05)
-            os.kill(first.pid, signal.SIGKILL)
-            first.wait()
-        killed_at = client.get(f"/v1/jobs/{job_id}", headers=auth(key)).json()
-        assert killed_at["state"] == "running" and killed_at["tokens_done"] < killed_at["tokens_total"], killed_at
-        store_url = f"{s3_root}/{killed_at['store_id']}"
+        job_id = capture_and_kill_worker(client, key, corpus, settings, worker_args, tmp_path, after_tokens=600)
+        store_url = f"{s3_root}/{client.get(f'/v1/jobs/{job_id}', headers=auth(key)).json()['store_id']}"
         assert not fs.exists(f"{store_url}/index.json")
         with running(worker_args, {}, tmp_path / "worker2.log"):
             job = wait_for(client, key, job_id)
