@@ -61,7 +61,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["KDLossFunction", "block_v_for", "interpreting", "kd_loss_triton"]
+__all__ = ["KDLossFunction", "block_v_for", "interpreting", "kd_loss_triton", "require_runnable"]
 
 _DIVERGENCE_CODE = {"fkl": 0, "rkl": 1, "jsd": 2, "tvd": 3}
 
@@ -342,8 +342,14 @@ def _launch(
     inplace_grad: bool,
     compute_grad: bool,
     block_v: int | None,
+    n_rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Run the fused kernel; returns (scalar fp32 loss, gradient in logits' dtype or None)."""
+    """Run the fused kernel; returns (scalar fp32 loss, gradient in logits' dtype or None).
+
+    The loss and gradient are divided by the number of counted rows of `logits`, or by
+    `n_rows` (a [1] float32 device tensor) when given: `kd_loss_from_hidden` passes the count
+    of the whole batch so that each row chunk gets its share of the global mean directly.
+    """
     n, v = logits.shape
     k = topk_ids.shape[1]
     device = logits.device
@@ -363,8 +369,9 @@ def _launch(
     # The number of counted rows stays on the device: no .item() sync.
     if labels is not None:
         labels = labels.contiguous()
+    if n_rows is None and labels is not None:
         n_rows = (labels != ignore_index).sum(dtype=torch.float32).reshape(1)
-    else:
+    elif n_rows is None:
         n_rows = ((ids >= 0) & (ids < v)).any(dim=1).sum(dtype=torch.float32).reshape(1)
 
     kp = max(16, triton.next_power_of_2(k))
@@ -462,6 +469,17 @@ class KDLossFunction(torch.autograd.Function):
         return grad_logits, None, None, None, None, None, None, None, None, None, None, None
 
 
+def require_runnable(t: torch.Tensor) -> None:
+    """Raise ValueError when the kernel cannot run on `t`'s device (CPU without the interpreter)."""
+    if not t.is_cuda and not interpreting():
+        raise ValueError(
+            "kd_loss: backend='triton' got CPU tensors but the Triton interpreter is off; set "
+            "TRITON_INTERPRET=1 before triton is first imported (by this module or any other), or use "
+            "backend='torch'"
+            + (" (TRITON_INTERPRET is set now, but was not at import)" if os.environ.get("TRITON_INTERPRET") else "")
+        )
+
+
 def kd_loss_triton(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -480,13 +498,7 @@ def kd_loss_triton(
 
     `block_v` overrides the vocabulary block (tests use tiny blocks to cover many iterations).
     """
-    if not logits.is_cuda and not interpreting():
-        raise ValueError(
-            "kd_loss: backend='triton' got CPU tensors but the Triton interpreter is off; set "
-            "TRITON_INTERPRET=1 before triton is first imported (by this module or any other), or use "
-            "backend='torch'"
-            + (" (TRITON_INTERPRET is set now, but was not at import)" if os.environ.get("TRITON_INTERPRET") else "")
-        )
+    require_runnable(logits)
     return KDLossFunction.apply(
         logits,
         topk_ids,
