@@ -25,14 +25,37 @@ and each peer's time and memory as a ratio to ours. Peers that cannot run say wh
 
 On CPU, times are only meaningful as ratios (device=cpu is in every line) and memory is not
 measured. It is not a test and never gates CI.
+
+--from-hidden measures kd_loss_from_hidden instead, per (H, V) pair and K, against the
+materialized path it replaces (`hidden @ W.T` then kd_loss, autograd through the matmul):
+
+  materialized          hidden @ W.T, kd_loss, backward (the [N, V] logits and their gradient)
+  materialized_inplace  the same with inplace_grad=True (CUDA only: one [N, V] buffer fewer)
+  from_hidden           kd_loss_from_hidden with its default chunk size
+  from_hidden_c<rows>   the same with --chunk-sizes rows per chunk
+
+and reports each one's time and memory as a ratio to materialized. Memory on CUDA is
+torch.cuda.max_memory_allocated as above. On CPU it is the growth of the process's resident
+set: each peer runs in a fresh subprocess, once to warm up, then the kernel's high-water mark
+is reset (/proc/self/clear_refs = 5) and VmHWM - VmRSS(before) is taken over a second call.
+The child runs with glibc's mmap and trim thresholds fixed at 128 KiB, so that freed buffers
+leave the resident set instead of being reused unseen from the warm-up call's heap (Linux
+only; torch's CPU allocator keeps no statistics and tracemalloc does not see it).
+
+    python benchmarks/kd_loss.py --from-hidden        # CUDA: bf16, N=8192, K=64, (H, V) = (576, 49152), (2048, 128256)
+    python benchmarks/kd_loss.py --from-hidden --cpu  # fp32, N=1024, H=256, V=32768, K=64, chunks of 128 rows too
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -40,22 +63,27 @@ import torch
 import torch.nn.functional as F
 
 from trainer.kd_loss import kd_loss
+from trainer.kd_loss_from_hidden import default_chunk_size, kd_loss_from_hidden
 from trainer.kd_loss_reference import kd_loss_reference
 
 MIB = 2**20
+
+
+def teacher_topk(n: int, v: int, k: int, device: str, temperature: float, g: torch.Generator):
+    """A random teacher's top-k at T: int32 ids, log-probs normalized over V, and the normalizer."""
+    teacher = torch.randn(n, v, generator=g, device=device) * 2
+    log_norm = torch.logsumexp(teacher / temperature, dim=1, keepdim=True)
+    top = torch.topk(teacher, k, dim=1)
+    return top.indices.to(torch.int32), top.values / temperature - log_norm, log_norm
 
 
 def make_inputs(n: int, v: int, k: int, dtype: torch.dtype, device: str, temperature: float, seed: int = 0):
     """Student logits, a teacher's top-k at T (ids, log-probs normalized over V) and its dense log-probs."""
     g = torch.Generator(device=device).manual_seed(seed)
     logits = (torch.randn(n, v, generator=g, device=device) * 2).to(dtype)
-    teacher = torch.randn(n, v, generator=g, device=device) * 2
-    log_norm = torch.logsumexp(teacher / temperature, dim=1, keepdim=True)
-    top = torch.topk(teacher, k, dim=1)
-    topk_logp = top.values / temperature - log_norm
+    topk_ids, topk_logp, log_norm = teacher_topk(n, v, k, device, temperature, g)
     labels = torch.randint(0, v, (n,), generator=g, device=device)
-    del teacher
-    return logits, top.indices.to(torch.int32), topk_logp, labels, log_norm
+    return logits, topk_ids, topk_logp, labels, log_norm
 
 
 def dense_teacher_logp(topk_ids, topk_logp, n, v, dtype):
@@ -179,17 +207,22 @@ def peers(args, logits, topk_ids, topk_logp, labels, device) -> dict[str, Callab
     return out
 
 
+def row_header(bench: str, args, device: str, dtype: torch.dtype, **shape: int) -> dict:
+    """The fields that open every JSON line: what ran, where, on which shapes."""
+    return {
+        "bench": bench,
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
+        "dtype": str(dtype).removeprefix("torch."),
+        **shape,
+        "divergence": args.divergence,
+        "temperature": args.temperature,
+    }
+
+
 def bench_one(args, n: int, v: int, k: int, device: str, dtype: torch.dtype) -> dict:
     logits, topk_ids, topk_logp, labels, _ = make_inputs(n, v, k, dtype, device, args.temperature)
     row: dict = {
-        "bench": "kd_loss",
-        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'})",
-        "dtype": str(dtype).removeprefix("torch."),
-        "N": n,
-        "V": v,
-        "K": k,
-        "divergence": args.divergence,
-        "temperature": args.temperature,
+        **row_header("kd_loss", args, device, dtype, N=n, V=v, K=k),
         "ours_backend": "triton" if device == "cuda" else "torch (kd_loss backend='auto' on CPU)",
         "results": {},
     }
@@ -209,6 +242,132 @@ def bench_one(args, n: int, v: int, k: int, device: str, dtype: torch.dtype) -> 
     return row
 
 
+# ----------------------------------------------------------------------------------------------
+# --from-hidden: kd_loss_from_hidden against materialized logits
+# ----------------------------------------------------------------------------------------------
+
+
+def hidden_inputs(n: int, h: int, v: int, k: int, dtype: torch.dtype, device: str, temperature: float, seed: int = 0):
+    """hidden [N, H], lm_head weight [V, H] (logits ~ N(0, 4), like make_inputs) and a teacher's top-k."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, device=device).to(dtype)
+    weight = (torch.randn(v, h, generator=g, device=device) * (2 / h**0.5)).to(dtype)
+    topk_ids, topk_logp, _ = teacher_topk(n, v, k, device, temperature, g)
+    return hidden, weight, topk_ids, topk_logp
+
+
+def from_hidden_peers(args, hidden, weight, topk_ids, topk_logp, device) -> dict[str, Callable[[], None]]:
+    kw = dict(temperature=args.temperature, divergence=args.divergence)
+
+    def fwd_bwd_linear(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:
+            x, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()
+            loss_fn(x, w).backward()
+
+        return run
+
+    out = {"materialized": fwd_bwd_linear(lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, **kw))}
+    if device == "cuda":
+        out["materialized_inplace"] = fwd_bwd_linear(
+            lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, inplace_grad=True, **kw)
+        )
+    out["from_hidden"] = fwd_bwd_linear(lambda x, w: kd_loss_from_hidden(x, w, topk_ids, topk_logp, **kw))
+    for c in args.chunk_sizes or []:
+        out[f"from_hidden_c{c}"] = fwd_bwd_linear(
+            lambda x, w, c=c: kd_loss_from_hidden(x, w, topk_ids, topk_logp, chunk_size=c, **kw)
+        )
+    return out
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def cpu_peak_extra_mib(fn: Callable[[], None]) -> float:
+    """Resident-set growth of one call after a warm-up call: VmHWM - VmRSS(before), in MiB."""
+    fn()
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current VmRSS
+    before = _proc_status_kib("VmRSS")
+    fn()
+    return (_proc_status_kib("VmHWM") - before) / 1024
+
+
+def _cpu_peak_in_subprocess(args, peer: str, h: int, v: int, k: int) -> float | str:
+    cmd = [sys.executable, __file__, "--from-hidden", "--cpu", "--probe", peer, "--n", str(args.n),
+           "--h", str(h), "--v", str(v), "--k", str(k), "--divergence", args.divergence,
+           "--temperature", str(args.temperature)]
+    if args.chunk_sizes:
+        cmd += ["--chunk-sizes", *map(str, args.chunk_sizes)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        return f"failed: {res.stderr.strip().splitlines()[-1:]}"[:200]
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+
+
+def bench_from_hidden(args, n: int, h: int, v: int, k: int, device: str, dtype: torch.dtype) -> dict:
+    hidden, weight, topk_ids, topk_logp = hidden_inputs(n, h, v, k, dtype, device, args.temperature)
+    row: dict = {
+        **row_header("kd_loss_from_hidden", args, device, dtype, N=n, H=h, V=v, K=k),
+        "backend": "triton" if device == "cuda" else "torch (backend='auto' on CPU)",
+        "default_chunk_size": default_chunk_size(n, v),
+        "memory": "torch.cuda.max_memory_allocated - allocated before"
+        if device == "cuda"
+        else "VmHWM - VmRSS over the 2nd call, fresh subprocess per peer",
+    }
+    closures = from_hidden_peers(args, hidden, weight, topk_ids, topk_logp, device)
+    results = measure(closures, device, args.warmup, args.iters)
+    if device == "cpu":
+        for name, r in results.items():
+            if isinstance(r, dict):
+                mib = _cpu_peak_in_subprocess(args, name, h, v, k)
+                r["peak_extra_mib"] = round(mib, 1) if isinstance(mib, float) else mib
+    base = results.get("materialized")
+    if isinstance(base, dict):
+        for name, r in results.items():
+            if name != "materialized" and isinstance(r, dict):
+                r["time_x_materialized"] = round(r["ms"] / base["ms"], 3)
+                if isinstance(r["peak_extra_mib"], float) and isinstance(base["peak_extra_mib"], float):
+                    r["mem_x_materialized"] = round(r["peak_extra_mib"] / base["peak_extra_mib"], 3)
+    row["results"] = results
+    return row
+
+
+def probe_from_hidden(args, device: str, dtype: torch.dtype) -> None:
+    """Child of bench_from_hidden on CPU: one peer's peak extra memory, as a JSON line."""
+    hidden, weight, topk_ids, topk_logp = hidden_inputs(args.n, args.h[0], args.v[0], args.k[0], dtype, device,
+                                                        args.temperature)
+    fn = from_hidden_peers(args, hidden, weight, topk_ids, topk_logp, device)[args.probe]
+    print(json.dumps({"peak_extra_mib": cpu_peak_extra_mib(fn)}), flush=True)
+
+
+def main_from_hidden(args, device: str) -> None:
+    if device == "cuda":
+        args.n, dtype = args.n or 8192, torch.bfloat16
+        hs, vs, ks = args.h or [576, 2048], args.v or [49152, 128256], args.k or [64]
+        args.warmup, args.iters = args.warmup or 3, args.iters or 10
+    else:
+        args.n, dtype = args.n or 1024, torch.float32
+        hs, vs, ks = args.h or [256], args.v or [32768], args.k or [64]
+        args.chunk_sizes = args.chunk_sizes if args.chunk_sizes is not None else [128]
+        args.warmup, args.iters = args.warmup or 1, args.iters or 5
+    if len(hs) != len(vs):
+        raise SystemExit("--from-hidden pairs --h with --v (one model per pair): give as many of each")
+    if args.probe:
+        probe_from_hidden(args, device, dtype)
+        return
+    torch.manual_seed(0)
+    for h, v in zip(hs, vs, strict=True):
+        for k in ks:
+            print(json.dumps(bench_from_hidden(args, args.n, h, v, min(k, v), device, dtype)), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpu", action="store_true", help="run on CPU (small shapes); chosen automatically without CUDA")
@@ -219,9 +378,16 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--from-hidden", action="store_true", help="benchmark kd_loss_from_hidden vs materialized logits")
+    ap.add_argument("--h", type=int, nargs="*", default=None, help="--from-hidden: hidden sizes, paired with --v")
+    ap.add_argument("--chunk-sizes", type=int, nargs="*", default=None, help="--from-hidden: extra chunk sizes")
+    ap.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one CPU memory measurement
     args = ap.parse_args()
 
     device = "cpu" if args.cpu or not torch.cuda.is_available() else "cuda"
+    if args.from_hidden:
+        main_from_hidden(args, device)
+        return
     if device == "cuda":
         n, vs, ks, dtype = args.n or 8192, args.v or [49152, 128256, 262144], args.k or [16, 64, 128], torch.bfloat16
         args.warmup, args.iters = args.warmup or 5, args.iters or 20
