@@ -7,6 +7,7 @@ with an API key. Each reader reads every token once; throughput is the aggregate
 Target: http >= 50% of local on loopback.
 
     python benchmarks/serve.py [--teacher tiny|smollm2-135m|DIR] [--tokens 131072] [--k 64] [--readers 1,8]
+                               [--http-workers 1,2]
 
 Prints one JSON line per measurement and one summary line per reader count with the ratio.
 """
@@ -49,14 +50,14 @@ def tiny_teacher(out: Path) -> Path:
     return out
 
 
-def start_server(data: Path, teacher: str) -> tuple[subprocess.Popen, str]:
+def start_server(data: Path, teacher: str, http_workers: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (data.parent / "server.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--data-dir", str(data),
-         "--teacher", f"bench={teacher}"],
+         "--teacher", f"bench={teacher}", "--http-workers", str(http_workers)],
         env={**os.environ, "LOGITSTORE_ADMIN_KEY": KEY}, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -73,7 +74,9 @@ def start_server(data: Path, teacher: str) -> tuple[subprocess.Popen, str]:
 def capture_through_server(base: str, args: argparse.Namespace) -> tuple[str, str]:
     """Returns (team key, store id) of a finished capture."""
     h = {"Authorization": f"Bearer {KEY}"}
-    httpx.post(f"{base}/v1/teams", json={"name": "bench"}, headers=h).raise_for_status()
+    team = httpx.post(f"{base}/v1/teams", json={"name": "bench"}, headers=h)
+    if team.status_code != 409:  # 409: made by an earlier server on the same data dir
+        team.raise_for_status()
     key = httpx.post(f"{base}/v1/teams/bench/keys", headers=h).json()["key"]
     h = {"Authorization": f"Bearer {key}"}
     corpus = httpx.post(f"{base}/v1/corpora", params={"filename": CORPUS.name}, content=CORPUS.read_bytes(),
@@ -124,37 +127,44 @@ def main() -> None:
     parser.add_argument("--unit-tokens", type=int, default=262_144, help="tokens per segment (capture default)")
     parser.add_argument("--block", type=int, default=4096, help="tokens per read")
     parser.add_argument("--readers", default="1,8")
+    parser.add_argument("--http-workers", default="1,2", help="server API processes; one server per value, "
+                        "the same store (the capture request is deduplicated)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per measurement")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         teacher = str(tiny_teacher(tmp / "teacher")) if args.teacher == "tiny" else args.teacher
-        proc, base = start_server(tmp / "data", teacher)
-        try:
-            key, store_id = capture_through_server(base, args)
-            local = tmp / "data" / "stores" / store_id
-            store_bytes = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
-            remote = f"{base}/v1/stores/{store_id}/zarr"
-            measure(remote, key, 1, args.block)  # warm the page cache and the server
-            for readers in (int(r) for r in args.readers.split(",")):
-                rows = {}
-                for name, url, token in (("local", str(local), None), ("http", remote, key)):
-                    best = max((measure(url, token, readers, args.block) for _ in range(args.repeats)),
-                               key=lambda r: r["tokens_per_s"])
-                    mb_s = best["tokens_per_s"] * store_bytes / args.tokens / 1e6
-                    rows[name] = {"bench": "serve_read", "source": name, "readers": readers, "block": args.block,
-                                  "k": args.k, "store_tokens": args.tokens, "store_bytes": store_bytes,
-                                  "tokens_per_s": round(best["tokens_per_s"]), "mb_per_s": round(mb_s, 2),
-                                  "wall_s": round(best["wall_s"], 3), "cpus": os.cpu_count()}
-                    print(json.dumps(rows[name]), flush=True)
-                ratio = rows["http"]["tokens_per_s"] / rows["local"]["tokens_per_s"]
-                print(json.dumps({"bench": "serve_summary", "readers": readers, "http_over_local": round(ratio, 3),
-                                  "target": 0.5, "met": ratio >= 0.5}), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        for http_workers in (int(w) for w in args.http_workers.split(",")):
+            proc, base = start_server(tmp / "data", teacher, http_workers)
+            try:
+                measure_server(base, tmp, http_workers, args)
+            finally:
+                proc.terminate()
+                proc.wait(30)
 
+
+def measure_server(base: str, tmp: Path, http_workers: int, args: argparse.Namespace) -> None:
+    """Local vs HTTP reads of the server's store, for each reader count; prints JSON lines."""
+    key, store_id = capture_through_server(base, args)
+    local = tmp / "data" / "stores" / store_id
+    store_bytes = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
+    remote = f"{base}/v1/stores/{store_id}/zarr"
+    measure(remote, key, 1, args.block)  # warm the page cache and the server
+    for readers in (int(r) for r in args.readers.split(",")):
+        rows = {}
+        for name, url, token in (("local", str(local), None), ("http", remote, key)):
+            best = max((measure(url, token, readers, args.block) for _ in range(args.repeats)),
+                       key=lambda r: r["tokens_per_s"])
+            mb_s = best["tokens_per_s"] * store_bytes / args.tokens / 1e6
+            rows[name] = {"bench": "serve_read", "source": name, "readers": readers, "http_workers": http_workers,
+                          "block": args.block, "k": args.k, "store_tokens": args.tokens, "store_bytes": store_bytes,
+                          "tokens_per_s": round(best["tokens_per_s"]), "mb_per_s": round(mb_s, 2),
+                          "wall_s": round(best["wall_s"], 3), "cpus": os.cpu_count()}
+            print(json.dumps(rows[name]), flush=True)
+        ratio = rows["http"]["tokens_per_s"] / rows["local"]["tokens_per_s"]
+        print(json.dumps({"bench": "serve_summary", "readers": readers, "http_workers": http_workers,
+                          "http_over_local": round(ratio, 3), "target": 0.5, "met": ratio >= 0.5}), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -32,6 +32,16 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def prepare(settings: Settings, db: Database) -> None:
+    """Create the local directories and the database tables that are missing."""
+    local_dirs = [settings.data_dir, settings.corpora_dir]
+    if settings.stores_local:
+        local_dirs.append(settings.stores_dir)
+    for d in local_dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    db.create_tables()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     db = Database(settings.db_url)
@@ -39,12 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        local_dirs = [settings.data_dir, settings.corpora_dir]
-        if settings.stores_local:
-            local_dirs.append(settings.stores_dir)
-        for d in local_dirs:
-            d.mkdir(parents=True, exist_ok=True)
-        db.create_tables()
+        prepare(settings, db)
         # Store files under an s3:// root are read through one asynchronous filesystem, made in
         # this event loop (the one that serves requests) and closed with it.
         app.state.remote_fs = None

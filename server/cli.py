@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -44,9 +45,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from server.app import create_app, prepare, start_worker_process, stop_worker_process
+    from server.db import Database
 
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+    if args.http_workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="info")
+        return 0
+    # Several API processes (uvicorn's supervisor spawns them, each builds its app from the
+    # environment, so the settings travel there). Work that must happen once happens here:
+    # directories and tables are created before the processes could race to, and the one
+    # embedded capture worker is started by this process rather than by every app's lifespan.
+    db = Database(settings.db_url)
+    prepare(settings, db)
+    db.dispose()
+    worker = start_worker_process(settings) if settings.embedded_worker else None
+    os.environ.update(settings.model_copy(update={"embedded_worker": False}).to_env())
+    try:
+        uvicorn.run("server.app:create_app", factory=True, workers=args.http_workers, host=args.host,
+                    port=args.port, log_level="info")
+    finally:
+        if worker is not None:
+            stop_worker_process(worker)
     return 0
 
 
@@ -95,6 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--admin-key", help="bootstrap key that may create teams (env LOGITSTORE_ADMIN_KEY)")
     serve.add_argument("--max-upload-bytes", type=int, help="largest corpus upload")
+    serve.add_argument("--http-workers", type=int, default=1, choices=range(1, 65), metavar="N",
+                       help="API processes answering requests (default 1); more serve store files to many "
+                       "readers faster. Prometheus request metrics are then per process")
     serve.add_argument("--no-worker", dest="embedded_worker", action="store_false", default=None,
                        help="do not start the embedded worker (run `logitstore-server worker` elsewhere)")
     serve.set_defaults(run=_serve)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,6 +225,25 @@ def _traversal_key(live: httpx.Client, corpus_slice: Path) -> str:
         assert wait_for(live, key, r.json()["id"])["state"] == "succeeded"
         _teams["key"] = key
     return _teams["key"]
+
+
+@pytest.mark.slow  # ~15 s: two API processes, one capture
+def test_several_http_workers_share_one_capture_worker(
+    tmp_path: Path, tiny_teacher_dir: Path, corpus_slice: Path, reference_store: Path
+) -> None:
+    """`serve --http-workers 2`: two API processes answer (uvicorn logs each one's pid), one
+    capture worker runs the job, and the store reads back over HTTP as the local capture."""
+    with serve(tmp_path, [f"tiny={tiny_teacher_dir}"], "--http-workers", "2") as client:
+        key = make_team(client, "alpha")
+        r = client.post("/v1/captures", json={"corpus_id": upload(client, key, corpus_slice), "teacher": "tiny",
+                                              **CAPTURE}, headers=auth(key))
+        job = wait_for(client, key, r.json()["id"])
+        assert job["state"] == "succeeded", job
+        url = f"{str(client.base_url).rstrip('/')}/v1/stores/{job['store_id']}/zarr"
+        assert verify(url, storage_options={"headers": auth(key)}).digest == verify(str(reference_store)).digest
+    log = (tmp_path / "server.log").read_text()
+    assert len(set(re.findall(r"Started server process \[(\d+)\]", log))) == 2, log
+    assert len(re.findall(r"worker \S+ polling", log)) == 1, log
 
 
 def capture_and_kill_worker(
