@@ -277,7 +277,7 @@ def open_store(
         storage_options = options
     if storage.is_local(url) and not storage.local_path(url).is_dir():
         raise NotAStoreError(f"{url}: no such directory; pass the directory that `logitstore capture --out` created")
-    store = storage.open_kv(url, read_only=True, storage_options=storage_options)
+    store = storage.ShardIndexCache(storage.open_kv(url, read_only=True, storage_options=storage_options))
     remote = url.startswith(("http://", "https://"))
     try:
         raw = storage.read_key(store, "zarr.json")

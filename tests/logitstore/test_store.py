@@ -22,6 +22,8 @@ from store_helpers import (
     split_lengths,
     write_store,
 )
+from zarr.abc.store import Store, SuffixByteRequest
+from zarr.storage import WrapperStore
 
 from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec
@@ -130,6 +132,31 @@ def test_read_ranges_across_boundaries(built: Built) -> None:
         ranges.append((a, b))
     for a, b in ranges:
         assert_block(store.read(a, b), built.expected, a, b, built.codec)
+
+
+def test_shard_indexes_are_read_once_per_shard(built: Built) -> None:
+    """Zarr reads a shard's index (a suffix range) before every read from that shard; through
+    `ShardIndexCache` the underlying store is asked once per shard, and the data is unchanged."""
+
+    class SuffixCounter(WrapperStore[Store]):
+        def __init__(self, store: Store) -> None:
+            super().__init__(store)
+            self.suffix_reads: list[str] = []
+
+        async def get(self, key, prototype, byte_range=None):
+            if isinstance(byte_range, SuffixByteRequest):
+                self.suffix_reads.append(key)
+            return await self._store.get(key, prototype, byte_range)
+
+    path = f"{layout.segment_prefix(1)}/topk_ids"
+    plain = layout.open_array(storage.open_kv(built.url, read_only=True), path)
+    counter = SuffixCounter(storage.open_kv(built.url, read_only=True))
+    cached = layout.open_array(storage.ShardIndexCache(counter), path)
+    n = plain.shape[0]
+    for a, b in [(0, n), (0, 1), (CHUNK - 1, CHUNK + 1), (n // 2, n), (0, n)]:
+        np.testing.assert_array_equal(cached[a:b], plain[a:b])
+    shards = layout.shard_keys(plain, path)
+    assert sorted(counter.suffix_reads) == sorted(shards), "one index read per shard"
 
 
 @pytest.mark.parametrize(("a", "b"), [(-1, 3), (5, 4), (0, sum(SEGMENT_TOKENS) + 1)])
