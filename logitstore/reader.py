@@ -269,8 +269,9 @@ def open_store(
     (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
     """
     url = str(url)
+    served = url.startswith(("http://", "https://"))  # by logitstore-server (or any HTTP host)
     if token is not None:
-        if not url.startswith(("http://", "https://")):
+        if not served:
             raise ValueError(f"token= is for http(s):// stores served by logitstore-server, not {url}")
         options = dict(storage_options or {})
         options["headers"] = {**options.get("headers", {}), "Authorization": f"Bearer {token}"}
@@ -278,7 +279,6 @@ def open_store(
     if storage.is_local(url) and not storage.local_path(url).is_dir():
         raise NotAStoreError(f"{url}: no such directory; pass the directory that `logitstore capture --out` created")
     store = storage.ShardIndexCache(storage.open_kv(url, read_only=True, storage_options=storage_options))
-    remote = url.startswith(("http://", "https://"))
     try:
         raw = storage.read_key(store, "zarr.json")
     except Exception as e:  # remote (aiohttp, s3fs) errors: the user needs the reason, not a traceback
@@ -291,7 +291,7 @@ def open_store(
         reason = str(e).splitlines()[0] if str(e) else repr(e)
         raise NotAStoreError(f"{url}: cannot read zarr.json: {reason}") from None
     if raw is None:
-        hint = ("on a logitstore server: no such store, or not shared with your team" if remote
+        hint = ("on a logitstore server: no such store, or not shared with your team" if served
                 else "pass the directory that `logitstore capture --out` created")
         raise NotAStoreError(f"{url} is not a logitstore store: it has no zarr.json at its root ({hint})")
     try:
