@@ -19,10 +19,10 @@ from typing import Any
 
 import fsspec
 from fsspec.asyn import AsyncFileSystem
-from zarr.abc.store import ByteRequest, Store, SuffixByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
-from zarr.storage import FsspecStore, LocalStore, WrapperStore
+from zarr.storage import FsspecStore, LocalStore
 
 
 def is_local(url: str | os.PathLike) -> bool:
@@ -97,31 +97,6 @@ async def close_filesystem(fs: AsyncFileSystem) -> None:
         client = getattr(fs, attr, None)
         if client is not None and hasattr(client, "close"):
             await client.close()
-
-
-class ShardIndexCache(WrapperStore[Store]):
-    """A read-only view that remembers suffix-range reads: the shard indexes.
-
-    Zarr reads a shard's index (a suffix range of the shard file) before every read from that
-    shard, i.e. once per array per `Store.read`: half of the requests over HTTP, and a file read
-    plus an event-loop round trip locally. A committed segment's files are never rewritten
-    (commits are create-only; a resumed capture writes only uncommitted segments, which readers
-    never open), so an index read once stays right. About 1 KB per array per segment.
-    """
-
-    def __init__(self, store: Store) -> None:
-        super().__init__(store)
-        self._suffixes: dict[tuple[str, int], Buffer] = {}
-
-    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
-        if not isinstance(byte_range, SuffixByteRequest):
-            return await self._store.get(key, prototype, byte_range)
-        cached = self._suffixes.get((key, byte_range.suffix))
-        if cached is None:
-            cached = await self._store.get(key, prototype, byte_range)
-            if cached is not None:
-                self._suffixes[(key, byte_range.suffix)] = cached
-        return cached
 
 
 def read_key(store: Store, key: str) -> bytes | None:

@@ -22,8 +22,6 @@ from store_helpers import (
     split_lengths,
     write_store,
 )
-from zarr.abc.store import Store, SuffixByteRequest
-from zarr.storage import WrapperStore
 
 from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec
@@ -134,29 +132,27 @@ def test_read_ranges_across_boundaries(built: Built) -> None:
         assert_block(store.read(a, b), built.expected, a, b, built.codec)
 
 
-def test_shard_indexes_are_read_once_per_shard(built: Built) -> None:
-    """Zarr reads a shard's index (a suffix range) before every read from that shard; through
-    `ShardIndexCache` the underlying store is asked once per shard, and the data is unchanged."""
+def test_read_into_a_reused_block(built: Built) -> None:
+    store = open_store(built.url)
+    n = store.num_tokens
+    buf = store.read(0, n)
+    bounds = np.cumsum(SEGMENT_TOKENS)[:-1]
+    for a, b in [(0, n), (5, 6), (3, 3), (int(bounds[0]) - 2, int(bounds[1]) + 2), (CHUNK - 1, CHUNK + 1), (n - 1, n)]:
+        block = store.read(a, b, out=buf)
+        assert_block(block, built.expected, a, b, built.codec)
+        assert all(np.shares_memory(x, y) for x, y in zip(
+            (block.input_ids, block.topk_ids, block.topk_logp, block.lse),
+            (buf.input_ids, buf.topk_ids, buf.topk_logp, buf.lse), strict=True)) or a == b
 
-    class SuffixCounter(WrapperStore[Store]):
-        def __init__(self, store: Store) -> None:
-            super().__init__(store)
-            self.suffix_reads: list[str] = []
 
-        async def get(self, key, prototype, byte_range=None):
-            if isinstance(byte_range, SuffixByteRequest):
-                self.suffix_reads.append(key)
-            return await self._store.get(key, prototype, byte_range)
-
-    path = f"{layout.segment_prefix(1)}/topk_ids"
-    plain = layout.open_array(storage.open_kv(built.url, read_only=True), path)
-    counter = SuffixCounter(storage.open_kv(built.url, read_only=True))
-    cached = layout.open_array(storage.ShardIndexCache(counter), path)
-    n = plain.shape[0]
-    for a, b in [(0, n), (0, 1), (CHUNK - 1, CHUNK + 1), (n // 2, n), (0, n)]:
-        np.testing.assert_array_equal(cached[a:b], plain[a:b])
-    shards = layout.shard_keys(plain, path)
-    assert sorted(counter.suffix_reads) == sorted(shards), "one index read per shard"
+def test_read_into_a_block_that_does_not_fit(built: Built) -> None:
+    store = open_store(built.url)
+    small = store.read(0, 10)
+    with pytest.raises(ValueError, match="at least 11 tokens"):
+        store.read(0, 11, out=small)
+    other_k = small.__class__(small.input_ids, small.topk_ids[:, :3].copy(), small.topk_logp, small.lse)
+    with pytest.raises(ValueError, match="'topk_ids' is int32 \\(10, 3\\)"):
+        store.read(0, 5, out=other_k)
 
 
 @pytest.mark.parametrize(("a", "b"), [(-1, 3), (5, 4), (0, sum(SEGMENT_TOKENS) + 1)])
