@@ -3,7 +3,8 @@
 The store is captured through the server itself (upload → capture job → embedded worker),
 then read whole, block by block, by R concurrent reader processes (R = 1 and 8):
 `local` opens the store directory, `http` opens `http://127.0.0.1:PORT/v1/stores/ID/zarr`
-with an API key. Each reader reads every token once; throughput is the aggregate.
+with an API key. Each reader reads every token once, into one reused block as the trainer's
+loader does; throughput is the aggregate.
 Target: http >= 50% of local on loopback.
 
     python benchmarks/serve.py [--teacher tiny|smollm2-135m|DIR] [--tokens 131072] [--k 64] [--readers 1,8]
@@ -97,11 +98,12 @@ def _reader(url: str, token: str | None, block: int, start, out) -> None:
     from logitstore import open_store
 
     store = open_store(url, token=token)
+    reused = store.read(0, min(block, store.num_tokens))  # as the trainer's loader reads: into one block
     start.wait()
     t0 = time.perf_counter()
     n = 0
     for a in range(0, store.num_tokens, block):
-        n += len(store.read(a, min(a + block, store.num_tokens)))
+        n += len(store.read(a, min(a + block, store.num_tokens), out=reused))
     out.put((n, t0, time.perf_counter()))
 
 

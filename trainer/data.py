@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError
-from logitstore.reader import Store, open_store
+from logitstore.reader import Store, TokenBlock, open_store
 from logitstore.schema import StoreMeta
 
 IGNORE_INDEX = -100
@@ -96,10 +96,20 @@ class StoreDataset(IterableDataset):
         self._blocks: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._run_offsets: np.ndarray | None = None
         self._order: tuple[int, np.ndarray] | None = None  # the last epoch's order, reused across batches
+        self._read_buffer: TokenBlock | None = None  # every store read decodes into it (copied out right after)
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get a copy without the open store: each opens its own, lazily.
-        return {**self.__dict__, "_store": None, "_blocks": None, "_run_offsets": None, "_order": None}
+        return {**self.__dict__, "_store": None, "_blocks": None, "_run_offsets": None, "_order": None,
+                "_read_buffer": None}
+
+    def _read(self, start: int, stop: int) -> TokenBlock:
+        """`store.read` into one reused block (grown to the largest read so far): fresh multi-MB
+        arrays on every read page-fault, which halved one-core decode speed (docs/benchmarks.md)."""
+        if self._read_buffer is None or len(self._read_buffer) < stop - start:
+            self._read_buffer = self.store.read(start, stop)
+            return self._read_buffer
+        return self.store.read(start, stop, out=self._read_buffer)
 
     @property
     def store(self) -> Store:
@@ -223,7 +233,7 @@ class StoreDataset(IterableDataset):
 
         `topk_logp` holds bfloat16 bit patterns (uint16) when `logp_dtype` is bfloat16.
         """
-        store, meta = self.store, self.store.meta
+        meta = self.store.meta
         p, r, l, k, n_t = *parts.shape, self.seq_len, meta.capture.k, len(meta.capture.temperatures)
         pad = next((i for i in (meta.tokenizer.pad_id, meta.tokenizer.eos_id) if i is not None), 0)
         input_ids = np.full((p, r, l), pad, dtype=np.int32)
@@ -242,7 +252,7 @@ class StoreDataset(IterableDataset):
                 first, last = row[group[0]], row[group[-1]]
                 a = int(starts[first])
                 # One token past the stretch, when its sequence has it: the last position's label.
-                data = store.read(a, min(int(stops[last]) + 1, int(seq_ends[last])))
+                data = self._read(a, min(int(stops[last]) + 1, int(seq_ends[last])))
                 data_counts = getattr(data, "counts", None)
                 for j in group:
                     s, z, end = (int(x[row[j]]) - a for x in (starts, stops, seq_ends))
