@@ -178,15 +178,16 @@ def main() -> None:
         # into a reused block) and of one chunk; the peer's Zarr arrays allocate on every read.
         os.sched_setaffinity(0, {0})
         torch.set_num_threads(1)
-        block, reused = min(READ_BLOCK, n), store.read(0, min(READ_BLOCK, n))
-        ours["read_block_tokens"] = peer["read_block_tokens"] = block
+        read_block, reused = min(READ_BLOCK, n), store.read(0, min(READ_BLOCK, n))
+        ours["read_block_tokens"] = peer["read_block_tokens"] = read_block
         ours["seq_read_tokens_s"], ours["random_sequence_reads_s"] = read_speeds(
-            lambda a, b: store.read(a, b, out=reused), store.sequence, n, store.num_sequences, block)
-        ours["seq_read_fresh_tokens_s"], _ = read_speeds(store.read, store.sequence, n, store.num_sequences, block)
+            lambda a, b: store.read(a, b, out=reused), store.sequence, n, store.num_sequences, read_block)
+        ours["seq_read_fresh_tokens_s"], _ = read_speeds(
+            store.read, store.sequence, n, store.num_sequences, read_block)
         ours["seq_read_chunk_tokens_s"], _ = read_speeds(
             lambda a, b: store.read(a, b, out=reused), store.sequence, n, store.num_sequences, config.chunk_tokens)
         peer["seq_read_tokens_s"], peer["random_sequence_reads_s"] = read_speeds(
-            naive.read, naive.sequence, n, len(data.seq_lengths), block)
+            naive.read, naive.sequence, n, len(data.seq_lengths), read_block)
         peer["seq_read_chunk_tokens_s"], _ = read_speeds(
             naive.read, naive.sequence, n, len(data.seq_lengths), config.chunk_tokens)
     finally:
