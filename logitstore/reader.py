@@ -108,10 +108,8 @@ class _Segment:
         out = []
         for name, (array, index), (c0, c1, request), raw in zip(names, arrays, spans, raws, strict=True):
             try:
-                if raw is None:
-                    raise ShardFormatError(f"shard {array.key} is missing")
                 out.append(array.decode(index, c0, c1, raw, request.start, start, stop, scratch))
-            except ShardFormatError as e:  # checksum mismatch, truncated shard, decode failure
+            except ShardFormatError as e:  # missing or truncated shard, checksum mismatch, decode failure
                 raise self.corrupt(name, start, stop, str(e)) from None
         return out
 

@@ -93,8 +93,7 @@ class ShardArray:
 
     def parse_index(self, raw: bytes | None) -> np.ndarray:
         """The shard's index bytes → uint64 [n_chunks, 2] (offset, nbytes), checked."""
-        if raw is None:
-            raise ShardFormatError(f"shard {self.key} is missing")
+        raw = self._present(raw)
         if len(raw) != 16 * self.n_chunks + 4:
             raise ShardFormatError(f"shard {self.key} is truncated ({len(raw)} index bytes)")
         _check_crc(raw[:-4], raw[-4:], f"the index of shard {self.key}")
@@ -109,13 +108,15 @@ class ShardArray:
         offsets, sizes = index[c0:c1, 0], index[c0:c1, 1]
         return c0, c1, RangeByteRequest(int(offsets.min()), int((offsets + sizes).max()))
 
-    def decode(self, index: np.ndarray, c0: int, c1: int, data: bytes, base: int, start: int, stop: int,
+    def decode(self, index: np.ndarray, c0: int, c1: int, data: bytes | None, base: int, start: int, stop: int,
                scratch: Scratch | None = None) -> np.ndarray:
-        """Rows [start, stop) from the bytes of chunks [c0, c1), which begin at file offset `base`.
+        """Rows [start, stop) from the bytes of chunks [c0, c1), which begin at file offset `base`
+        (None: the shard file was not found).
 
         Every chunk decodes straight into one buffer of whole chunks (this thread's `scratch`
         buffer when given); the result is a view of it.
         """
+        data = self._present(data)
         chunk_items = self.chunk_rows * self.row_items
         size = (c1 - c0) * chunk_items
         out = np.empty(size, self.dtype) if scratch is None else scratch.buffer(self.name, self.dtype, size)
@@ -143,14 +144,20 @@ class ShardArray:
         first = c0 * self.chunk_rows
         return rows[start - first:stop - first]
 
+    def _present(self, raw: bytes | None) -> bytes:
+        if raw is None:  # Zarr would read a missing shard as fill values; here it is an error
+            raise ShardFormatError(f"shard {self.key} is missing")
+        return raw
+
 
 class Scratch(threading.local):
-    """Decode buffers reused by one thread across reads, for arrays the caller consumes before
-    its next read (the id indices and log-prob codes, turned into new arrays right away).
+    """Decode buffers reused by one thread across reads, one per array name, for arrays the
+    caller consumes before its next read (`Store.read` copies or gathers every one of them
+    into its block right away).
 
-    Why: a 16384-token read decodes ~4 MB of such codes. Freed right after, glibc returns
-    that memory to the kernel (heap trimming) and the next read page-faults it back in,
-    zeroed: ~2900 faults per read, as long as the decoding itself (measured on one core).
+    Why: a 16384-token read decodes ~4 MB of id indices and log-prob codes. Freed right after,
+    glibc returns that memory to the kernel (heap trimming) and the next read page-faults it
+    back in, zeroed: ~2900 faults per read, as long as the decoding itself (measured on one core).
     """
 
     def buffer(self, name: str, dtype: np.dtype, size: int) -> np.ndarray:

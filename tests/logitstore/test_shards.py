@@ -135,6 +135,8 @@ def test_damaged_bytes_are_named(written) -> None:
         array.decode(index, c0, c1, bytes(raw[:-10]), request.start, 0, CHUNK_ROWS)
     with pytest.raises(ShardFormatError, match="is missing"):
         array.parse_index(None)
+    with pytest.raises(ShardFormatError, match="shard indices/c/0/0 is missing"):  # deleted after its index was read
+        array.decode(index, c0, c1, None, request.start, 0, CHUNK_ROWS)
     bad_index = bytearray(shards.fetch(store, [(array.key, array.index_request())])[0])
     bad_index[3] ^= 1
     with pytest.raises(ShardFormatError, match="the index of shard indices/c/0/0: checksum mismatch"):
