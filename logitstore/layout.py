@@ -120,12 +120,6 @@ def open_array(store: Store, path: str) -> zarr.Array:
         return zarr.open_array(store, path=path, mode="r", zarr_format=3)
 
 
-def shard_keys(arr: zarr.Array, path: str) -> list[str]:
-    """The storage keys of every shard of `arr`; a missing one would silently read as zeros."""
-    grid = [math.ceil(s / c) for s, c in zip(arr.shape, arr.metadata.chunk_grid.chunk_shape, strict=True)]
-    return [f"{path}/{arr.metadata.encode_chunk_key(coords)}" for coords in np.ndindex(*grid)]
-
-
 def dumps_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, indent=1).encode()
 
