@@ -26,7 +26,8 @@ from logitstore.errors import LogitStoreError
 from server.db import Database
 from server.deps import ReadAccessCache
 from server.metrics import Metrics
-from server.routers import captures, corpora, stores, teams
+from server.routers import captures, corpora, store_files, stores, teams
+from server.routers.store_files import StoreFileFastPath
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -73,9 +74,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.db, app.state.metrics = settings, db, metrics
     app.state.read_cache = ReadAccessCache(settings.read_cache_s)
-    for module in (teams, corpora, captures, stores):
+    for module in (teams, corpora, captures, stores, store_files):
         app.include_router(module.router)
 
+    # The last added is the outermost: latency is measured for every request, fast-path reads included.
+    app.add_middleware(StoreFileFastPath, settings=settings, cache=app.state.read_cache)
     app.add_middleware(LatencyMiddleware, metrics=metrics)
 
     @app.exception_handler(LogitStoreError)
