@@ -1,14 +1,14 @@
 """Store read throughput over HTTP from logitstore-server vs direct local reads, same store, same run.
 
 The store is captured through the server itself (upload → capture job → embedded worker),
-then read whole, block by block, by R concurrent reader processes (R = 1 and 8):
+then read whole, block by block, `--passes` times, by R concurrent reader processes (R = 1 and 8):
 `local` opens the store directory, `http` opens `http://127.0.0.1:PORT/v1/stores/ID/zarr`
-with an API key. Each reader reads every token once, into one reused block as the trainer's
+with an API key. Each reader reads every token once per pass, into one reused block as the trainer's
 loader does; throughput is the aggregate.
 Target: http >= 50% of local on loopback.
 
     python benchmarks/serve.py [--teacher tiny|smollm2-135m|DIR] [--tokens 131072] [--k 64] [--readers 1,8]
-                               [--http-workers 1,2]
+                               [--block 4096] [--passes 5] [--http-workers 1,2]
 
 Prints one JSON line per measurement and one summary line per reader count with the ratio.
 """
@@ -94,7 +94,7 @@ def capture_through_server(base: str, args: argparse.Namespace) -> tuple[str, st
     return key, job["store_id"]
 
 
-def _reader(url: str, token: str | None, block: int, start, out) -> None:
+def _reader(url: str, token: str | None, block: int, passes: int, start, out) -> None:
     from logitstore import open_store
 
     store = open_store(url, token=token)
@@ -102,15 +102,16 @@ def _reader(url: str, token: str | None, block: int, start, out) -> None:
     start.wait()
     t0 = time.perf_counter()
     n = 0
-    for a in range(0, store.num_tokens, block):
-        n += len(store.read(a, min(a + block, store.num_tokens), out=reused))
+    for _ in range(passes):
+        for a in range(0, store.num_tokens, block):
+            n += len(store.read(a, min(a + block, store.num_tokens), out=reused))
     out.put((n, t0, time.perf_counter()))
 
 
-def measure(url: str, token: str | None, readers: int, block: int) -> dict:
+def measure(url: str, token: str | None, readers: int, block: int, passes: int) -> dict:
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(readers), ctx.Queue()
-    procs = [ctx.Process(target=_reader, args=(url, token, block, start, out)) for _ in range(readers)]
+    procs = [ctx.Process(target=_reader, args=(url, token, block, passes, start, out)) for _ in range(readers)]
     for p in procs:
         p.start()
     results = [out.get() for _ in procs]
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--readers", default="1,8")
     parser.add_argument("--http-workers", default="1,2", help="server API processes; one server per value, "
                         "the same store (the capture request is deduplicated)")
+    parser.add_argument("--passes", type=int, default=5, help="times each reader reads the whole store")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per measurement")
     args = parser.parse_args()
 
@@ -152,15 +154,16 @@ def measure_server(base: str, tmp: Path, http_workers: int, args: argparse.Names
     local = tmp / "data" / "stores" / store_id
     store_bytes = sum(p.stat().st_size for p in local.rglob("*") if p.is_file())
     remote = f"{base}/v1/stores/{store_id}/zarr"
-    measure(remote, key, 1, args.block)  # warm the page cache and the server
+    measure(remote, key, 1, args.block, 1)  # warm the page cache and the server
     for readers in (int(r) for r in args.readers.split(",")):
         rows = {}
         for name, url, token in (("local", str(local), None), ("http", remote, key)):
-            best = max((measure(url, token, readers, args.block) for _ in range(args.repeats)),
+            best = max((measure(url, token, readers, args.block, args.passes) for _ in range(args.repeats)),
                        key=lambda r: r["tokens_per_s"])
             mb_s = best["tokens_per_s"] * store_bytes / args.tokens / 1e6
             rows[name] = {"bench": "serve_read", "source": name, "readers": readers, "http_workers": http_workers,
-                          "block": args.block, "k": args.k, "store_tokens": args.tokens, "store_bytes": store_bytes,
+                          "block": args.block, "passes": args.passes, "k": args.k, "store_tokens": args.tokens,
+                          "store_bytes": store_bytes,
                           "tokens_per_s": round(best["tokens_per_s"]), "mb_per_s": round(mb_s, 2),
                           "wall_s": round(best["wall_s"], 3), "cpus": os.cpu_count()}
             print(json.dumps(rows[name]), flush=True)

@@ -97,6 +97,9 @@ class StoreFileFastPath:
 
     def __init__(self, app: ASGIApp, settings: Settings, cache: ReadAccessCache) -> None:
         self.app, self.settings, self.cache = app, settings, cache
+        # Where each key resolves to (a realpath of every component was an eighth of the
+        # server's time). Stores hold no links of their own, so a key's resolution does not change.
+        self._paths: dict[tuple[str, str], Path] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         answer = self._answer(scope) if scope["type"] == "http" and scope["method"] == "GET" else None
@@ -133,7 +136,12 @@ class StoreFileFastPath:
         rng = headers.get(b"range")
         rng = None if rng is None else rng.decode("latin-1")
         try:
-            path, st = _local_file(self.settings, store_id, key)
+            path = self._paths.get((store_id, key))
+            if path is None:
+                if len(self._paths) > 100_000:  # bounded: forget everything rather than grow
+                    self._paths.clear()
+                path = self._paths[store_id, key] = _resolve_key(self.settings.stores_dir / store_id, key)
+            st = _stat_file(path, store_id, key)
             span = _small_read(rng, st.st_size)
         except HTTPException:
             return None
@@ -150,15 +158,19 @@ class StoreFileFastPath:
 def _local_file(settings: Settings, store_id: str, key: str) -> tuple[Path, os.stat_result]:
     """The regular file for `key` in a local store and its stat; 400 for a key that could
     leave the store, 404 for one that names no file."""
-    root = (settings.stores_dir / store_id).resolve()
-    path = _resolve_key(root, key)
+    path = _resolve_key(settings.stores_dir / store_id, key)
+    return path, _stat_file(path, store_id, key)
+
+
+def _stat_file(path: Path, store_id: str, key: str) -> os.stat_result:
+    """The stat of a regular file; 404 for anything else."""
     try:
         st = path.stat()
     except (FileNotFoundError, NotADirectoryError):
         raise HTTPException(404, f"store {store_id!r} has no key {key!r}") from None
     if not stat.S_ISREG(st.st_mode):
         raise HTTPException(404, f"store {store_id!r} has no key {key!r}")
-    return path, st
+    return st
 
 
 def _etag(st: os.stat_result) -> str:
@@ -211,8 +223,11 @@ async def _read(path: Path, start: int, length: int) -> bytes:
 
 
 def _pread(path: Path, start: int, length: int) -> bytes:
-    with path.open("rb", buffering=0) as f:
-        return os.pread(f.fileno(), length, start)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, length, start)
+    finally:
+        os.close(fd)
 
 
 async def _remote_file(request: Request, fs: AsyncFileSystem, path: str, store_id: str, key: str) -> Response:
@@ -280,10 +295,11 @@ def _check_key(key: str) -> None:
         raise HTTPException(400, f"invalid store key {key!r}: use a relative key such as zarr.json")
 
 
-def _resolve_key(root: Path, key: str) -> Path:
+def _resolve_key(store: Path, key: str) -> Path:
     """The file for `key` inside the store directory; 400 for any key that could leave it,
     by its spelling or (symlinks included) by where it resolves to."""
     _check_key(key)
+    root = store.resolve()
     path = (root / os.path.join(*key.split("/"))).resolve()
     if not path.is_relative_to(root):
         raise HTTPException(400, f"invalid store key {key!r}: it points outside the store")
