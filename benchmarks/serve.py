@@ -8,7 +8,7 @@ loader does; throughput is the aggregate.
 Target: http >= 50% of local on loopback.
 
     python benchmarks/serve.py [--teacher tiny|smollm2-135m|DIR] [--tokens 131072] [--k 64] [--readers 1,8]
-                               [--block 4096] [--passes 5] [--http-workers 1,2]
+                               [--block 16384] [--passes 5] [--http-workers 1,2]
 
 Prints one JSON line per measurement and one summary line per reader count with the ratio.
 """
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from trainer.data import DEFAULT_READ_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "examples" / "data" / "tinyshakespeare.txt"
@@ -128,7 +130,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=131_072)
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--unit-tokens", type=int, default=262_144, help="tokens per segment (capture default)")
-    parser.add_argument("--block", type=int, default=4096, help="tokens per read")
+    parser.add_argument("--block", type=int, default=DEFAULT_READ_TOKENS, help="tokens per read (default: the "
+                        "trainer's read size)")
     parser.add_argument("--readers", default="1,8")
     parser.add_argument("--http-workers", default="1,2", help="server API processes; one server per value, "
                         "the same store (the capture request is deduplicated)")
