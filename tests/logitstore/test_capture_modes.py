@@ -13,7 +13,6 @@ from test_capture import assert_matches_reference, reference
 from logitstore.capture.engine import CaptureConfig, capture
 from logitstore.capture.reduce import Reduction, hashed_uniforms
 from logitstore.capture.teacher import load_teacher
-from logitstore.codecs import LogProbCodec
 from logitstore.verify import verify
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
@@ -34,7 +33,7 @@ def test_adaptive_keeps_the_fewest_ids_reaching_the_coverage(peaked_teacher, tmp
                            unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
     store = capture(peaked_teacher, [CORPUS], str(tmp_path / "a"), config)
     assert store.meta.capture.mode == "adaptive" and store.meta.capture.coverage == 0.8
-    bound = LogProbCodec().topk_error_bound
+    bound = config.logp_codec.topk_error_bound
     kept_counts = []
     for i in range(store.num_sequences):
         block = store.sequence(i)
@@ -83,7 +82,8 @@ def test_sampled_stores_distinct_draws_with_counts_and_exact_logprobs(peaked_tea
         logp_ref, lse_ref = reference(peaked_teacher.model, seq.input_ids, store.temperatures)
         ok = seq.topk_ids >= 0
         got = np.take_along_axis(logp_ref, np.maximum(seq.topk_ids, 0).astype(np.int64), axis=1)
-        assert np.all(np.abs(seq.topk_logp - got)[ok] <= 2.0**-7 * np.abs(got[ok]) + 2e-4)
+        bound = config.logp_codec.topk_error_bound(np.where(ok, got, -np.inf)) + 2e-4
+        assert np.all(np.abs(seq.topk_logp - got)[ok] <= bound[ok])
         np.testing.assert_allclose(seq.lse, lse_ref, atol=2e-4)
         # Most likely first, ids distinct within a row.
         assert np.all(np.diff(np.where(ok, got, -1e30), axis=1)[ok[:, 1:]] <= 1e-6)

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from logitstore.capture.engine import CaptureConfig
 from logitstore.codecs import LogProbCodec, build_id_table
 
 # Every valid corner of the config space we care about: the default, coarse, fine, and
@@ -20,8 +21,13 @@ CODECS = [
     LogProbCodec(mantissa_bits=10, min_exponent=-24),
     LogProbCodec(mantissa_bits=11, min_exponent=-16),
     LogProbCodec(mantissa_bits=12, min_exponent=0),
+    # A coarser tail: the capture default, and extremes of where it starts and how coarse it is.
+    LogProbCodec(tail_mantissa_bits=6),
+    LogProbCodec(mantissa_bits=8, tail_mantissa_bits=3, tail_min_exponent=0),
+    LogProbCodec(mantissa_bits=4, min_exponent=-24, tail_mantissa_bits=1, tail_min_exponent=-24),
+    LogProbCodec(mantissa_bits=10, min_exponent=-24, tail_mantissa_bits=10, tail_min_exponent=5),
 ]
-codec_ids = [f"m{c.mantissa_bits}e{c.min_exponent}" for c in CODECS]
+codec_ids = [f"m{c.mantissa_bits}e{c.min_exponent}t{c.tail_mantissa_bits}@{c.tail_min_exponent}" for c in CODECS]
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -34,7 +40,10 @@ def reference_bound(codec: LogProbCodec, logp: np.ndarray) -> np.ndarray:
     step, plus the float32 rounding a float64 input goes through first."""
     mag = np.abs(np.asarray(logp, dtype=np.float64))
     tiny = 2.0**codec.min_exponent
-    return np.where(mag < tiny, tiny, mag * 2.0 ** -(codec.mantissa_bits + 1) + mag * 2.0**-24)
+    bits = np.full(mag.shape, float(codec.mantissa_bits))
+    if codec.tail_mantissa_bits is not None:
+        bits[mag >= 2.0**codec.tail_min_exponent] = codec.tail_mantissa_bits
+    return np.where(mag < tiny, tiny, mag * 2.0 ** -(bits + 1) + mag * 2.0**-24)
 
 
 def roundtrip(codec: LogProbCodec, logp: np.ndarray) -> np.ndarray:
@@ -183,6 +192,10 @@ def test_nan_rejected(codec: LogProbCodec) -> None:
         ({"mantissa_bits": 11, "min_exponent": -24}, "too few exponents"),
         ({"mantissa_bits": 12, "min_exponent": -24}, "too few exponents"),
         ({"mantissa_bits": 9, "min_exponent": -126}, "too few exponents"),
+        ({"tail_mantissa_bits": 8}, "tail_mantissa_bits"),
+        ({"tail_mantissa_bits": 0}, "tail_mantissa_bits"),
+        ({"tail_mantissa_bits": 6, "tail_min_exponent": -25}, "tail_min_exponent"),
+        ({"tail_mantissa_bits": 6, "tail_min_exponent": 128}, "tail_min_exponent"),
     ],
 )
 def test_invalid_config_rejected(kwargs: dict, match: str) -> None:
@@ -200,11 +213,33 @@ def test_max_finite_covers_float32_logprobs(codec: LogProbCodec) -> None:
 def test_dict_roundtrip(codec: LogProbCodec) -> None:
     d = codec.to_dict()
     assert d["name"] == "neglogp-minifloat16"
-    assert d["configuration"] == {"mantissa_bits": codec.mantissa_bits, "min_exponent": codec.min_exponent}
+    assert d["configuration"] == {"mantissa_bits": codec.mantissa_bits, "min_exponent": codec.min_exponent,
+                                  "tail_mantissa_bits": codec.tail_mantissa_bits,
+                                  "tail_min_exponent": codec.tail_min_exponent}
     again = LogProbCodec.from_dict(d)
     assert again == codec
     x = np.linspace(-50, 0, 101, dtype=np.float32)
     np.testing.assert_array_equal(again.encode(x), codec.encode(x))
+
+
+def test_coarse_tail_is_the_coarser_codec_there_and_the_finer_one_elsewhere() -> None:
+    codec = LogProbCodec(tail_mantissa_bits=6, tail_min_exponent=2)
+    fine, coarse = LogProbCodec(mantissa_bits=7), LogProbCodec(mantissa_bits=6)
+    x = -np.geomspace(1e-3, 60, 20_001).astype(np.float32)
+    got = codec.decode(codec.encode(x))
+    tail = -x >= 4
+    np.testing.assert_array_equal(got[~tail], fine.decode(fine.encode(x[~tail])))
+    np.testing.assert_array_equal(got[tail], coarse.decode(coarse.encode(x[tail])))
+    # The same code space: the coarse codes are the fine codec's codes of the same values.
+    np.testing.assert_array_equal(codec.encode(x), fine.encode(got))
+    assert codec.decode(codec.encode(np.float32(-np.inf))) == -np.inf
+
+
+def test_configuration_from_before_the_tail_option_is_uniform() -> None:
+    old = LogProbCodec.from_dict({"name": LogProbCodec.name, "configuration": {"mantissa_bits": 7,
+                                                                               "min_exponent": -24}})
+    assert old == LogProbCodec(mantissa_bits=7, min_exponent=-24, tail_mantissa_bits=None)
+    assert CaptureConfig().logp_codec == LogProbCodec(tail_mantissa_bits=6)  # what new captures write
 
 
 def test_from_dict_refuses_unknown_name() -> None:
