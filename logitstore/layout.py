@@ -8,7 +8,7 @@ STORE/
       topk_ids/    uint16|int32 [n, K] indices into id_table
       id_table/    int32  [U]          distinct ids of the segment (-1 = padding), most frequent first
       topk_logp/   uint16 [n, K]       LogProbCodec codes of log p at T=1
-      lse/         float32 [n, n_T]    logsumexp(z / T) over the full vocabulary, per temperature
+      lse/         float32 [n, n_T]    logsumexp(l / T), l = log_softmax(z), full vocabulary, per T
       seq_offsets/ int64  [m + 1]      sequence boundaries inside the segment
       counts/      uint8  [n, K]       sampled mode only: draws that hit each id (0 at padding)
       manifest.parquet                 the document pieces of the segment's sequences

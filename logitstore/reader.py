@@ -34,7 +34,7 @@ class TokenBlock:
     input_ids: np.ndarray  # int32 [n]
     topk_ids: np.ndarray  # int32 [n, K]
     topk_logp: np.ndarray  # float32 [n, K], log p at T=1 over the full vocabulary
-    lse: np.ndarray  # float32 [n, n_T], logsumexp(z / T) for each captured temperature
+    lse: np.ndarray  # float32 [n, n_T], log-normalizer at each captured T (docs/format.md)
     counts: np.ndarray | None = None  # uint8 [n, K], sampled captures only: draws per id (0 at padding)
 
     def __len__(self) -> int:

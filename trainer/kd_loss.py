@@ -112,13 +112,14 @@ def teacher_logprobs_at_temperature(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher log-probs at temperature T from the stored T=1 top-k log-probs and normalizers.
 
-    With z_i = logp_1(i) + lse_1 the teacher's logit on S, log p_T(i) = z_i / T - lse_T, which
-    is exact on S because lse_T = logsumexp(z / T) was stored over the full vocabulary.
+    With z_i = logp_1(i) + lse_1 the teacher's logit on S (up to a shift, which cancels),
+    log p_T(i) = z_i / T - lse_T, which is exact on S because lse_T = logsumexp(z / T) was
+    stored over the full vocabulary (stores hold it for z = log_softmax(logits), lse_1 = 0).
 
     Args:
         topk_logp_t1: [N, K] log-probs at T = 1; padding is -inf and stays -inf.
         lse_t1: [N] logsumexp(z) over the full vocabulary.
-        lse_t: [N] logsumexp(z / T) over the full vocabulary.
+        lse_t: [N] logsumexp(z / T) over the full vocabulary, for the same z.
         temperature: T > 0, one of the store's captured temperatures.
 
     Returns:

@@ -3,10 +3,10 @@
 Per batch, the teacher's final hidden states are projected to logits a few rows at a
 time, so a full fp32 `[B, L, V]` tensor never exists (at V = 262144 one 8192-token batch
 of fp32 logits would be 8.6 GB). Each row chunk is reduced on the device by the capture
-mode (reduce.py: top-k, coverage-adaptive or sampled ids, and `logsumexp(z / T)` for every
-captured T); only `[rows, K]` and `[rows, n_T]` leave the device, through pinned buffers
-copied without blocking while the next batch is queued. Padding positions are dropped
-before the projection, so they are never stored.
+mode (reduce.py: top-k, coverage-adaptive or sampled ids, and the log-normalizer
+`logsumexp(log_softmax(z) / T)` for every captured T); only `[rows, K]` and `[rows, n_T]`
+leave the device, through pinned buffers copied without blocking while the next batch is
+queued. Padding positions are dropped before the projection, so they are never stored.
 
 Work units are consecutive sequences planned before the teacher runs; each becomes one
 segment, written by a background thread while the teacher computes the next unit. Under

@@ -27,11 +27,13 @@ def tiny_teacher(tiny_teacher_dir):
 
 
 def reference(model: torch.nn.Module, input_ids: np.ndarray, temperatures) -> tuple[np.ndarray, np.ndarray]:
-    """float64 log-softmax at T=1 and logsumexp(z/T) per T, from one unpadded forward."""
+    """float64 log-softmax l at T=1 and its log-normalizer logsumexp(l/T) per T (the stored
+    `lse`), from one unpadded forward."""
     with torch.inference_mode():
         z = model(torch.from_numpy(input_ids.astype(np.int64))[None]).logits[0].double()
-    lse = torch.stack([torch.logsumexp(z / t, dim=-1) for t in temperatures], dim=-1)
-    return torch.log_softmax(z, dim=-1).numpy(), lse.numpy()
+    logp = torch.log_softmax(z, dim=-1)
+    lse = torch.stack([torch.logsumexp(logp / t, dim=-1) for t in temperatures], dim=-1)
+    return logp.numpy(), lse.numpy()
 
 
 def assert_matches_reference(store, model, codec: LogProbCodec, lse_atol: float = 2e-4) -> None:
@@ -47,6 +49,7 @@ def assert_matches_reference(store, model, codec: LogProbCodec, lse_atol: float 
         bound = codec.topk_error_bound(got_ref) + 1e-4
         assert np.all(np.abs(block.topk_logp - got_ref) <= bound)
         np.testing.assert_allclose(block.lse, lse_ref, atol=lse_atol, rtol=0)
+        assert np.all(block.lse[:, store.temperatures.index(1.0)] == 0)  # normalized log-probs: exactly 0
         # The tail at every T is the reference's mass outside the top-k.
         for t in store.temperatures:
             logp_t, tail_t = store.teacher_logprobs(block, t)
