@@ -62,18 +62,14 @@ async def store_file(
     etag = _etag(st)
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers={"ETag": etag})
-    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
-    span = None
+    answer = None
     if request.method == "GET" and request.headers.get("if-range") is None:
-        span = _small_read(request.headers.get("range"), st.st_size)
-    if span is None:  # HEAD, multipart or If-Range requests, big bodies: Starlette streams them
+        answer = _one_read(request.headers.get("range"), st, etag)
+    if answer is None:  # HEAD, multipart or If-Range requests, big bodies: Starlette streams them
+        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
         return FileResponse(path, stat_result=st, headers=headers, media_type=_OCTETS)
-    start, length = span
-    data = await _read(path, start, length)
-    if request.headers.get("range") is None:
-        return Response(data, headers=headers, media_type=_OCTETS)
-    headers["Content-Range"] = f"bytes {start}-{start + length - 1}/{st.st_size}"
-    return Response(data, status_code=206, headers=headers, media_type=_OCTETS)
+    start, length, status, headers = answer
+    return Response(await _read(path, start, length), status_code=status, headers=headers, media_type=_OCTETS)
 
 
 _GET_ROUTE = next(r for r in router.routes if isinstance(r, APIRoute) and r.name == "store_file")
@@ -87,7 +83,7 @@ class StoreFileFastPath:
     - the bearer key's read access to the store is in the app's `ReadAccessCache` (the route
       put it there, so this never lets through what the route would refuse),
     - the request has no If-None-Match or If-Range, and asks for the whole file or one
-      range (`_small_read`),
+      range (`_one_read`),
     - the key names a regular file inside the store.
 
     The answer is byte for byte the route's (tests compare them). Every other request, and
@@ -142,17 +138,13 @@ class StoreFileFastPath:
                     self._paths.clear()
                 path = self._paths[store_id, key] = _resolve_key(self.settings.stores_dir / store_id, key)
             st = _stat_file(path, store_id, key)
-            span = _small_read(rng, st.st_size)
+            answer = _one_read(rng, st, _etag(st))
         except HTTPException:
             return None
-        if span is None:
+        if answer is None:
             return None
-        start, length = span
-        out = [(b"etag", _etag(st).encode()), (b"accept-ranges", b"bytes")]
-        if rng is None:
-            return path, start, length, 200, out
-        out.append((b"content-range", f"bytes {start}-{start + length - 1}/{st.st_size}".encode()))
-        return path, start, length, 206, out
+        start, length, status, out = answer
+        return path, start, length, status, [(k.lower().encode(), v.encode()) for k, v in out.items()]
 
 
 def _local_file(settings: Settings, store_id: str, key: str) -> tuple[Path, os.stat_result]:
@@ -187,15 +179,20 @@ _INLINE_READ = 1 << 20
 _SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 
 
-def _small_read(range_header: str | None, size: int) -> tuple[int, int] | None:
-    """(start, length) of a GET answered with one body read, or None to leave it to FileResponse."""
+def _one_read(range_header: str | None, st: os.stat_result, etag: str) -> tuple[int, int, int, dict[str, str]] | None:
+    """(start, length, status, headers) of a GET of a local file answered with one body read,
+    or None to leave it to FileResponse; 416 for a range that starts past the end."""
+    headers = {"ETag": etag, "Accept-Ranges": "bytes"}
     if range_header is None:
-        return (0, size) if size <= _SMALL_READ else None
-    span = _single_range(range_header, size)
+        return (0, st.st_size, 200, headers) if st.st_size <= _SMALL_READ else None
+    span = _single_range(range_header, st.st_size)
     if span is None:
         return None  # several ranges, or malformed: FileResponse answers (multipart or 400)
     start, stop = span
-    return (start, stop - start) if stop - start <= _SMALL_READ else None
+    if stop - start > _SMALL_READ:
+        return None
+    headers["Content-Range"] = f"bytes {start}-{stop - 1}/{st.st_size}"
+    return start, stop - start, 206, headers
 
 
 def _single_range(value: str, size: int) -> tuple[int, int] | None:
