@@ -21,6 +21,10 @@ def run(argv: list[str] | None = None) -> int:
         if distributed.rank_and_world()[1] > 1:
             import torch.distributed as dist
 
+            if distributed.failed_together():
+                # Every rank has printed its error by now; wait for the others before exiting,
+                # because torchrun kills the remaining ranks as soon as one exits non-zero.
+                distributed.barrier()
             dist.destroy_process_group()
 
 

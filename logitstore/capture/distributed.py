@@ -50,15 +50,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+_failed_together = False
+
+
 def share_outcome(error: str | None) -> None:
     """Rank 0 tells every rank whether its step (creating the store) failed; the other ranks
     then raise the same one-line error instead of waiting forever on a barrier."""
+    global _failed_together
     if not dist.is_initialized():
         return
     box = [error]
     dist.broadcast_object_list(box, src=0)
+    _failed_together = bool(box[0])
     if box[0] and dist.get_rank() != 0:
         raise LogitStoreError(box[0])
+
+
+def failed_together() -> bool:
+    """Whether every rank is failing with the error `share_outcome` passed around."""
+    return _failed_together
 
 
 def launch(nproc: int, capture_argv: list[str]) -> int:
