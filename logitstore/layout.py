@@ -5,23 +5,29 @@ STORE/
   zarr.json                      root group; attributes["logitstore"] = StoreMeta
   segments/000017/               one work unit, written by exactly one writer
       input_ids/   int32  [n]          the tokens the teacher saw
-      topk_ids/    uint16|int32 [n, K] indices into id_table
-      id_table/    int32  [U]          distinct ids of the segment (-1 = padding), most frequent first
-      topk_logp/   uint16 [n, K]       LogProbCodec codes of log p at T=1
+      row_len/     uint8|uint16 [n]    stored slots of each token (the rest of its K are padding)
+      topk_ids/    uint16|int32 [S]    indices into id_table, the tokens' stored slots one after another
+      id_table/    int32  [U]          distinct stored ids of the segment, most frequent first
+      topk_logp/   uint16 [S]          LogProbCodec codes of log p at T=1, per stored slot
       lse/         float32 [n, n_T]    logsumexp(l / T), l = log_softmax(z), full vocabulary, per T
       seq_offsets/ int64  [m + 1]      sequence boundaries inside the segment
-      counts/      uint8  [n, K]       sampled mode only: draws that hit each id (0 at padding)
+      counts/      uint8  [S]          sampled mode only: draws that hit each stored id
       manifest.parquet                 the document pieces of the segment's sequences
   commits/000017.json            create-only commit record; a segment exists only once this exists
   index.json, manifest.parquet   written by finalize(): all commit records / pieces in one read
 ```
 
+S = sum(row_len). A token's slots are in the teacher's rank order and padding (id -1,
+log-prob -inf, count 0) only ever follows them, so padding is not stored: the reader puts
+it back. Format 1 stored the padded [n, K] arrays (and -1 in id_table) and had no row_len;
+it is still read (`SLOT_ARRAYS`, `Store._read_segment`).
+
 Readers find segments by probing `commits/{i}` for i < num_segments (or reading
 index.json), never by listing, so a store served over plain HTTP works the same.
 Every array is one shard per segment (the writer buffers the whole unit and writes each
-shard once: no partial-shard read-modify-write), inner chunks of `chunk_tokens` rows,
-pcodec inside the shard (zstd for the uint8 `counts`, which pcodec refuses), and crc32c
-on every inner chunk and on the shard index.
+shard once: no partial-shard read-modify-write), inner chunks of `chunk_tokens` rows
+(`chunk_tokens * K` slots), pcodec inside the shard (zstd for 8-bit arrays, which pcodec
+refuses), and crc32c on every inner chunk and on the shard index.
 """
 
 from __future__ import annotations
@@ -42,17 +48,19 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from zarr.codecs.numcodecs import PCodec
 
-SEGMENT_ARRAYS = ("input_ids", "topk_ids", "id_table", "topk_logp", "lse", "seq_offsets")
+SEGMENT_ARRAYS = ("input_ids", "row_len", "topk_ids", "id_table", "topk_logp", "lse", "seq_offsets")
 COUNTS_ARRAY = "counts"  # sampled mode only
+SLOT_ARRAYS = ("topk_ids", "topk_logp", COUNTS_ARRAY)  # one value per stored slot (format 1: [n, K])
 INDEX_KEY = "index.json"
 MANIFEST_KEY = "manifest.parquet"
 PCODEC_LEVEL = 8
 ZSTD_LEVEL = 9
 
 
-def segment_arrays(mode: str) -> tuple[str, ...]:
+def segment_arrays(mode: str, format_version: int) -> tuple[str, ...]:
     """The arrays every segment of a store captured in `mode` holds."""
-    return (*SEGMENT_ARRAYS, COUNTS_ARRAY) if mode == "sampled" else SEGMENT_ARRAYS
+    names = SEGMENT_ARRAYS if format_version >= 2 else tuple(n for n in SEGMENT_ARRAYS if n != "row_len")
+    return (*names, COUNTS_ARRAY) if mode == "sampled" else names
 
 
 def segment_prefix(segment: int) -> str:

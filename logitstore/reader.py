@@ -54,6 +54,7 @@ class _Segment:
         self._shards: dict[str, tuple[ShardArray, np.ndarray] | CorruptDataError] | None = None
         self._id_table: np.ndarray | None = None
         self._seq_offsets: np.ndarray | None = None
+        self._slot_offsets: np.ndarray | None = None
 
     @property
     def prefix(self) -> str:
@@ -90,28 +91,44 @@ class _Segment:
 
     def read(self, name: str, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) of one array (segment-local positions)."""
-        return self.read_many((name,), start, stop)[0]
+        return self.read_many([(name, start, stop)])[0]
 
-    def read_many(self, names: tuple[str, ...], start: int, stop: int, scratch: Scratch | None = None
-                  ) -> list[np.ndarray]:
-        """Rows [start, stop) of several arrays: one byte-range request each, all in one round trip.
+    def read_many(self, requests: list[tuple[str, int, int]], scratch: Scratch | None = None) -> list[np.ndarray]:
+        """Rows [start, stop) of each (array, start, stop): one byte-range request per array,
+        all in one round trip.
 
         With `scratch`, they are decoded into this thread's reused buffers: valid only until
         the thread's next read.
         """
-        arrays = [self.shard(name) for name in names]
-        if start >= stop:
-            return [np.empty((0, *a.shape[1:]), a.dtype) for a, _ in arrays]
-        spans = [a.span(index, start, stop) for a, index in arrays]
-        requests = [(a.key, request) for (a, _), (_, _, request) in zip(arrays, spans, strict=True)]
-        raws = shards.fetch(self._store, requests)
-        out = []
-        for name, (array, index), (c0, c1, request), raw in zip(names, arrays, spans, raws, strict=True):
+        arrays = [self.shard(name) for name, _, _ in requests]
+        out: list[np.ndarray | None] = [None] * len(requests)
+        todo = []
+        for i, ((array, index), (_, start, stop)) in enumerate(zip(arrays, requests, strict=True)):
+            if start >= stop:
+                out[i] = np.empty((0, *array.shape[1:]), array.dtype)
+            else:
+                todo.append((i, array, index, array.span(index, start, stop)))
+        raws = shards.fetch(self._store, [(array.key, request) for _, array, _, (_, _, request) in todo])
+        for (i, array, index, (c0, c1, request)), raw in zip(todo, raws, strict=True):
+            name, start, stop = requests[i]
             try:
-                out.append(array.decode(index, c0, c1, raw, request.start, start, stop, scratch))
+                out[i] = array.decode(index, c0, c1, raw, request.start, start, stop, scratch)
             except ShardFormatError as e:  # missing or truncated shard, checksum mismatch, decode failure
                 raise self.corrupt(name, start, stop, str(e)) from None
         return out
+
+    def slot_offsets(self) -> np.ndarray | None:
+        """int64 [n + 1]: where each token's stored slots start in the slot arrays (None in
+        format 1, whose slot arrays are [n, K])."""
+        if self._slot_offsets is None and "row_len" in self.names:
+            row_len = self.read("row_len", 0, self.record.tokens)
+            offsets = np.zeros(len(row_len) + 1, dtype=np.int64)
+            np.cumsum(row_len, out=offsets[1:])
+            if offsets[-1] != self.rows("topk_ids"):
+                raise self.corrupt("row_len", 0, self.record.tokens,
+                                   f"{offsets[-1]} stored slots, but 'topk_ids' has {self.rows('topk_ids')}")
+            self._slot_offsets = offsets
+        return self._slot_offsets
 
     def id_table(self) -> np.ndarray:
         if self._id_table is None:
@@ -124,6 +141,9 @@ class _Segment:
         return self._seq_offsets
 
     def corrupt(self, name: str, start: int, stop: int, why: str) -> CorruptDataError:
+        if name in layout.SLOT_ARRAYS and self._slot_offsets is not None:  # slots back to their tokens
+            start = int(np.searchsorted(self._slot_offsets, start, side="right")) - 1
+            stop = int(np.searchsorted(self._slot_offsets, stop, side="left"))
         a, b = self.token_start + start, self.token_start + stop
         where = f"array '{name}' of segment {self.record.segment}"
         if name not in ("id_table", "seq_offsets"):
@@ -145,7 +165,7 @@ class Store:
         self._scratch = Scratch()
         self._segments: list[_Segment] = []
         token_start = seq_start = 0
-        names = layout.segment_arrays(meta.capture.mode)
+        names = layout.segment_arrays(meta.capture.mode, meta.format_version)
         for record in records:
             self._segments.append(_Segment(store, record, token_start, seq_start, names))
             token_start += record.tokens
@@ -259,19 +279,37 @@ class Store:
 
     def _read_segment(self, seg: _Segment, a: int, b: int, block: TokenBlock, pos: int) -> None:
         """Decode the segment's tokens [a, b) into `block` from row `pos` on."""
-        counts_name = (layout.COUNTS_ARRAY,) if block.counts is not None else ()
-        names = ("input_ids", "topk_ids", "topk_logp", "lse", *counts_name)
-        input_ids, indices, codes, lse, *counts = seg.read_many(names, a, b, self._scratch)
+        k = self.meta.capture.k
+        offsets = seg.slot_offsets()
+        s0, s1 = (a, b) if offsets is None else (int(offsets[a]), int(offsets[b]))
+        slot_names = ("topk_ids", "topk_logp", *((layout.COUNTS_ARRAY,) if block.counts is not None else ()))
+        requests = [("input_ids", a, b), ("lse", a, b), *((name, s0, s1) for name in slot_names)]
+        input_ids, lse, indices, codes, *counts = seg.read_many(requests, self._scratch)
         rows = slice(pos, pos + b - a)
         block.input_ids[rows] = input_ids
+        block.lse[rows] = lse
         table = seg.id_table()
         if indices.max(initial=0) >= len(table):  # so that the cheaper mode="clip" below never clips
             raise seg.corrupt("topk_ids", a, b, f"an index beyond the segment's {len(table)}-entry id table")
-        np.take(table, indices, out=block.topk_ids[rows], mode="clip")
-        self._codec.decode(codes, out=block.topk_logp[rows])
-        block.lse[rows] = lse
+        if s1 - s0 == (b - a) * k or offsets is None:  # every row full (or format 1): slots are [n, K] rows
+            np.take(table, indices.reshape(b - a, k), out=block.topk_ids[rows], mode="clip")
+            self._codec.decode(codes.reshape(b - a, k), out=block.topk_logp[rows])
+            if block.counts is not None:
+                block.counts[rows] = counts[0].reshape(b - a, k)
+            return
+        # Rows with padding: stored slots go to the first row_len places of each row, in order.
+        row_len = np.diff(offsets[a:b + 1])
+        if row_len.max(initial=0) > k:
+            raise seg.corrupt("row_len", a, b, f"a token with more than K={k} stored slots")
+        stored = np.arange(k) < row_len[:, None]
+        ids, logp = block.topk_ids[rows], block.topk_logp[rows]
+        ids.fill(-1)
+        ids[stored] = table[indices]
+        logp.fill(-np.inf)
+        logp[stored] = self._codec.decode(codes)
         if block.counts is not None:
-            block.counts[rows] = counts[0]
+            block.counts[rows] = 0
+            block.counts[rows][stored] = counts[0]
 
     def _allocate(self, n: int) -> TokenBlock:
         k, n_t = self.meta.capture.k, len(self.temperatures)

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from logitstore.errors import FormatVersionError, MetadataError, NotAStoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this version writes; docs/format.md
+READABLE_FORMAT_VERSIONS = (1, 2)
 ATTRIBUTE_KEY = "logitstore"
 
 
@@ -118,10 +119,11 @@ class StoreMeta(_Frozen):
         if not isinstance(raw, dict):
             raise NotAStoreError(f"{where}: the root group has no '{ATTRIBUTE_KEY}' attributes; not a logitstore store")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMAT_VERSIONS:
+            readable = ", ".join(map(str, READABLE_FORMAT_VERSIONS))
             raise FormatVersionError(
                 f"{where}: store format_version {version!r} is not supported by this reader "
-                f"(it reads version {FORMAT_VERSION}); upgrade logitstore or re-capture the store"
+                f"(it reads versions {readable}); upgrade logitstore or re-capture the store"
             )
         try:
             return cls.model_validate(raw)

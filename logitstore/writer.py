@@ -24,7 +24,7 @@ from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec, build_id_table
 from logitstore.errors import LogitStoreError, MetadataError, StoreExistsError
 from logitstore.reader import Store, committed_records
-from logitstore.schema import StoreMeta, meta_differences
+from logitstore.schema import FORMAT_VERSION, StoreMeta, meta_differences
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,15 @@ class SegmentData:
             raise ValueError(f"sequence lengths must be positive and sum to the {n} tokens of the segment")
         if np.any(self.topk_ids >= meta.tokenizer.logits_width) or np.any(self.topk_ids < -1):
             raise ValueError(f"topk_ids outside [-1, logits_width={meta.tokenizer.logits_width})")
+        padding = self.topk_ids < 0
+        # Only stored slots are written (docs/format.md): padding must end each row, come with
+        # -inf, and leave every token at least its top id, or reading would not give it back.
+        if np.any(padding[:, :-1] & ~padding[:, 1:]):
+            raise ValueError("padding ids (-1) must come after every stored id of their row")
+        if np.any(padding != np.isneginf(self.topk_logp)):
+            raise ValueError("topk_logp must be -inf exactly at padding ids (-1)")
+        if np.any(padding[:, 0]):
+            raise ValueError("every token needs at least one stored id (its row starts with padding)")
         if (self.counts is not None) != (meta.capture.mode == "sampled"):
             raise ValueError(f"counts are stored in sampled mode only (this store's mode is {meta.capture.mode!r})")
         if self.counts is not None:
@@ -72,6 +81,8 @@ class StoreWriter:
     a segment is owned by exactly one writer."""
 
     def __init__(self, store: zarr.abc.store.Store, meta: StoreMeta, url: str) -> None:
+        if meta.format_version != FORMAT_VERSION:
+            raise ValueError(f"this logitstore writes store format {FORMAT_VERSION}, not {meta.format_version}")
         self._store = store
         self.meta = meta
         self.url = url
@@ -94,6 +105,11 @@ class StoreWriter:
             raise MetadataError(f"{url} holds no store to resume; run the capture without --resume")
         group = zarr.open_group(store, mode="r")
         existing = StoreMeta.from_attrs(dict(group.attrs), url)
+        if existing.format_version != FORMAT_VERSION:
+            raise LogitStoreError(
+                f"{url} is in store format {existing.format_version}, and this logitstore writes format "
+                f"{FORMAT_VERSION}: finish it with the logitstore version that started it, or re-capture"
+            )
         diffs = meta_differences(existing, meta)
         if diffs:
             raise LogitStoreError(
@@ -133,22 +149,27 @@ class StoreWriter:
         prefix = layout.segment_prefix(segment)
         storage.delete_prefix(self._store, prefix)  # leftovers of a killed attempt
 
-        table, indices = build_id_table(np.asarray(data.topk_ids))
+        ids = np.asarray(data.topk_ids)
+        stored = ids >= 0  # each row's stored slots come first, then padding (validated)
+        k = ids.shape[1]
+        table, indices = build_id_table(ids[stored])
         offsets = np.zeros(len(data.seq_lengths) + 1, dtype=np.int64)
         np.cumsum(data.seq_lengths, out=offsets[1:])
         arrays = {
             "input_ids": np.asarray(data.input_ids, dtype=np.int32),
+            "row_len": stored.sum(axis=1).astype(np.uint8 if k <= np.iinfo(np.uint8).max else np.uint16),
             "topk_ids": indices,
             "id_table": table,
-            "topk_logp": self._codec.encode_topk(data.topk_logp),
+            "topk_logp": self._codec.encode_topk(data.topk_logp)[stored],
             "lse": np.asarray(data.lse, dtype=np.float32),
             "seq_offsets": offsets,
         }
         if data.counts is not None:
-            arrays[layout.COUNTS_ARRAY] = np.asarray(data.counts, dtype=np.uint8)
+            arrays[layout.COUNTS_ARRAY] = np.asarray(data.counts, dtype=np.uint8)[stored]
         chunk = self.meta.capture.chunk_tokens
-        for name in layout.segment_arrays(self.meta.capture.mode):
-            layout.write_array(self._store, f"{prefix}/{name}", arrays[name], chunk)
+        for name in layout.segment_arrays(self.meta.capture.mode, self.meta.format_version):
+            rows_per_chunk = chunk * k if name in layout.SLOT_ARRAYS else chunk
+            layout.write_array(self._store, f"{prefix}/{name}", arrays[name], rows_per_chunk)
         storage.write_key(self._store, layout.segment_manifest_key(segment), _parquet_bytes(data.pieces))
         storage.fsync_tree(self._store, prefix)
 

@@ -82,7 +82,7 @@ def test_from_attrs_not_a_store(attrs: dict) -> None:
         StoreMeta.from_attrs(attrs, "/data/x")
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", None])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, "1", None])
 def test_from_attrs_unknown_version(version: object) -> None:
     raw = make_meta(num_segments=1).model_dump(mode="json")
     if version is None:
@@ -93,7 +93,7 @@ def test_from_attrs_unknown_version(version: object) -> None:
         StoreMeta.from_attrs({ATTRIBUTE_KEY: raw}, "/data/x")
     msg = str(info.value)
     assert repr(version) in msg
-    assert f"reads version {FORMAT_VERSION}" in msg
+    assert f"reads versions 1, {FORMAT_VERSION}" in msg
     assert "/data/x" in msg
 
 

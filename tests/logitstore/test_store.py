@@ -34,6 +34,7 @@ from logitstore.errors import (
     TemperatureNotCapturedError,
 )
 from logitstore.reader import open_store
+from logitstore.schema import FORMAT_VERSION
 from logitstore.writer import SegmentData, StoreWriter
 
 K = 16
@@ -316,8 +317,8 @@ def edit_root_attrs(url: str, edit) -> None:
 
 def test_unknown_format_version_on_disk(built: Built, tmp_path: Path) -> None:
     url = copy_store(built, tmp_path / "s")
-    edit_root_attrs(url, lambda m: m.update(format_version=2))
-    with pytest.raises(FormatVersionError, match="format_version 2 is not supported"):
+    edit_root_attrs(url, lambda m: m.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(FormatVersionError, match=f"format_version {FORMAT_VERSION + 1} is not supported"):
         open_store(url)
 
 
@@ -375,6 +376,18 @@ def test_write_segment_rejects_bad_input(tmp_path: Path) -> None:
         writer.write_segment(0, SegmentData(**{**good.__dict__, "topk_ids": ids}))
     with pytest.raises(ValueError, match="sum to"):
         writer.write_segment(0, SegmentData(**{**good.__dict__, "seq_lengths": np.array([50, 49])}))
+    # Padding is not stored, so it must be exactly what the reader puts back: a row's trailing
+    # -1 ids with -inf log-probs, after at least one stored id.
+    for row, slots in ((3, [2]), (4, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])):
+        ids, logp = good.topk_ids.copy(), good.topk_logp.copy()
+        ids[row, slots], logp[row, slots] = -1, -np.inf
+        match = "after every stored id" if len(slots) == 1 else "at least one stored id"
+        with pytest.raises(ValueError, match=match):
+            writer.write_segment(0, SegmentData(**{**good.__dict__, "topk_ids": ids, "topk_logp": logp}))
+    ids = good.topk_ids.copy()
+    ids[5, K - 1] = -1
+    with pytest.raises(ValueError, match="-inf exactly at padding"):
+        writer.write_segment(0, SegmentData(**{**good.__dict__, "topk_ids": ids}))
     assert open_store(str(tmp_path / "s")).num_tokens == 0
 
 
@@ -434,6 +447,30 @@ def test_padding_roundtrip(tmp_path: Path) -> None:
     assert np.all(block.topk_ids[pad] == -1)
     assert np.all(np.isneginf(block.topk_logp[pad]))
     assert np.all(np.isfinite(block.topk_logp[~pad]))
+
+
+@pytest.mark.parametrize("k", [K, 300])
+def test_padding_is_not_stored_and_reads_back_at_any_range(tmp_path: Path, k: int) -> None:
+    width = 2001
+    segments = [fast_segment(s, n, k=k, width=width, seq_len=90, padding=True) for s, n in ((11, 257), (12, 130))]
+    meta = make_meta(num_segments=2, k=k, logits_width=width, chunk_tokens=CHUNK)
+    url = write_store(tmp_path / "s", meta, segments)
+    kv = storage.open_kv(url, read_only=True)
+    row_len = layout.open_array(kv, "segments/000000/row_len")
+    assert row_len.dtype == (np.uint8 if k < 256 else np.uint16)
+    np.testing.assert_array_equal(row_len[...], (segments[0].topk_ids >= 0).sum(axis=1))
+    stored = int((segments[0].topk_ids >= 0).sum())
+    for name in ("topk_ids", "topk_logp"):
+        assert layout.open_array(kv, f"segments/000000/{name}").shape == (stored,)
+    assert -1 not in layout.open_array(kv, "segments/000000/id_table")[...]
+
+    # Slot chunks (CHUNK * k slots) and token chunks do not line up: read across both kinds of edge.
+    store, expected = open_store(url), concat(segments)
+    reused = store.read(0, 100)
+    for a, b in ((0, 387), (0, 1), (63, 65), (100, 257), (250, 270), (256, 257), (257, 387), (386, 387)):
+        assert_block(store.read(a, b), expected, a, b, LogProbCodec())
+        assert_block(store.read(a, b, out=reused) if b - a <= 100 else store.read(a, b), expected, a, b,
+                     LogProbCodec())
 
 
 def test_int32_vocab_roundtrip(tmp_path: Path) -> None:

@@ -18,10 +18,10 @@ from store_helpers import concat, fast_segment, make_meta, quantized, write_stor
 from logitstore import layout
 from logitstore.cli import main
 from logitstore.codecs import LogProbCodec
-from logitstore.errors import CorruptDataError
+from logitstore.errors import CorruptDataError, LogitStoreError
 from logitstore.reader import open_store
 from logitstore.verify import verify
-from logitstore.writer import SegmentData
+from logitstore.writer import SegmentData, StoreWriter
 
 K = 16
 CHUNK = 64
@@ -152,33 +152,40 @@ def segment_of(url: str, segment: int) -> tuple[int, int]:
 
 def test_flipped_byte_in_chunk(tmp_path: Path, good: str, content: SegmentData) -> None:
     url = fresh_copy(good, tmp_path)
-    seg_start, seg_stop = segment_of(url, 2)  # segment 2: sequences 6..12, 350 tokens, 6 chunks
-    n_chunks = -(-(seg_stop - seg_start) // CHUNK)
+    seg_start, seg_stop = segment_of(url, 2)  # segment 2: sequences 6..12, 350 tokens
+    # topk_logp holds the stored slots (row_len per token) in chunks of CHUNK * K slots.
+    row_len = (content.topk_ids[seg_start:seg_stop] >= 0).sum(axis=1)
+    slot_starts = np.concatenate([[0], np.cumsum(row_len)])
+    n_chunks = -(-int(slot_starts[-1]) // (CHUNK * K))
     path = shard_path(url, 2, "topk_logp")
     chunks = shard_chunks(path, n_chunks)
-    assert chunks[0][0] == 0 and all(n > 0 for _, n in chunks)
-    j = 2
+    assert n_chunks >= 3 and chunks[0][0] == 0 and all(n > 0 for _, n in chunks)
+    j = 1
     offset, nbytes = chunks[j]
     flip_byte(path, offset + nbytes // 2)
-    a, b = seg_start + j * CHUNK, seg_start + (j + 1) * CHUNK
+    # The tokens with a slot in chunk j, then the CHUNK-token reads of verify that touch them.
+    hit = np.flatnonzero((slot_starts[1:] > j * CHUNK * K) & (slot_starts[:-1] < (j + 1) * CHUNK * K))
+    first, last = seg_start + int(hit[0]), seg_start + int(hit[-1]) + 1
+    reads = [(a, min(a + CHUNK, seg_stop)) for a in range(seg_start, seg_stop, CHUNK)]
+    damaged = [(a, b) for a, b in reads if a < last and b > first]
 
     report = verify(url)
     assert not report.ok
     assert report.digest is None
-    assert len(report.errors) == 1, report.errors
-    (err,) = report.errors
-    assert "'topk_logp'" in err and f"tokens [{a}, {b})" in err
+    assert len(report.errors) == len(damaged), report.errors
+    for err, (a, b) in zip(report.errors, damaged, strict=True):
+        assert "'topk_logp'" in err and f"tokens [{a}, {b})" in err
 
     store = open_store(url)
-    with pytest.raises(CorruptDataError, match=rf"array 'topk_logp' of segment 2, tokens \[{a}, {b}\)"):
-        store.read(a, b)
+    with pytest.raises(CorruptDataError, match=rf"array 'topk_logp' of segment 2, tokens \[{first}, {last}\)"):
+        store.read(first, last)
     with pytest.raises(CorruptDataError, match="'topk_logp'"):
         store.read(0, TOKENS)
-    # The other chunks, and the other arrays of the damaged chunk, still read.
+    # The tokens before and after the damaged chunk still read.
     expected = concat([content])
-    block = store.read(seg_start, a)
-    np.testing.assert_array_equal(block.topk_logp, quantized(LogProbCodec(), expected["topk_logp"][seg_start:a]))
-    np.testing.assert_array_equal(store.read(b, TOKENS).topk_ids, expected["topk_ids"][b:])
+    block = store.read(seg_start, first)
+    np.testing.assert_array_equal(block.topk_logp, quantized(LogProbCodec(), expected["topk_logp"][seg_start:first]))
+    np.testing.assert_array_equal(store.read(last, TOKENS).topk_ids, expected["topk_ids"][last:])
 
 
 def test_flipped_byte_in_shard_index(tmp_path: Path, good: str) -> None:
@@ -315,3 +322,24 @@ def test_cli_entry_point_subprocess(tmp_path: Path, good: str) -> None:
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
     assert bad.stdout == ""
+
+
+# ------------------------------------------------------------------------ older store formats
+
+FORMAT1 = Path(__file__).parents[1] / "data" / "format1-sampled"  # padded [n, K] slot arrays, no row_len
+
+
+def test_format1_store_reads_as_its_writer_read_it(tmp_path: Path) -> None:
+    recorded = json.loads(FORMAT1.with_suffix(".json").read_text())["digest"]  # by format 1's own verify
+    report = verify(str(FORMAT1))
+    assert report.ok and report.complete, report.errors
+    assert report.digest == recorded
+    store = open_store(str(FORMAT1))
+    assert store.meta.format_version == 1 and store.meta.capture.mode == "sampled"
+    block = store.read(0, store.num_tokens)
+    assert (block.topk_ids == -1).any() and np.array_equal(block.counts == 0, block.topk_ids == -1)
+
+    # This writer does not add format-2 segments to it; it says why.
+    url = shutil.copytree(FORMAT1, tmp_path / "s")
+    with pytest.raises(LogitStoreError, match="store format 1, and this logitstore writes format 2"):
+        StoreWriter.resume(str(url), store.meta.model_copy(update={"format_version": 2}))
