@@ -86,7 +86,7 @@ def test_s3_capture_info_files_and_delete(
     etag = full.headers["etag"]
     assert c.get(f"{files}/zarr.json", headers={**h, "If-None-Match": etag}).status_code == 304
     assert c.get(f"{files}/zarr.json", headers={**h, "If-None-Match": '"other"'}).status_code == 200
-    shard_key = "segments/000000/topk_ids/c/0/0"
+    shard_key = "segments/000000/lse/c/0/0"
     shard = fs.cat(f"{url}/{shard_key}")
     part = c.get(f"{files}/{shard_key}", headers={**h, "Range": "bytes=10-49"})
     assert part.status_code == 206 and part.content == shard[10:50]
