@@ -28,9 +28,9 @@ where b is `tail_mantissa_bits` for |l| >= 2^tail_min_exponent and `mantissa_bit
 integer add, shift, and a reinterpret, no log/exp; on numpy it is one gather from the
 table of all 65536 codes built that way.
 
-Token ids are stored through a per-segment *id table*: the distinct ids of the segment
-(padding -1 included) sorted by descending frequency, and `topk_ids` holds indices into
-it. Frequent ids get small indices, which is what pcodec's binning compresses to near
+Token ids are stored through a per-segment *id table*: the distinct stored ids of the
+segment (format 1 also held the padding id -1) sorted by descending frequency, and
+`topk_ids` holds indices into it. Frequent ids get small indices, which is what pcodec's binning compresses to near
 the ids' unigram entropy (about 20% fewer bytes than zstd on raw ids, measured on
 SmolLM2). Indices are uint16 when the table has at most 65536 entries, int32 otherwise,
 and the table itself is int32: ids are never truncated, whatever the vocabulary.
@@ -225,7 +225,7 @@ def _round_bits(bits: np.ndarray, shift: int) -> np.ndarray:
 
 
 def build_id_table(topk_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """int ids [n, K] (-1 = padding) → (table int32 [U] by descending frequency, indices [n, K]).
+    """int ids of any shape → (table int32 [U] by descending frequency, indices of the same shape).
 
     `table[indices] == topk_ids`. Ties in frequency are broken by id, so the table is a
     pure function of the ids (a resumed capture writes identical bytes).
