@@ -47,6 +47,7 @@ class Settings(BaseSettings):
     heartbeat_s: float = Field(5.0, gt=0, description="how often a worker marks its running job alive")
     stale_after_s: float = Field(60.0, gt=0, description="a running job silent this long is reclaimed")
     poll_s: float = Field(1.0, gt=0, description="how often an idle worker looks for queued jobs")
+    max_attempts: int = Field(3, ge=1, description="a job whose worker goes silent this many times is failed")
     read_cache_s: float = Field(
         2.0, ge=0, description="store file reads reuse a (key, store) access check this long; 0: check every read"
     )

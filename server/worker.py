@@ -6,7 +6,14 @@ SQLite (one box) does it with a single guarded `UPDATE ... WHERE state = 'queued
 which only one writer can win. A running job's worker refreshes its heartbeat from a
 thread; a job whose heartbeat is older than `stale_after_s` is claimed again by another
 worker and resumed from its committed segments (the capture is deterministic, so the
-finished store is the one an uninterrupted run would have written).
+finished store is the one an uninterrupted run would have written). A job whose worker went
+silent on its `max_attempts`-th claim (a teacher that kills its worker, say out of memory) is
+failed instead of being claimed forever.
+
+The heartbeat is also this worker's lease on the job: a worker whose beats have not reached
+the database for `stale_after_s / 2` stops at its next progress report, before another worker
+may take the job over and remove the segment it would otherwise still be writing. A database
+error neither kills the heartbeat nor the worker: both log it and try again.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,12 +70,18 @@ class Worker:
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stop = threading.Event()
         self._teachers: dict[str, object] = {}  # source -> loaded Teacher, reused across jobs
+        self._lease_until = 0.0  # time.monotonic() until which the running job is surely still ours
 
     def run(self) -> None:
         self.db.create_tables()
         log.info("worker %s polling %s", self.id, self.settings.db_url.split("@")[-1])
         while not self.stop.is_set():
-            if self.run_once() is None:
+            try:
+                ran = self.run_once()
+            except Exception:  # the database went away: a job left running is reclaimed once stale
+                log.exception("worker %s: polling failed; retrying in %.0f s", self.id, self.settings.poll_s)
+                ran = None
+            if ran is None:
                 self.stop.wait(self.settings.poll_s)
 
     def run_once(self) -> str | None:
@@ -79,9 +93,18 @@ class Worker:
 
     def claim(self) -> ClaimedJob | None:
         cutoff = now() - self.settings.stale_after_s
-        claimable = or_(Job.state == "queued", and_(Job.state == "running", Job.heartbeat_at < cutoff))
+        stale = and_(Job.state == "running", Job.heartbeat_at < cutoff)
+        claimable = or_(Job.state == "queued", and_(stale, Job.attempts < self.settings.max_attempts))
         taken = {"state": "running", "worker_id": self.id, "heartbeat_at": now(), "attempts": Job.attempts + 1}
         with self.db.session() as s:
+            s.execute(
+                update(Job).where(stale, Job.attempts >= self.settings.max_attempts).values(
+                    state="failed", finished_at=now(), cancel_requested=False,
+                    error=f"its worker stopped responding on each of {self.settings.max_attempts} attempts (killed, "
+                    "for example out of memory); the committed part of the store is kept: request the capture "
+                    "again to resume it",
+                )
+            )  # fmt: skip
             if self.db.is_postgresql:
                 job = s.scalar(
                     select(Job).where(claimable).order_by(Job.created_at).limit(1).with_for_update(skip_locked=True)
@@ -115,6 +138,7 @@ class Worker:
     def execute(self, job: ClaimedJob) -> None:
         """Run the capture; the job ends succeeded, failed or cancelled (or back in the queue on stop)."""
         beat = threading.Event()
+        self._lease_until = time.monotonic() + self.settings.stale_after_s / 2  # just claimed
         heart = threading.Thread(target=self._heartbeat, args=(job.id, beat), daemon=True, name="heartbeat")
         heart.start()
         try:
@@ -161,6 +185,10 @@ class Worker:
             storage.remove_tree(out, options)  # killed before the store existed: nothing to keep
 
         def progress(p: CaptureProgress) -> None:
+            if time.monotonic() > self._lease_until:
+                log.warning("job %s: no heartbeat reached the database for %.3g s; stopping before another "
+                            "worker takes it over", job.id, self.settings.stale_after_s / 2)
+                raise JobLost(job.id)
             with self.db.session() as s:
                 row = s.get(Job, job.id)
                 if row.worker_id != self.id or row.state != "running":
@@ -177,8 +205,19 @@ class Worker:
 
     def _heartbeat(self, job_id: str, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_s):
-            with self.db.session() as s:
-                s.execute(update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(heartbeat_at=now()))
+            try:
+                still_ours = self._beat(job_id)
+            except Exception as e:  # keep beating: the capture goes on, and the lease runs out if this persists
+                log.warning("job %s: heartbeat failed (%s: %s); retrying", job_id, type(e).__name__, e)
+                continue
+            if still_ours:
+                self._lease_until = time.monotonic() + self.settings.stale_after_s / 2
+
+    def _beat(self, job_id: str) -> bool:
+        """Mark the job alive; False when it is no longer this worker's."""
+        with self.db.session() as s:
+            owned = (Job.id == job_id, Job.worker_id == self.id, Job.state == "running")
+            return s.execute(update(Job).where(*owned).values(heartbeat_at=now())).rowcount == 1
 
     def _finish(self, job_id: str, state: str, error: str | None) -> None:
         with self.db.session() as s:

@@ -2,9 +2,10 @@
 
 The teacher runs once: a request whose corpus, teacher fingerprint and normalized
 settings match an existing job gets that job back (200) while it is queued, running or
-succeeded; a failed or cancelled twin is queued again and resumes from its committed
-segments (201). When the twin belongs to another team, the caller is granted read access
-to its store: it holds the same corpus and asked for the same computation.
+succeeded (a pending cancel request is withdrawn); a failed or cancelled twin is queued
+again and resumes from its committed segments (201). When the twin belongs to another
+team, the caller is granted read access to its store: it holds the same corpus and asked
+for the same computation.
 """
 
 from __future__ import annotations
@@ -147,9 +148,12 @@ def create_capture(
     _share_with(session, job, principal.team_id)
     if job.state in ("failed", "cancelled"):
         job.state, job.error, job.cancel_requested, job.worker_id = "queued", None, False, None
-        job.finished_at = None
+        job.finished_at, job.attempts = None, 0  # a new run: max_attempts more claims
         session.flush()
         return job_out(job)
+    if job.cancel_requested:  # asked for again while being cancelled: it is wanted after all
+        job.cancel_requested = False
+        session.flush()
     response.status_code = 200
     return job_out(job)
 

@@ -1,12 +1,15 @@
 """The job queue on SQLite and a real PostgreSQL: atomic claims by racing workers, reclaim of
-a job whose worker went silent, and cancellation of a running job."""
+a job whose worker went silent (or keeps dying), cancellation of a running job, and a worker
+that outlives database errors and stops when its lease runs out."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from server.db import Database, Job
 from server.worker import Worker
@@ -91,3 +94,97 @@ def test_a_stopping_worker_hands_its_job_back(api: Api, corpus_slice: Path) -> N
     assert api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["state"] == "succeeded"
     worker.db.dispose()
     other.db.dispose()
+
+
+class _FlakyHeartbeat(Worker):
+    """A worker whose first `failures` heartbeats (all of them with None) hit a database error."""
+
+    def __init__(self, settings, failures: int | None, **kw) -> None:
+        super().__init__(settings, **kw)
+        self.failures, self.beats = failures, 0
+
+    def _beat(self, job_id: str) -> bool:
+        self.beats += 1
+        if self.failures is None or self.beats <= self.failures:
+            raise OperationalError("UPDATE jobs ...", {}, Exception("database is locked"))
+        return super()._beat(job_id)
+
+
+def test_the_heartbeat_outlives_database_errors(make_settings, api: Api, corpus_slice: Path) -> None:
+    key, [job_id] = _queue_jobs(api, corpus_slice, 1)
+    worker = _FlakyHeartbeat(make_settings(heartbeat_s=0.005), failures=3)
+    worker.execute(worker.claim())
+    assert worker.beats > 3  # still beating after the errors
+    assert api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["state"] == "succeeded"
+    worker.db.dispose()
+
+
+def test_a_worker_whose_lease_runs_out_stops_and_its_job_is_reclaimed(
+    make_settings, api: Api, corpus_slice: Path
+) -> None:
+    key, [job_id] = _queue_jobs(api, corpus_slice, 1)
+    settings = make_settings(stale_after_s=0.02, heartbeat_s=0.005)  # a 10 ms lease
+    cut_off = _FlakyHeartbeat(settings, failures=None, worker_id="cut-off")
+    cut_off.execute(cut_off.claim())  # loading the teacher alone outlasts the lease: stops at the first report
+    r = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()
+    assert (r["state"], r["tokens_done"], r["error"]) == ("running", 0, None)  # left as it was, for a reclaim
+    other = Worker(make_settings(stale_after_s=0.5, heartbeat_s=0.05), worker_id="other")
+    time.sleep(0.5)  # the cut-off worker's last heartbeat, at its claim, is now stale for the other
+    assert other.run_once() == job_id
+    r = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()
+    assert (r["state"], r["attempts"]) == ("succeeded", 2)
+    cut_off.db.dispose()
+    other.db.dispose()
+
+
+def test_a_job_that_keeps_killing_its_worker_is_failed_then_can_be_requested_again(
+    make_settings, api: Api, corpus_slice: Path
+) -> None:
+    key, [job_id] = _queue_jobs(api, corpus_slice, 1)
+    settings = make_settings(max_attempts=2)
+    worker = Worker(settings)
+    for _ in range(2):  # claimed, then its worker dies (the heartbeat goes stale)
+        assert worker.claim().id == job_id
+        with worker.db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(heartbeat_at=Job.heartbeat_at - 3600))
+    assert worker.claim() is None
+    r = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()
+    assert (r["state"], r["attempts"]) == ("failed", 2)
+    assert "stopped responding on each of 2 attempts" in r["error"]
+    corpus_id = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["corpus_id"]
+    again = api.capture(key, corpus_id, k=1)
+    assert again.status_code == 201 and (again.json()["id"], again.json()["state"], again.json()["attempts"]) == (
+        job_id, "queued", 0)
+    assert worker.run_once() == job_id
+    assert api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["state"] == "succeeded"
+    worker.db.dispose()
+
+
+def test_the_polling_loop_outlives_database_errors(make_settings) -> None:
+    class FlakyClaims(Worker):
+        calls = 0
+
+        def claim(self):
+            self.calls += 1
+            if self.calls == 1:
+                raise OperationalError("SELECT jobs ...", {}, Exception("server closed the connection"))
+            self.stop.set()
+            return None
+
+    worker = FlakyClaims(make_settings(poll_s=0.01))
+    worker.run()  # returns once stopped, not at the first error
+    assert worker.calls == 2
+    worker.db.dispose()
+
+
+def test_requesting_a_capture_again_withdraws_its_pending_cancel(api: Api, corpus_slice: Path) -> None:
+    key, [job_id] = _queue_jobs(api, corpus_slice, 1)
+    worker = Worker(api.settings)
+    job = worker.claim()
+    assert api.client.delete(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["cancel_requested"] is True
+    corpus_id = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["corpus_id"]
+    again = api.capture(key, corpus_id, k=1)
+    assert (again.status_code, again.json()["id"], again.json()["cancel_requested"]) == (200, job_id, False)
+    worker.execute(job)
+    assert api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["state"] == "succeeded"
+    worker.db.dispose()
