@@ -48,6 +48,24 @@ IGNORE_INDEX = -100
 DEFAULT_READ_TOKENS = 16384
 
 
+def drop_non_token_ids(topk_ids: np.ndarray, topk_logp: np.ndarray, counts: np.ndarray | None,
+                       vocab_size: int) -> None:
+    """Turn stored ids >= `vocab_size` into padding, in place.
+
+    A teacher's output layer may be wider than its tokenizer (padded to a multiple of 64 or
+    128), and the capture ranks and samples every column. The columns past the vocabulary are
+    not tokens and the student scores only the vocabulary, so their ids become padding: their
+    mass joins the tail bucket, and in a sampled store their draws are dropped (like draws
+    past the k cap).
+    """
+    non_token = topk_ids >= vocab_size
+    if non_token.any():
+        topk_ids[non_token] = -1
+        topk_logp[non_token] = -np.inf
+        if counts is not None:
+            counts[non_token] = 0
+
+
 class StoreDataset(IterableDataset):
     """Collated training batches from a store, forever (epoch after epoch).
 
@@ -267,6 +285,7 @@ class StoreDataset(IterableDataset):
                         if counts is None:
                             counts = np.zeros((p, r, l, k), dtype=np.uint8)
                         counts[i, j, :n] = data_counts[s:z]
+        drop_non_token_ids(topk_ids, topk_logp, counts, meta.tokenizer.vocab_size)
         if self.logp_dtype == torch.bfloat16:
             # Exact: every value is a float32 whose low 16 bits are zero (see logp_dtype).
             topk_logp = (topk_logp.view(np.uint32) >> 16).astype(np.uint16)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from logitstore.capture.corpus import read_documents, tokenize_and_pack
 from logitstore.reader import Store
+from trainer.data import drop_non_token_ids
 from trainer.kd_loss import kd_loss
 
 
@@ -65,6 +66,7 @@ def eval_store(
         topk_ids = torch.full((*ids.shape, k), -1, dtype=torch.int64)
         topk_logp = torch.full((*ids.shape, k), float("-inf"))
         for row, b in enumerate(blocks):
+            drop_non_token_ids(b.topk_ids, b.topk_logp, None, vocab_size)
             topk_ids[row, : len(b)] = torch.from_numpy(b.topk_ids.astype(np.int64))
             topk_logp[row, : len(b)] = torch.from_numpy(b.topk_logp)
         flat_mask = mask.reshape(-1).to(logits.device)

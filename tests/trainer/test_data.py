@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from itertools import islice, pairwise
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -12,7 +14,9 @@ import torch
 from logitstore import open_store
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError
+from tests.logitstore.store_helpers import fast_segment, make_meta, write_store
 from trainer.data import StoreDataset, make_loader
+from trainer.evaluate import eval_store
 
 
 def check_batch_against_store(batch: dict, store, dataset: StoreDataset, block_ids: np.ndarray) -> int:
@@ -195,3 +199,36 @@ def test_s3_store_streams_like_the_local_one(tiny_store, s3_server):
     assert remote.meta == local.meta
     for a, b in zip(islice(iter(remote), 3), islice(iter(local), 3), strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ids_past_the_vocabulary_become_padding_in_batches_and_evaluation(tmp_path):
+    # A teacher whose output layer (1001 columns) is wider than its tokenizer (960 tokens).
+    width, vocab, k, seq_len = 1001, 960, 16, 50
+    segments = [fast_segment(seed, 300, k=k, width=width, seq_len=seq_len) for seed in (1, 2)]
+    segments = [dataclasses.replace(s, input_ids=s.input_ids % vocab) for s in segments]  # inputs are tokens
+    url = write_store(tmp_path / "s", make_meta(num_segments=2, k=k, logits_width=width, vocab_size=vocab),
+                      segments, finalize=True)
+    store = open_store(url)
+    ds = StoreDataset(url, seq_len=seq_len, batch_size=4)
+    dropped = 0
+    for b, batch in enumerate(islice(iter(ds), 4)):
+        starts, stops, _ = (a[ds.local_batch_blocks(b)] for a in ds.blocks)
+        for row, (a, z) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True)):
+            ref = store.read(a, z)
+            past = ref.topk_ids >= vocab
+            dropped += int(past.sum())
+            np.testing.assert_array_equal(batch["topk_ids"][row, : z - a].numpy(), np.where(past, -1, ref.topk_ids))
+            np.testing.assert_array_equal(batch["topk_logp"][row, : z - a].float().numpy(),
+                                          np.where(past, -np.inf, ref.topk_logp))
+    assert dropped > 0  # the store does hold such ids
+
+    class Logits(torch.nn.Module):  # a "student" that scores the whole width
+        def __init__(self) -> None:
+            super().__init__()
+            self.table = torch.nn.Embedding(width, width)
+
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=self.table(input_ids.long()))
+
+    result = eval_store(Logits(), store, vocab_size=vocab, seq_len=seq_len, batch_size=4)
+    assert all(np.isfinite(v) for v in result.values()), result
