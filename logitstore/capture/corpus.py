@@ -161,6 +161,8 @@ def _read_jsonl(path: Path, shown: str, text_field: str) -> Iterator[tuple[str, 
         except json.JSONDecodeError as e:
             hint = " (.json files are read as JSON Lines: one object per line)" if path.suffix == ".json" else ""
             raise CorpusError(f"{shown}:{lineno}: malformed JSON: {e.msg} at column {e.colno}{hint}") from None
+        except (ValueError, RecursionError) as e:  # an integer of thousands of digits, nesting too deep
+            raise CorpusError(f"{shown}:{lineno}: JSON this reader refuses: {e}") from None
         if not isinstance(record, dict):
             raise CorpusError(
                 f"{shown}:{lineno}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"

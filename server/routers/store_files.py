@@ -54,6 +54,7 @@ async def store_file(
     if not cache.allows(token, store_id):
         await run_in_threadpool(_check_read_access, request.app.state.db, settings, credentials, store_id)
         cache.remember(token, store_id)
+    _check_range_positions(request.headers.get("range"))
     if not settings.stores_local:
         _check_key(key)
         fs, root = request.app.state.remote_fs
@@ -158,7 +159,7 @@ def _stat_file(path: Path, store_id: str, key: str) -> os.stat_result:
     """The stat of a regular file; 404 for anything else."""
     try:
         st = path.stat()
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # no such file, a file where a directory should be, a name too long, ...
         raise HTTPException(404, f"store {store_id!r} has no key {key!r}") from None
     if not stat.S_ISREG(st.st_mode):
         raise HTTPException(404, f"store {store_id!r} has no key {key!r}")
@@ -176,7 +177,15 @@ _SMALL_READ = 8 << 20
 # ~25 µs, less than the ~50-150 µs of a hop to the thread pool and back (measured on the
 # 2-core VM). A cold read of that size from disk holds the loop for about a millisecond.
 _INLINE_READ = 1 << 20
-_SINGLE_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+_SINGLE_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
+_LONG_NUMBER = re.compile(r"\d{19}")
+
+
+def _check_range_positions(range_header: str | None) -> None:
+    """416 for a Range with a position of 19 digits or more: past the end of any file (and
+    past what Starlette's own Range parsing accepts without an error)."""
+    if range_header is not None and _LONG_NUMBER.search(range_header):
+        raise HTTPException(416, f"range {range_header[:64]!r}... names a position past the end of any file")
 
 
 def _one_read(range_header: str | None, st: os.stat_result, etag: str) -> tuple[int, int, int, dict[str, str]] | None:

@@ -68,6 +68,9 @@ def test_upload_is_content_addressed_and_validated(api: Api, corpus_slice: Path)
     bad = api.upload(key, b'{"text": "ok"}\n{"text": 3}\n', filename="c.jsonl")
     assert bad.status_code == 422 and "c.jsonl:2" in bad.json()["detail"]
     assert "field 'text' must be a string" in bad.json()["detail"]
+    for hostile in (b'{"text": "ok", "n": ' + b"9" * 5000 + b"}\n", b"[" * 200_000 + b"\n"):
+        refused = api.upload(key, hostile, filename="c.jsonl")  # Python's JSON parser raises, not 500
+        assert refused.status_code == 422 and "c.jsonl:1" in refused.json()["detail"], refused.text
     missing = api.upload(key, b'{"body": "x"}\n', filename="c.jsonl", text_field="content")
     assert missing.status_code == 422 and "missing field 'content'" in missing.json()["detail"]
     buf = io.BytesIO()

@@ -39,6 +39,14 @@ PASSED_ON = [
     ("segments//blob", {}),  # 400
     ("a/%2e%2e/x", {}),  # 400
 ]
+# Hostile requests the route answers with a 4xx (not a 500), and the status it gives.
+HOSTILE = [
+    ("segments/" + "x" * 300, {}, 404),  # a name too long for the file system
+    ("segments/blob", {"Range": "bytes=0-" + "9" * 5000}, 416),  # past any file, and past int()'s digit limit
+    ("segments/blob", {"Range": "bytes=" + "1" * 19 + "-"}, 416),
+    ("segments/blob", {"Range": "bytes=0-1," + "2" * 30 + "-"}, 416),
+]
+PASSED_ON += [(name, extra) for name, extra, _ in HOSTILE]
 
 
 def _prepare(api: Api) -> tuple[str, str]:
@@ -67,6 +75,15 @@ def test_fast_path_answers_exactly_as_the_route(api: Api, make_settings: Callabl
             expected = _comparable(route_only.get(url, headers=headers))
             api.client.get(url, headers=headers)  # the first read checks access and caches it
             assert _comparable(api.client.get(url, headers=headers)) == expected, (name, extra)
+
+
+def test_hostile_requests_get_a_client_error(api: Api) -> None:
+    key, store_id = _prepare(api)
+    for name, extra, status in HOSTILE:
+        for method in ("GET", "HEAD"):  # the second GET goes through the fast path's checks, too
+            for _ in range(2):
+                r = api.client.request(method, f"/v1/stores/{store_id}/zarr/{name}", headers={**api.auth(key), **extra})
+                assert r.status_code == status, (method, name[:40], extra.get("Range", "")[:40], r.text[:200])
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
