@@ -290,7 +290,7 @@ class Store:
         block.lse[rows] = lse
         table = seg.id_table()
         if indices.max(initial=0) >= len(table):  # so that the cheaper mode="clip" below never clips
-            raise seg.corrupt("topk_ids", a, b, f"an index beyond the segment's {len(table)}-entry id table")
+            raise seg.corrupt("topk_ids", s0, s1, f"an index beyond the segment's {len(table)}-entry id table")
         if s1 - s0 == (b - a) * k or offsets is None:  # every row full (or format 1): slots are [n, K] rows
             np.take(table, indices.reshape(b - a, k), out=block.topk_ids[rows], mode="clip")
             self._codec.decode(codes.reshape(b - a, k), out=block.topk_logp[rows])

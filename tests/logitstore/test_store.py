@@ -26,6 +26,7 @@ from store_helpers import (
 from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import (
+    CorruptDataError,
     FormatVersionError,
     LogitStoreError,
     MetadataError,
@@ -471,6 +472,16 @@ def test_padding_is_not_stored_and_reads_back_at_any_range(tmp_path: Path, k: in
         assert_block(store.read(a, b), expected, a, b, LogProbCodec())
         assert_block(store.read(a, b, out=reused) if b - a <= 100 else store.read(a, b), expected, a, b,
                      LogProbCodec())
+
+
+def test_a_damaged_id_table_names_the_tokens_read(tmp_path: Path) -> None:
+    seg = fast_segment(13, 400, k=K, width=WIDTH, seq_len=100, padding=True)
+    url = write_store(tmp_path / "s", make_meta(num_segments=1, k=K, chunk_tokens=CHUNK), [seg])
+    kv = storage.open_kv(url, read_only=False)
+    table = layout.open_array(kv, "segments/000000/id_table")[...]
+    layout.write_array(kv, "segments/000000/id_table", table[:1], CHUNK)  # well-formed, but too short
+    with pytest.raises(CorruptDataError, match=r"array 'topk_ids' of segment 0, tokens \[300, 310\)"):
+        open_store(url).read(300, 310)
 
 
 def test_int32_vocab_roundtrip(tmp_path: Path) -> None:
