@@ -270,6 +270,8 @@ def _micro_step(
         topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, batch["topk_ids"].shape[-1])
         logp_t = _teacher_logp(batch, cfg.temperature, targets)
         ce = F.cross_entropy(z.detach().float(), labels, ignore_index=-100) if measure or cfg.alpha > 0 else nan
+        # Before the kernel: with inplace_grad it overwrites z.
+        kd = _stored_kd(z.detach(), batch, cfg, targets) if cfg.alpha == 1 and measure else nan
         # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the logits
         # for backward: the head's backward uses its input and weight), saving an [N, V] allocation.
         loss = kd_loss(
@@ -280,8 +282,6 @@ def _micro_step(
             kd = loss.detach()
         elif cfg.alpha < 1:
             kd = (loss.detach() - cfg.alpha * ce) / (1 - cfg.alpha)  # same tokens in both means
-        else:
-            kd = _stored_kd(z.detach(), batch, cfg, targets) if measure else nan
         return loss, kd, ce
 
     # Sampled draws, the renormalized top-k and online KD: plain torch losses, CE mixed in here.
