@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from logitstore import storage
@@ -63,6 +63,14 @@ class Settings(BaseSettings):
         if not teachers:
             raise ValueError("at least one teacher must be offered")
         return teachers
+
+    @model_validator(mode="after")
+    def _beats_within_the_lease(self) -> Settings:
+        # A worker stops when no beat landed for stale_after_s / 2 (its lease; server/worker.py).
+        if self.heartbeat_s >= self.stale_after_s / 2:
+            raise ValueError(f"heartbeat_s ({self.heartbeat_s:g}) must be below half of stale_after_s "
+                             f"({self.stale_after_s:g}): a worker's lease on its job is stale_after_s / 2")
+        return self
 
     @property
     def db_url(self) -> str:

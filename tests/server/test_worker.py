@@ -8,6 +8,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
@@ -188,3 +190,8 @@ def test_requesting_a_capture_again_withdraws_its_pending_cancel(api: Api, corpu
     worker.execute(job)
     assert api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()["state"] == "succeeded"
     worker.db.dispose()
+
+
+def test_a_heartbeat_slower_than_the_lease_is_refused(make_settings) -> None:
+    with pytest.raises(ValidationError, match=r"heartbeat_s \(30\) must be below half of stale_after_s \(60\)"):
+        make_settings(heartbeat_s=30, stale_after_s=60)
