@@ -313,6 +313,14 @@ class _BatchResult:
         return [t.numpy() if t is not None else None for t in self.tensors]
 
 
+# On CPU the reduction's passes over [rows, V] (lse per temperature, top-k, the sampler's CDF)
+# are bound by memory bandwidth: over 16 rows at a time each pass stays in cache. Measured on
+# the 2-core box, 512 rows of V = 49152: 0.25 -> 0.07 s for top-64 at 3 temperatures, 0.24 ->
+# 0.08 s sampled, identical results. The projection keeps `row_chunk` rows: a few rows per
+# matmul would stream the [V, H] head weight from memory once per few rows.
+CPU_REDUCE_ROWS = 16
+
+
 @torch.inference_mode()
 def _forward_batch(
     teacher: Teacher, sequences: list[np.ndarray], keys: np.ndarray, reduction: Reduction, row_chunk: int
@@ -337,11 +345,13 @@ def _forward_batch(
     hidden = hidden.flatten(0, 1).index_select(0, real)  # [n, H]: drop padding before the projection
 
     parts = []
+    reduce_rows = row_chunk if device.type == "cuda" else CPU_REDUCE_ROWS
     for rows, row_keys in zip(hidden.split(row_chunk), keys_t.split(row_chunk), strict=True):
         z = head(rows).float()  # [r, V] fp32, the only vocabulary-wide tensor (plus the reduction's)
         if softcap is not None:
             z = torch.tanh(z / softcap) * softcap
-        parts.append(reduction(z, row_keys))
+        for block, block_keys in zip(z.split(reduce_rows), row_keys.split(reduce_rows), strict=True):
+            parts.append(reduction(block, block_keys))
         del z
     out = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
     if device.type != "cuda":
