@@ -94,8 +94,9 @@ class CaptureConfig:
     unit_tokens: int = 262_144  # tokens per work unit = per segment (one shard per array)
     chunk_tokens: int = 4096  # rows per Zarr chunk inside a shard
     batch_tokens: int = 8192  # tokens (padded) per teacher forward
-    # Logit rows materialized at once: the reduction holds ~3 fp32 [row_chunk, V] buffers, which stay
-    # well under the bare forward's [batch_tokens, V] logits (measured: benchmarks/capture.py).
+    # Logit rows materialized at once: one fp32 [row_chunk, V] block plus the reduction's ~3 buffers
+    # (of as many rows on CUDA, of CPU_REDUCE_ROWS on CPU), well under the bare forward's
+    # [batch_tokens, V] logits (measured: benchmarks/capture.py).
     row_chunk: int = 512
     # One mantissa bit less from 4 nats on: -16% bytes for topk_logp, KL still < 1e-4 (codecs.py).
     logp_codec: LogProbCodec = field(default_factory=lambda: LogProbCodec(tail_mantissa_bits=6))
