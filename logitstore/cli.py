@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--coverage", type=float, default=0.99, help="adaptive mode: T=1 mass to cover (default 0.99)")
     cap.add_argument("--draws", type=int, default=50, help="sampled mode: draws per token, <= 255 (default 50)")
     cap.add_argument("--seed", type=int, default=0, help="sampled mode: seed of the draws (default 0)")
+    cap.add_argument("--counts-only", action="store_true",
+                     help="sampled mode with --temperatures 1: store ids and counts without log-probs "
+                     "(about half the bytes; the trainer's gradient is the same)")
     cap.add_argument("--temperatures", default="1,2,4", help="comma-separated temperatures to store lse for")
     cap.add_argument("--max-len", type=int, default=1024, help="longest sequence the teacher sees")
     cap.add_argument("--packing", choices=["packed", "document"], default="packed")
@@ -108,6 +111,7 @@ def _capture(args: argparse.Namespace) -> int:
         mode=args.mode,
         coverage=args.coverage,
         draws=args.draws,
+        counts_only=args.counts_only,
         seed=args.seed,
     )
     if args.no_progress or rank != 0:
@@ -173,7 +177,7 @@ def _info(args: argparse.Namespace) -> int:
         f"teacher     {m['teacher']['name']} ({m['teacher']['source']}), {m['teacher']['dtype']}",
         f"tokenizer   {m['tokenizer']['name']}, vocab {m['tokenizer']['vocab_size']}, "
         f"logits width {m['tokenizer']['logits_width']}, fingerprint {m['tokenizer']['fingerprint'][:16]}",
-        f"capture     {cap['mode']} k={cap['k']}, temperatures {', '.join(f'{t:g}' for t in cap['temperatures'])}, "
+        f"capture     {_mode(cap)} k={cap['k']}, temperatures {', '.join(f'{t:g}' for t in cap['temperatures'])}, "
         f"max_len {cap['max_len']} ({cap['packing']})",
         f"corpus      {m['corpus']['documents']} documents from {', '.join(m['corpus']['sources'])}",
         f"content     {d['tokens']} tokens, {d['sequences']} sequences, "
@@ -184,6 +188,15 @@ def _info(args: argparse.Namespace) -> int:
         lines.append(f"size        {d['disk_bytes'] / 1e6:.2f} MB, {d['bytes_per_token'] or 0:.1f} bytes/token")
     print("\n".join(lines))
     return 0
+
+
+def _mode(cap: dict) -> str:
+    """The capture mode and its own settings, e.g. `sampled (50 draws, seed 0, counts only)`."""
+    if cap["mode"] == "adaptive":
+        return f"adaptive (coverage {cap['coverage']:g})"
+    if cap["mode"] == "sampled":
+        return f"sampled ({cap['draws']} draws, seed {cap['seed']}{', counts only' if cap.get('counts_only') else ''})"
+    return cap["mode"]
 
 
 def _verify(args: argparse.Namespace) -> int:

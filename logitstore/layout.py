@@ -8,7 +8,7 @@ STORE/
       row_len/     uint8|uint16 [n]    stored slots of each token (the rest of its K are padding)
       topk_ids/    uint16|int32 [S]    indices into id_table, the tokens' stored slots one after another
       id_table/    int32  [U]          distinct stored ids of the segment, most frequent first
-      topk_logp/   uint16 [S]          LogProbCodec codes of log p at T=1, per stored slot
+      topk_logp/   uint16 [S]          LogProbCodec codes of log p at T=1, per stored slot (not counts_only)
       lse/         float32 [n, n_T]    logsumexp(l / T), l = log_softmax(z), full vocabulary, per T
       seq_offsets/ int64  [m + 1]      sequence boundaries inside the segment
       counts/      uint8  [S]          sampled mode only: draws that hit each stored id
@@ -19,8 +19,10 @@ STORE/
 
 S = sum(row_len). A token's slots are in the teacher's rank order and padding (id -1,
 log-prob -inf, count 0) only ever follows them, so padding is not stored: the reader puts
-it back. Format 1 stored the padded [n, K] arrays (and -1 in id_table) and had no row_len;
-it is still read (`SLOT_ARRAYS`, `Store._read_segment`).
+it back. A counts_only store (sampled mode, T=1) has no topk_logp, and its slots are in
+id_table order instead: each token's indices ascend, which pcodec codes in fewer bytes.
+Format 1 stored the padded [n, K] arrays (and -1 in id_table) and had no row_len; it is
+still read (`SLOT_ARRAYS`, `Store._read_segment`).
 
 Readers find segments by probing `commits/{i}` for i < num_segments (or reading
 index.json), never by listing, so a store served over plain HTTP works the same.
@@ -44,6 +46,8 @@ import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
+from logitstore.schema import CaptureSettings
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     from zarr.codecs.numcodecs import PCodec
@@ -57,10 +61,13 @@ PCODEC_LEVEL = 8
 ZSTD_LEVEL = 9
 
 
-def segment_arrays(mode: str, format_version: int) -> tuple[str, ...]:
-    """The arrays every segment of a store captured in `mode` holds."""
-    names = SEGMENT_ARRAYS if format_version >= 2 else tuple(n for n in SEGMENT_ARRAYS if n != "row_len")
-    return (*names, COUNTS_ARRAY) if mode == "sampled" else names
+def segment_arrays(capture: CaptureSettings, format_version: int) -> tuple[str, ...]:
+    """The arrays every segment of a store captured with these settings holds."""
+    absent = {"row_len"} if format_version < 2 else set()
+    if capture.counts_only:
+        absent.add("topk_logp")
+    names = tuple(n for n in SEGMENT_ARRAYS if n not in absent)
+    return (*names, COUNTS_ARRAY) if capture.mode == "sampled" else names
 
 
 def segment_prefix(segment: int) -> str:

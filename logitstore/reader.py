@@ -18,7 +18,7 @@ import zarr
 
 from logitstore import layout, shards, storage
 from logitstore.codecs import LogProbCodec
-from logitstore.errors import CorruptDataError, NotAStoreError, TemperatureNotCapturedError
+from logitstore.errors import CorruptDataError, LogitStoreError, NotAStoreError, TemperatureNotCapturedError
 from logitstore.schema import StoreMeta
 from logitstore.shards import Scratch, ShardArray, ShardFormatError
 
@@ -28,12 +28,14 @@ class TokenBlock:
     """The soft labels of a run of tokens, decoded.
 
     `topk_ids` and `topk_logp` are in the teacher's rank order (descending log-prob);
-    padding slots (adaptive/sampled captures) have id -1 and log-prob -inf.
+    padding slots (adaptive/sampled captures) have id -1 and log-prob -inf. A counts_only
+    store (sampled, T=1) has no log-probs (`topk_logp` None), and a token's slots are in the
+    order of its segment's id table, not in rank order.
     """
 
     input_ids: np.ndarray  # int32 [n]
     topk_ids: np.ndarray  # int32 [n, K]
-    topk_logp: np.ndarray  # float32 [n, K], log p at T=1 over the full vocabulary
+    topk_logp: np.ndarray | None  # float32 [n, K], log p at T=1 over the full vocabulary; None if counts_only
     lse: np.ndarray  # float32 [n, n_T], log-normalizer at each captured T (docs/format.md)
     counts: np.ndarray | None = None  # uint8 [n, K], sampled captures only: draws per id (0 at padding)
 
@@ -165,7 +167,7 @@ class Store:
         self._scratch = Scratch()
         self._segments: list[_Segment] = []
         token_start = seq_start = 0
-        names = layout.segment_arrays(meta.capture.mode, meta.format_version)
+        names = layout.segment_arrays(meta.capture, meta.format_version)
         for record in records:
             self._segments.append(_Segment(store, record, token_start, seq_start, names))
             token_start += record.tokens
@@ -245,6 +247,9 @@ class Store:
         With z_i = log p_i + lse(1), log p_T(i) = z_i / T − lse(T) exactly, and the tail
         p_T(tail) = 1 − Σ_S p_T(i). The tail is -inf where the top-k holds all the mass.
         """
+        if block.topk_logp is None:
+            raise LogitStoreError(f"{self.url} is a counts_only sampled store: it keeps draw counts, not the "
+                                  "teacher's log-probs; train on it with the sampled estimator (trainer.sampled_kd)")
         col = self.temperature_index(temperature)
         one = self.temperature_index(1.0)
         logp_t = (block.topk_logp + block.lse[:, one, None]) / np.float32(temperature) - block.lse[:, col, None]
@@ -282,9 +287,12 @@ class Store:
         k = self.meta.capture.k
         offsets = seg.slot_offsets()
         s0, s1 = (a, b) if offsets is None else (int(offsets[a]), int(offsets[b]))
-        slot_names = ("topk_ids", "topk_logp", *((layout.COUNTS_ARRAY,) if block.counts is not None else ()))
+        has_logp, has_counts = block.topk_logp is not None, block.counts is not None
+        slot_names = ("topk_ids", *(("topk_logp",) * has_logp), *((layout.COUNTS_ARRAY,) * has_counts))
         requests = [("input_ids", a, b), ("lse", a, b), *((name, s0, s1) for name in slot_names)]
-        input_ids, lse, indices, codes, *counts = seg.read_many(requests, self._scratch)
+        input_ids, lse, indices, *slots = seg.read_many(requests, self._scratch)
+        codes = slots.pop(0) if has_logp else None
+        counts = slots.pop(0) if has_counts else None
         rows = slice(pos, pos + b - a)
         block.input_ids[rows] = input_ids
         block.lse[rows] = lse
@@ -293,29 +301,33 @@ class Store:
             raise seg.corrupt("topk_ids", s0, s1, f"an index beyond the segment's {len(table)}-entry id table")
         if s1 - s0 == (b - a) * k or offsets is None:  # every row full (or format 1): slots are [n, K] rows
             np.take(table, indices.reshape(b - a, k), out=block.topk_ids[rows], mode="clip")
-            self._codec.decode(codes.reshape(b - a, k), out=block.topk_logp[rows])
-            if block.counts is not None:
-                block.counts[rows] = counts[0].reshape(b - a, k)
+            if has_logp:
+                self._codec.decode(codes.reshape(b - a, k), out=block.topk_logp[rows])
+            if has_counts:
+                block.counts[rows] = counts.reshape(b - a, k)
             return
         # Rows with padding: stored slots go to the first row_len places of each row, in order.
         row_len = np.diff(offsets[a:b + 1])
         if row_len.max(initial=0) > k:
             raise seg.corrupt("row_len", a, b, f"a token with more than K={k} stored slots")
         stored = np.arange(k) < row_len[:, None]
-        ids, logp = block.topk_ids[rows], block.topk_logp[rows]
+        ids = block.topk_ids[rows]
         ids.fill(-1)
         ids[stored] = table[indices]
-        logp.fill(-np.inf)
-        logp[stored] = self._codec.decode(codes)
-        if block.counts is not None:
+        if has_logp:
+            logp = block.topk_logp[rows]
+            logp.fill(-np.inf)
+            logp[stored] = self._codec.decode(codes)
+        if has_counts:
             block.counts[rows] = 0
-            block.counts[rows][stored] = counts[0]
+            block.counts[rows][stored] = counts
 
     def _allocate(self, n: int) -> TokenBlock:
         k, n_t = self.meta.capture.k, len(self.temperatures)
+        logp = None if self.meta.capture.counts_only else np.empty((n, k), np.float32)
         counts = np.empty((n, k), np.uint8) if self.meta.capture.mode == "sampled" else None
-        return TokenBlock(np.empty(n, np.int32), np.empty((n, k), np.int32), np.empty((n, k), np.float32),
-                          np.empty((n, n_t), np.float32), counts=counts)
+        return TokenBlock(np.empty(n, np.int32), np.empty((n, k), np.int32), logp, np.empty((n, n_t), np.float32),
+                          counts=counts)
 
     def _views(self, out: TokenBlock, n: int) -> TokenBlock:
         """The first `n` rows of a caller's block, after checking that it fits this store's reads."""
@@ -328,11 +340,8 @@ class Store:
                     or len(have) < n or not have.flags.c_contiguous):
                 raise ValueError(f"out= must be a block of at least {n} tokens from a read of this store; its "
                                  f"'{name}' is {None if have is None else f'{have.dtype} {have.shape}'}")
-        return TokenBlock(*(a[:n] for a in _fields(out)), counts=None if out.counts is None else out.counts[:n])
-
-
-def _fields(block: TokenBlock) -> tuple[np.ndarray, ...]:
-    return block.input_ids, block.topk_ids, block.topk_logp, block.lse
+        arrays = (out.input_ids, out.topk_ids, out.topk_logp, out.lse, out.counts)
+        return TokenBlock(*(None if a is None else a[:n] for a in arrays))
 
 
 def open_store(

@@ -55,6 +55,11 @@ class CaptureSettings(_Frozen):
     coverage: float | None = Field(default=None, gt=0, le=1, description="adaptive mode only")
     draws: int | None = Field(default=None, gt=0, le=255, description="sampled mode only: draws per token")
     seed: int | None = Field(default=None, ge=0, description="sampled mode only: seed of the draws")
+    counts_only: bool = Field(
+        default=False,
+        description="sampled mode at T=1 only: ids and counts without their log-probs (no topk_logp array); "
+        "each token's slots are then in id_table order, not the teacher's rank order",
+    )
     temperatures: tuple[float, ...] = Field(
         min_length=1, description="temperatures whose full-vocabulary lse is stored"
     )
@@ -84,6 +89,9 @@ class CaptureSettings(_Frozen):
             given = getattr(self, name) is not None
             if given != (name in needed):
                 raise ValueError(f"{name} is {'required' if not given else 'not allowed'} in mode {self.mode!r}")
+        if self.counts_only and (self.mode != "sampled" or self.temperatures != (1.0,)):
+            # Without log-probs the T=1 draws cannot be re-weighted to another temperature.
+            raise ValueError("counts_only needs mode 'sampled' and temperatures (1.0,)")
         return self
 
 

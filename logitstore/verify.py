@@ -8,6 +8,7 @@ their tokens are split into segments.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 
@@ -46,7 +47,9 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
     report.segments_committed, report.segments_planned = len(store.segments), store.meta.num_segments
     report.complete = store.complete
 
-    names = ["input_ids", "topk_ids", "topk_logp", "lse", "seq_lengths"]
+    names = ["input_ids", "topk_ids", "lse", "seq_lengths"]
+    if not store.meta.capture.counts_only:
+        names.append("topk_logp")
     if store.meta.capture.mode == "sampled":
         names.append("counts")  # only then, so that other stores' digests do not change
     hashes = {name: hashlib.sha256() for name in names}
@@ -69,9 +72,12 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
                 report.errors.append(str(e))
                 continue
             report.errors.extend(_check_block(block, a, store.meta.tokenizer.logits_width, store.meta.capture.draws))
+            if block.topk_logp is None:
+                block = _by_id(block)
             hashes["input_ids"].update(block.input_ids.astype(np.int32).tobytes())
             hashes["topk_ids"].update(block.topk_ids.astype(np.int32).tobytes())
-            hashes["topk_logp"].update(block.topk_logp.astype(np.float32).tobytes())
+            if block.topk_logp is not None:
+                hashes["topk_logp"].update(block.topk_logp.astype(np.float32).tobytes())
             hashes["lse"].update(block.lse.astype(np.float32).tobytes())
             if block.counts is not None:
                 hashes["counts"].update(block.counts.astype(np.uint8).tobytes())
@@ -83,6 +89,15 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
             combined.update(f"{name}:{hashes[name].hexdigest()}\n".encode())
         report.digest = combined.hexdigest()
     return report
+
+
+def _by_id(block: TokenBlock) -> TokenBlock:
+    """A counts_only block with each token's slots in ascending id order. Its stored order
+    follows the segment's id table, so it depends on how the tokens were cut into work units;
+    the (id, count) pairs do not, and the digest is over those."""
+    order = np.argsort(np.where(block.topk_ids >= 0, block.topk_ids, np.iinfo(np.int32).max), axis=1, kind="stable")
+    return dataclasses.replace(block, topk_ids=np.take_along_axis(block.topk_ids, order, axis=1),
+                               counts=np.take_along_axis(block.counts, order, axis=1))
 
 
 # Decoded log-probs may overshoot a total mass of 1 by the quantization error, no more.
@@ -97,13 +112,8 @@ def _check_block(block: TokenBlock, start: int, logits_width: int, draws: int | 
         errors.append(f"array 'input_ids', {where}: ids outside [0, {logits_width})")
     if block.topk_ids.min(initial=0) < -1 or block.topk_ids.max(initial=0) >= logits_width:
         errors.append(f"array 'topk_ids', {where}: ids outside [-1, {logits_width})")
-    if np.isnan(block.topk_logp).any() or (block.topk_logp > 0).any():
-        errors.append(f"array 'topk_logp', {where}: log-probs that are NaN or positive")
-    if np.any((block.topk_ids < 0) != np.isneginf(block.topk_logp)):
-        errors.append(f"array 'topk_logp', {where}: padding ids and -inf log-probs do not coincide")
-    mass = np.exp(block.topk_logp, dtype=np.float64).sum(axis=1)
-    if np.any(mass > 1 + MASS_TOLERANCE):
-        errors.append(f"array 'topk_logp', {where}: top-k mass above 1 (max {mass.max():.4f})")
+    if block.topk_logp is not None:
+        errors.extend(_check_logp(block, where))
     if not np.isfinite(block.lse).all():
         errors.append(f"array 'lse', {where}: non-finite log-normalizers")
     if block.counts is not None:
@@ -111,4 +121,16 @@ def _check_block(block: TokenBlock, start: int, logits_width: int, draws: int | 
             errors.append(f"array 'counts', {where}: zero counts and padding ids do not coincide")
         if draws is not None and np.any(block.counts.sum(axis=1, dtype=np.int64) > draws):
             errors.append(f"array 'counts', {where}: more than draws={draws} draws for one token")
+    return errors
+
+
+def _check_logp(block: TokenBlock, where: str) -> list[str]:
+    errors = []
+    if np.isnan(block.topk_logp).any() or (block.topk_logp > 0).any():
+        errors.append(f"array 'topk_logp', {where}: log-probs that are NaN or positive")
+    if np.any((block.topk_ids < 0) != np.isneginf(block.topk_logp)):
+        errors.append(f"array 'topk_logp', {where}: padding ids and -inf log-probs do not coincide")
+    mass = np.exp(block.topk_logp, dtype=np.float64).sum(axis=1)
+    if np.any(mass > 1 + MASS_TOLERANCE):
+        errors.append(f"array 'topk_logp', {where}: top-k mass above 1 (max {mass.max():.4f})")
     return errors

@@ -48,7 +48,7 @@ IGNORE_INDEX = -100
 DEFAULT_READ_TOKENS = 16384
 
 
-def drop_non_token_ids(topk_ids: np.ndarray, topk_logp: np.ndarray, counts: np.ndarray | None,
+def drop_non_token_ids(topk_ids: np.ndarray, topk_logp: np.ndarray | None, counts: np.ndarray | None,
                        vocab_size: int) -> None:
     """Turn stored ids >= `vocab_size` into padding, in place.
 
@@ -61,7 +61,8 @@ def drop_non_token_ids(topk_ids: np.ndarray, topk_logp: np.ndarray, counts: np.n
     non_token = topk_ids >= vocab_size
     if non_token.any():
         topk_ids[non_token] = -1
-        topk_logp[non_token] = -np.inf
+        if topk_logp is not None:
+            topk_logp[non_token] = -np.inf
         if counts is not None:
             counts[non_token] = 0
 
@@ -74,7 +75,7 @@ class StoreDataset(IterableDataset):
     (-1: padding), `topk_logp` [B, L, K] log p at T=1 (bfloat16 when the store's codec is
     exactly representable in it, which the default codec is; else float32), `lse` float32
     [B, L, n_T], `mask` bool [B, L] (real tokens), and `counts` uint8 [B, L, K] for
-    sampled-mode stores.
+    sampled-mode stores. A counts_only store's batches have no `topk_logp`.
 
     `read_tokens` trades memory for speed: each worker holds B parts of about that many
     tokens decoded, ~6K + 13 + 4 n_T bytes a token (B=64, K=64, 16384: ~0.4 GB, plus a
@@ -241,7 +242,7 @@ class StoreDataset(IterableDataset):
             # NumPy gathers: torch's index_select is ~100x slower here when its threads contend for cores.
             rows = np.arange(len(slot)) * self.read_blocks + slot
             out = {name: torch.from_numpy(parts[rows]) for name, parts in held[1].items()}
-            if self.logp_dtype == torch.bfloat16:
+            if "topk_logp" in out and self.logp_dtype == torch.bfloat16:
                 out["topk_logp"] = out["topk_logp"].view(torch.bfloat16)
             yield out
             batch += workers
@@ -257,7 +258,8 @@ class StoreDataset(IterableDataset):
         input_ids = np.full((p, r, l), pad, dtype=np.int32)
         labels = np.full((p, r, l), IGNORE_INDEX, dtype=np.int64)
         topk_ids = np.full((p, r, l, k), -1, dtype=np.int32)
-        topk_logp = np.full((p, r, l, k), -np.inf, dtype=np.float32)
+        counts_only = meta.capture.counts_only
+        topk_logp = None if counts_only else np.full((p, r, l, k), -np.inf, dtype=np.float32)
         lse = np.zeros((p, r, l, n_t), dtype=np.float32)
         mask = np.zeros((p, r, l), dtype=bool)
         counts = None
@@ -278,7 +280,8 @@ class StoreDataset(IterableDataset):
                     input_ids[i, j, :n] = data.input_ids[s:z]
                     labels[i, j, :nxt] = data.input_ids[s + 1 : s + 1 + nxt]
                     topk_ids[i, j, :n] = data.topk_ids[s:z]
-                    topk_logp[i, j, :n] = data.topk_logp[s:z]
+                    if not counts_only:
+                        topk_logp[i, j, :n] = data.topk_logp[s:z]
                     lse[i, j, :n] = data.lse[s:z]
                     mask[i, j, :n] = True
                     if data_counts is not None:
@@ -286,11 +289,12 @@ class StoreDataset(IterableDataset):
                             counts = np.zeros((p, r, l, k), dtype=np.uint8)
                         counts[i, j, :n] = data_counts[s:z]
         drop_non_token_ids(topk_ids, topk_logp, counts, meta.tokenizer.vocab_size)
-        if self.logp_dtype == torch.bfloat16:
-            # Exact: every value is a float32 whose low 16 bits are zero (see logp_dtype).
-            topk_logp = (topk_logp.view(np.uint32) >> 16).astype(np.uint16)
-        out = {"input_ids": input_ids, "labels": labels, "topk_ids": topk_ids, "topk_logp": topk_logp, "lse": lse,
-               "mask": mask}
+        out = {"input_ids": input_ids, "labels": labels, "topk_ids": topk_ids, "lse": lse, "mask": mask}
+        if topk_logp is not None:
+            if self.logp_dtype == torch.bfloat16:
+                # Exact: every value is a float32 whose low 16 bits are zero (see logp_dtype).
+                topk_logp = (topk_logp.view(np.uint32) >> 16).astype(np.uint16)
+            out["topk_logp"] = topk_logp
         if counts is not None:
             out["counts"] = counts
         return {name: a.reshape(p * r, *a.shape[2:]) for name, a in out.items()}

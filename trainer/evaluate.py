@@ -5,6 +5,9 @@
 - `eval_store`: on a store the student never trained on, KL(teacher || student) at T = 1
   over the K+1 buckets (exact: the tail is the teacher's full-vocabulary remainder), the
   top-1 agreement (student argmax == teacher argmax), and the perplexity of the store's tokens.
+  A counts_only sampled store has no log-probs: it gives the draws' unbiased estimate of the
+  cross-entropy to the teacher instead (`eval_teacher_xent`, KL plus the teacher's entropy,
+  which is the same for every student), and top-1 is against the most drawn id.
 
 Windows never cross a sequence boundary, as in training; metrics are means over tokens.
 """
@@ -22,6 +25,7 @@ from logitstore.capture.corpus import read_documents, tokenize_and_pack
 from logitstore.reader import Store
 from trainer.data import drop_non_token_ids
 from trainer.kd_loss import kd_loss
+from trainer.sampled_kd import sampled_kd_loss
 
 
 @torch.no_grad()
@@ -56,7 +60,9 @@ def eval_store(
     batch_size: int,
     max_tokens: int | None = None,
 ) -> dict[str, float]:
-    """{"eval_kl", "eval_top1", "eval_store_ppl"} of the student against the store's teacher."""
+    """{"eval_kl" (counts_only: "eval_teacher_xent"), "eval_top1", "eval_store_ppl"} of the student
+    against the store's teacher."""
+    counts_only = store.meta.capture.counts_only
     kl = top1 = nll = n_kd = n_ce = 0.0
     for spans in _chunks(list(_windows(store, seq_len, max_tokens)), batch_size):
         blocks = [store.read(a, b) for a, b in spans]
@@ -64,23 +70,29 @@ def eval_store(
         logits = _logits(model, ids, vocab_size)
         k = blocks[0].topk_ids.shape[1]
         topk_ids = torch.full((*ids.shape, k), -1, dtype=torch.int64)
-        topk_logp = torch.full((*ids.shape, k), float("-inf"))
+        # counts_only: the draw counts take the log-probs' place (sampled_kd_loss needs no more at T=1).
+        weights = torch.full((*ids.shape, k), 0 if counts_only else float("-inf"))
         for row, b in enumerate(blocks):
-            drop_non_token_ids(b.topk_ids, b.topk_logp, None, vocab_size)
+            drop_non_token_ids(b.topk_ids, b.topk_logp, b.counts, vocab_size)
             topk_ids[row, : len(b)] = torch.from_numpy(b.topk_ids.astype(np.int64))
-            topk_logp[row, : len(b)] = torch.from_numpy(b.topk_logp)
+            weights[row, : len(b)] = torch.from_numpy(b.counts if counts_only else b.topk_logp)
         flat_mask = mask.reshape(-1).to(logits.device)
         z = logits.reshape(-1, vocab_size)[flat_mask]
         t_ids = topk_ids.reshape(-1, k).to(z.device)[flat_mask]
-        t_logp = topk_logp.reshape(-1, k).to(z.device)[flat_mask]
+        t_weights = weights.reshape(-1, k).to(z.device)[flat_mask]
         tokens = int(flat_mask.sum())
-        kl += float(kd_loss(z, t_ids, t_logp, temperature=1.0, divergence="fkl", backend="torch")) * tokens
-        top1 += float((z.argmax(-1) == t_ids[:, 0]).sum())
+        if counts_only:
+            kl += float(sampled_kd_loss(z, t_ids, t_weights, store.meta.capture.draws)) * tokens
+            teacher_top = t_ids.gather(1, t_weights.argmax(-1, keepdim=True))[:, 0]
+        else:
+            kl += float(kd_loss(z, t_ids, t_weights, temperature=1.0, divergence="fkl", backend="torch")) * tokens
+            teacher_top = t_ids[:, 0]
+        top1 += float((z.argmax(-1) == teacher_top).sum())
         n_kd += tokens
         s, c = _next_token_nll(logits, ids, mask)
         nll, n_ce = nll + s, n_ce + c
     return {
-        "eval_kl": kl / max(n_kd, 1),
+        "eval_teacher_xent" if counts_only else "eval_kl": kl / max(n_kd, 1),
         "eval_top1": top1 / max(n_kd, 1),
         "eval_store_ppl": float(np.exp(nll / max(n_ce, 1))),
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 from logitstore.errors import LogitStoreError
 
 _TRAIN_KEYS = ("loss", "kd_loss", "ce_loss")
-_EVAL_KEYS = ("eval_ppl", "eval_store_ppl", "eval_kl", "eval_top1")
+_EVAL_KEYS = ("eval_ppl", "eval_store_ppl", "eval_kl", "eval_teacher_xent", "eval_top1")
 
 
 def read_metrics(run: Path) -> list[dict]:

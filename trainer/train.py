@@ -302,16 +302,25 @@ def _torch_kd(z: torch.Tensor, ids: torch.Tensor, batch: dict[str, torch.Tensor]
             teacher_logits = targets.teacher(input_ids=ids).logits
         teacher_z = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, : targets.vocab]
         return full_vocab_kl(z, teacher_z, mask, cfg.temperature)
+    if targets.draws is not None:
+        return _sampled_kd(z, batch, cfg, targets)
     k = batch["topk_ids"].shape[-1]
     topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, k)
-    if targets.draws is not None:
-        lse = batch["lse"].to(device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
-        return sampled_kd_loss(
-            z, topk_ids, batch["counts"].to(device, non_blocking=True).reshape(-1, k), targets.draws,
-            temperature=cfg.temperature, teacher_logp=batch["topk_logp"].to(device).reshape(-1, k),
-            lse_1=lse[:, targets.one_col], lse_t=lse[:, targets.t_col],
-        )  # fmt: skip
     return renormalized_topk_kl(z, topk_ids, _teacher_logp(batch, cfg.temperature, targets), mask, cfg.temperature)
+
+
+def _sampled_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> torch.Tensor:
+    """The unbiased estimate of the forward KL from a sampled store's draws (a counts_only store:
+    of the cross-entropy, KL plus the teacher's entropy, with the same gradient)."""
+    device, k = targets.device, batch["topk_ids"].shape[-1]
+    logp = batch.get("topk_logp")
+    lse = batch["lse"].to(device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
+    return sampled_kd_loss(
+        z, batch["topk_ids"].to(device, non_blocking=True).reshape(-1, k),
+        batch["counts"].to(device, non_blocking=True).reshape(-1, k), targets.draws, temperature=cfg.temperature,
+        teacher_logp=None if logp is None else logp.to(device).reshape(-1, k),
+        lse_1=lse[:, targets.one_col], lse_t=lse[:, targets.t_col],
+    )  # fmt: skip
 
 
 def _teacher_logp(batch: dict[str, torch.Tensor], temperature: float, targets: Targets) -> torch.Tensor:
@@ -328,6 +337,8 @@ def _teacher_logp(batch: dict[str, torch.Tensor], temperature: float, targets: T
 def _stored_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> torch.Tensor:
     """The K+1-bucket divergence to the store's teacher (for the log, when it is not the loss)."""
     with torch.no_grad():
+        if "topk_logp" not in batch:  # a counts_only store: its draws' estimate is all there is
+            return _sampled_kd(z, batch, cfg, targets)
         topk_ids = batch["topk_ids"].to(targets.device).reshape(-1, batch["topk_ids"].shape[-1])
         logp_t = _teacher_logp(batch, cfg.temperature, targets)
         return kd_loss(z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence)

@@ -82,7 +82,8 @@ class CaptureConfig:
 
     `mode` (see logitstore/capture/reduce.py): "topk" stores the k most likely ids;
     "adaptive" the fewest ids (at most k) whose T=1 mass reaches `coverage`; "sampled" the
-    distinct ids of `draws` seeded draws (at most min(k, draws) slots) with their counts.
+    distinct ids of `draws` seeded draws (at most min(k, draws) slots) with their counts, and
+    with `counts_only` (T=1 only) without their log-probs.
     """
 
     k: int = 64
@@ -104,6 +105,7 @@ class CaptureConfig:
     coverage: float = 0.99  # adaptive mode
     draws: int = 50  # sampled mode
     seed: int = 0  # sampled mode
+    counts_only: bool = False  # sampled mode at T=1: no log-probs stored
 
     @property
     def width(self) -> int:
@@ -117,6 +119,7 @@ class CaptureConfig:
             coverage=self.coverage if self.mode == "adaptive" else None,
             draws=self.draws if self.mode == "sampled" else None,
             seed=self.seed if self.mode == "sampled" else None,
+            counts_only=self.counts_only,
             temperatures=tuple(self.temperatures),
             max_len=self.max_len,
             packing=self.packing,
@@ -429,6 +432,9 @@ def _check_config(config: CaptureConfig, teacher: Teacher) -> None:
         raise LogitStoreError(f"--draws {config.draws} must be in [1, 255] (counts are stored as uint8)")
     if config.mode == "sampled" and config.seed < 0:
         raise LogitStoreError(f"--seed {config.seed} must be >= 0")
+    if config.counts_only and (config.mode != "sampled" or tuple(config.temperatures) != (1.0,)):
+        raise LogitStoreError("--counts-only needs --mode sampled and --temperatures 1: without log-probs the "
+                              "T=1 draws cannot be re-weighted to another temperature")
     if 1.0 not in config.temperatures:
         raise LogitStoreError("--temperatures must include 1 (stored log-probs are decoded at T=1)")
     if any(t <= 0 or not math.isfinite(t) for t in config.temperatures):

@@ -168,6 +168,19 @@ def test_cli_capture_info_verify(tiny_teacher_dir, tmp_path, capsys):
     assert report["ok"] and report["tokens"] == 200 and len(report["digest"]) == 64
 
 
+def test_cli_counts_only_capture(tiny_teacher_dir, tmp_path, capsys):
+    args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out", str(tmp_path / "c"),
+            "--mode", "sampled", "--draws", "9", "--counts-only", "--max-len", "64", "--max-tokens", "100",
+            "--device", "cpu", "--no-progress"]
+    assert cli_main(args) == 1  # the default temperatures 1,2,4 need log-probs
+    assert "--counts-only needs --mode sampled and --temperatures 1" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert cli_main([*args, "--temperatures", "1"]) == 0
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "c")]) == 0
+    assert "sampled (9 draws, seed 0, counts only) k=9" in capsys.readouterr().out
+
+
 def test_cli_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):
     rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(tmp_path / "missing.txt"),
                    "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"])

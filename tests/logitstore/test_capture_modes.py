@@ -8,11 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from test_capture import assert_matches_reference, reference
 
 from logitstore.capture.engine import CaptureConfig, capture
 from logitstore.capture.reduce import Reduction, hashed_uniforms
 from logitstore.capture.teacher import load_teacher
+from logitstore.errors import LogitStoreError
 from logitstore.verify import verify
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
@@ -106,6 +108,39 @@ def test_sampled_stores_distinct_draws_with_counts_and_exact_logprobs(peaked_tea
     assert np.mean(again.topk_ids == block.topk_ids) > 0.99 and np.mean(again.counts == block.counts) > 0.99
     reseeded = capture(peaked_teacher, [CORPUS], str(tmp_path / "u"), CaptureConfig(**{**config.__dict__, "seed": 8}))
     assert np.mean(reseeded.read(0, store.num_tokens).counts == block.counts) < 0.9
+
+
+def test_counts_only_keeps_the_same_draws_without_logprobs(peaked_teacher, tmp_path):
+    base = dict(mode="sampled", draws=20, seed=7, k=16, temperatures=(1.0,), max_len=64, max_tokens=300,
+                unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
+    full = capture(peaked_teacher, [CORPUS], str(tmp_path / "full"), CaptureConfig(**base))
+    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "counts"), CaptureConfig(**base, counts_only=True))
+    assert store.meta.capture.counts_only and not (tmp_path / "counts" / "segments" / "000000" / "topk_logp").exists()
+    want, got = full.read(0, full.num_tokens), store.read(0, store.num_tokens)
+    assert got.topk_logp is None
+    np.testing.assert_array_equal(got.input_ids, want.input_ids)
+    np.testing.assert_array_equal(got.lse, want.lse)
+    # The same (id, count) pairs per token; only their order within the token differs.
+    for a, b, ca, cb in zip(want.topk_ids, got.topk_ids, want.counts, got.counts, strict=True):
+        assert dict(zip(a[a >= 0], ca[a >= 0], strict=True)) == dict(zip(b[b >= 0], cb[b >= 0], strict=True))
+        assert np.all((b >= 0) == (cb > 0)) and np.all(np.diff((b >= 0).astype(int)) <= 0)
+    report = verify(store.url)
+    assert report.ok and report.digest != verify(full.url).digest
+    # In the stored order each token's id-table indices ascend, which is what makes the bytes smaller.
+    table = np.asarray(zarr.open_array(str(tmp_path / "counts" / "segments" / "000000" / "id_table"))[...])
+    rank = {int(i): r for r, i in enumerate(table)}
+    seg0 = store.read(*store.segment_spans()[0]).topk_ids
+    assert all(np.all(np.diff([rank[int(i)] for i in row[row >= 0]]) > 0) for row in seg0)
+    with pytest.raises(LogitStoreError, match="counts_only sampled store"):
+        store.teacher_logprobs(got, 1.0)
+
+
+@pytest.mark.parametrize("change", [{"temperatures": (1.0, 2.0)}, {"mode": "topk"}])
+def test_counts_only_refuses_what_needs_logprobs(peaked_teacher, tmp_path, change):
+    config = CaptureConfig(**{"mode": "sampled", "temperatures": (1.0,), "counts_only": True, **change})
+    with pytest.raises(LogitStoreError, match="--counts-only needs --mode sampled and --temperatures 1"):
+        capture(peaked_teacher, [CORPUS], str(tmp_path / "x"), config)
+    assert not (tmp_path / "x").exists()
 
 
 def test_sampled_draw_frequencies_follow_the_distribution():

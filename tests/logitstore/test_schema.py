@@ -52,7 +52,9 @@ def test_temperature_one_as_int_accepted() -> None:
 
 @pytest.mark.parametrize(
     "overrides",
-    [{"k": 0}, {"k": 5000}, {"max_len": 0}, {"chunk_tokens": 0}, {"packing": "ragged"}, {"mode": "sampled"}],
+    [{"k": 0}, {"k": 5000}, {"max_len": 0}, {"chunk_tokens": 0}, {"packing": "ragged"}, {"mode": "sampled"},
+     {"counts_only": True, "temperatures": (1.0,)},  # topk mode
+     {"counts_only": True, "mode": "sampled", "draws": 50, "seed": 0, "temperatures": (1.0, 2.0)}],
 )
 def test_capture_fields_validated(overrides: dict) -> None:
     with pytest.raises(ValidationError):

@@ -199,6 +199,11 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
     assert sampled.status_code == 201 and sampled.json()["settings"]["draws"] == 12
     assert "coverage" not in sampled.json()["settings"]
     assert api.capture(key, corpus, mode="sampled", draws=12, seed=4).json()["id"] != sampled.json()["id"]
+    assert "counts_only" not in topk["settings"]
+    refused = api.capture(key, corpus, mode="sampled", counts_only=True)  # needs temperatures [1]
+    assert refused.status_code == 422 and "counts_only needs" in refused.text
+    counts = api.capture(key, corpus, mode="sampled", draws=12, seed=3, temperatures=[1.0], counts_only=True)
+    assert counts.status_code == 201 and counts.json()["settings"]["counts_only"] is True
     worker = Worker(api.settings)
     while worker.run_once() is not None:
         pass
@@ -211,6 +216,11 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
     assert verify(str(served)).digest == verify(str(reference)).digest
     info = api.client.get(f"/v1/stores/{sampled.json()['store_id']}", headers=api.auth(key)).json()["info"]
     assert info["meta"]["capture"]["mode"] == "sampled" and info["meta"]["capture"]["draws"] == 12
+    config = CaptureConfig(**{**config.__dict__, "temperatures": (1.0,), "counts_only": True})
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(tmp_path / "counts"), config)
+    served = api.settings.stores_dir / counts.json()["store_id"]
+    # Other unit cuts (the server's test settings: 128 tokens) order a token's slots differently; same content.
+    assert verify(str(served)).digest == verify(str(tmp_path / "counts")).digest
 
 
 @pytest.mark.parametrize(

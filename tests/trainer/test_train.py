@@ -142,6 +142,29 @@ def test_other_teacher_signals_train_the_student_toward_the_teacher(
     assert records[0]["kd_loss"] == pytest.approx(float(expected), rel=1e-4)
 
 
+def test_a_counts_only_store_trains_the_same_student(tiny_store_factory, heldout_text, student_config, tmp_path):
+    """Without log-probs the sampled loss loses only its teacher-entropy term, a constant:
+    the gradients, and so every weight of the trained student, are bit for bit the same."""
+    sampled = dict(mode="sampled", draws=16, seed=1, temperatures=(1.0,))
+    runs = {}
+    for name, counts_only in (("full", False), ("counts", True)):
+        store = tiny_store_factory(**sampled, counts_only=counts_only)
+        heldout = tiny_store_factory(corpus=heldout_text, max_tokens=1500, **sampled, counts_only=counts_only)
+        train(base_config(store, student_config, tmp_path / name, steps=6, eval_store=heldout, eval_tokens=256),
+              progress=False)
+        runs[name] = metrics(tmp_path / name)
+    full, counts = (AutoModelForCausalLM.from_pretrained(tmp_path / name / "final") for name in ("full", "counts"))
+    for (key, a), (_, b) in zip(full.state_dict().items(), counts.state_dict().items(), strict=True):
+        assert torch.equal(a, b), key
+    # The logged loss is the cross-entropy to the draws instead: KL plus the teacher's entropy.
+    steps = [(a, b) for a, b in zip(runs["full"], runs["counts"], strict=True) if "kd_loss" in a]
+    assert steps and all(b["kd_loss"] > a["kd_loss"] for a, b in steps)
+    last_full, last_counts = runs["full"][-1], runs["counts"][-1]
+    assert "eval_kl" in last_full and "eval_kl" not in last_counts
+    assert last_counts["eval_teacher_xent"] > last_full["eval_kl"] > 0
+    assert last_counts["eval_store_ppl"] == pytest.approx(last_full["eval_store_ppl"], rel=1e-6)
+
+
 def test_signal_options_are_checked(tiny_store, tiny_store_factory, tiny_teacher_dir, student_config, tmp_path):
     with pytest.raises(LogitStoreError, match="forward KL only"):
         train(base_config(tiny_store, student_config, tmp_path, topk_renormalize=True, divergence="rkl"))
