@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--coverage", type=float, default=0.99, help="adaptive mode: T=1 mass to cover (default 0.99)")
     cap.add_argument("--draws", type=int, default=50, help="sampled mode: draws per token, <= 255 (default 50)")
     cap.add_argument("--seed", type=int, default=0, help="sampled mode: seed of the draws (default 0)")
+    cap.add_argument("--head", type=int, default=0,
+                     help="sampled mode: store the top HEAD ids exactly and draw from the rest (default 0)")
     cap.add_argument("--counts-only", action="store_true",
                      help="sampled mode with --temperatures 1: store ids and counts without log-probs "
                      "(about half the bytes; the trainer's gradient is the same)")
@@ -111,6 +113,7 @@ def _capture(args: argparse.Namespace) -> int:
         mode=args.mode,
         coverage=args.coverage,
         draws=args.draws,
+        head=args.head,
         counts_only=args.counts_only,
         seed=args.seed,
     )
@@ -195,7 +198,9 @@ def _mode(cap: dict) -> str:
     if cap["mode"] == "adaptive":
         return f"adaptive (coverage {cap['coverage']:g})"
     if cap["mode"] == "sampled":
-        return f"sampled ({cap['draws']} draws, seed {cap['seed']}{', counts only' if cap.get('counts_only') else ''})"
+        head = f"top {cap['head']} + " if cap.get("head") else ""
+        counts_only = ", counts only" if cap.get("counts_only") else ""
+        return f"sampled ({head}{cap['draws']} draws, seed {cap['seed']}{counts_only})"
     return cap["mode"]
 
 

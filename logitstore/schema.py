@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from logitstore.errors import FormatVersionError, MetadataError, NotAStoreError
 
@@ -55,6 +64,12 @@ class CaptureSettings(_Frozen):
     coverage: float | None = Field(default=None, gt=0, le=1, description="adaptive mode only")
     draws: int | None = Field(default=None, gt=0, le=255, description="sampled mode only: draws per token")
     seed: int | None = Field(default=None, ge=0, description="sampled mode only: seed of the draws")
+    head: int = Field(
+        default=0,
+        ge=0,
+        description="sampled mode only: the first `head` slots hold the teacher's top-`head` ids (exact, no "
+        "counts) and the draws come from the rest of the distribution, the tail",
+    )
     counts_only: bool = Field(
         default=False,
         description="sampled mode at T=1 only: ids and counts without their log-probs (no topk_logp array); "
@@ -82,6 +97,16 @@ class CaptureSettings(_Frozen):
             raise ValueError("temperature 1.0 must be captured: stored log-probs are decoded at T=1")
         return temps
 
+    @model_serializer(mode="wrap")
+    def _new_fields_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Written only when set: readers from before these fields existed read every other store.
+        data = handler(self)
+        if not self.counts_only:
+            data.pop("counts_only", None)
+        if not self.head:
+            data.pop("head", None)
+        return data
+
     @model_validator(mode="after")
     def _mode_fields(self) -> CaptureSettings:
         needed = {"topk": set(), "adaptive": {"coverage"}, "sampled": {"draws", "seed"}}[self.mode]
@@ -92,6 +117,10 @@ class CaptureSettings(_Frozen):
         if self.counts_only and (self.mode != "sampled" or self.temperatures != (1.0,)):
             # Without log-probs the T=1 draws cannot be re-weighted to another temperature.
             raise ValueError("counts_only needs mode 'sampled' and temperatures (1.0,)")
+        if self.head and (self.mode != "sampled" or self.head >= self.k):
+            raise ValueError(f"head {self.head} needs mode 'sampled' and fewer than k={self.k} slots")
+        if self.head and self.counts_only:
+            raise ValueError("a head's ids are weighted by their log-probs: counts_only needs head 0")
         return self
 
 

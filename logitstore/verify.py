@@ -16,6 +16,7 @@ import numpy as np
 
 from logitstore.errors import LogitStoreError
 from logitstore.reader import TokenBlock, open_store
+from logitstore.schema import StoreMeta
 
 
 @dataclass
@@ -71,7 +72,7 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
             except LogitStoreError as e:
                 report.errors.append(str(e))
                 continue
-            report.errors.extend(_check_block(block, a, store.meta.tokenizer.logits_width, store.meta.capture.draws))
+            report.errors.extend(_check_block(block, a, store.meta))
             if block.topk_logp is None:
                 block = _by_id(block)
             hashes["input_ids"].update(block.input_ids.astype(np.int32).tobytes())
@@ -104,9 +105,10 @@ def _by_id(block: TokenBlock) -> TokenBlock:
 MASS_TOLERANCE = 1e-2
 
 
-def _check_block(block: TokenBlock, start: int, logits_width: int, draws: int | None) -> list[str]:
+def _check_block(block: TokenBlock, start: int, meta: StoreMeta) -> list[str]:
     """Invariants every decoded block satisfies; each failure names the array and token range."""
     where = f"tokens [{start}, {start + len(block)})"
+    logits_width, draws, head = meta.tokenizer.logits_width, meta.capture.draws, meta.capture.head
     errors = []
     if block.input_ids.min(initial=0) < 0 or block.input_ids.max(initial=0) >= logits_width:
         errors.append(f"array 'input_ids', {where}: ids outside [0, {logits_width})")
@@ -117,8 +119,8 @@ def _check_block(block: TokenBlock, start: int, logits_width: int, draws: int | 
     if not np.isfinite(block.lse).all():
         errors.append(f"array 'lse', {where}: non-finite log-normalizers")
     if block.counts is not None:
-        if np.any((block.counts == 0) != (block.topk_ids < 0)):
-            errors.append(f"array 'counts', {where}: zero counts and padding ids do not coincide")
+        if np.any(block.counts[:, :head]) or np.any((block.counts[:, head:] == 0) != (block.topk_ids[:, head:] < 0)):
+            errors.append(f"array 'counts', {where}: zero counts and padding or head ids do not coincide")
         if draws is not None and np.any(block.counts.sum(axis=1, dtype=np.int64) > draws):
             errors.append(f"array 'counts', {where}: more than draws={draws} draws for one token")
     return errors

@@ -70,8 +70,11 @@ class SegmentData:
         if (self.counts is not None) != (meta.capture.mode == "sampled"):
             raise ValueError(f"counts are stored in sampled mode only (this store's mode is {meta.capture.mode!r})")
         if self.counts is not None:
-            if self.counts.shape != (n, k) or np.any((self.counts == 0) != (self.topk_ids < 0)):
-                raise ValueError("counts must be [n, K] and zero exactly at padding ids")
+            head = meta.capture.head
+            drawn = self.topk_ids[:, head:] >= 0
+            if (self.counts.shape != (n, k) or np.any(self.counts[:, :head])
+                    or np.any((self.counts[:, head:] > 0) != drawn)):
+                raise ValueError("counts must be [n, K], zero in the head and at padding ids, positive at drawn ids")
             if np.any(self.counts.sum(axis=1, dtype=np.int64) > meta.capture.draws):
                 raise ValueError(f"counts of a token sum to more than draws={meta.capture.draws}")
 

@@ -175,7 +175,7 @@ class Worker:
             k=cfg["k"], temperatures=tuple(cfg["temperatures"]), max_len=cfg["max_len"], packing=cfg["packing"],
             max_tokens=cfg["max_tokens"], text_field=cfg["text_field"], unit_tokens=cfg["unit_tokens"],
             batch_tokens=cfg["batch_tokens"], mode=cfg.get("mode", "topk"),
-            **{name: cfg[name] for name in ("coverage", "draws", "seed", "counts_only") if name in cfg},
+            **{name: cfg[name] for name in ("coverage", "draws", "seed", "head", "counts_only") if name in cfg},
         )
         if source not in self._teachers:
             self._teachers[source] = load_teacher(source, device=self.settings.device)

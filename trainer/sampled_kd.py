@@ -19,6 +19,17 @@ KL(p_T ‖ q_T), but its variance grows with T (ids the draws rarely hit carry m
 and the per-token weights no longer sum to exactly 1. As in `kd_loss`, the divergence is
 scaled by T². Tokens whose draws were dropped for the store's k cap (more distinct ids than
 k) lose those draws' weight: that bias is zero when k >= M, the capture's default.
+
+With a head (`capture --head H`), the first H slots hold the teacher's top-H ids with their
+exact log-probs, and the M draws come from the tail, p restricted to the other ids and
+renormalized, p(j | tail) = p_j / p_tail with p_tail = 1 − Σ_head p_i. Splitting the KL there,
+
+    L̂ = Σ_head p_T(i) (log p_T(i) − log q_T(i)) + p_tail Σ_j (c_j / M) w_j (log p_T(j) − log q_T(j))
+
+is exact on the head and unbiased on the tail (E[c_j / M] = p(j | tail), so the second sum has
+mean Σ_tail p_T(j)(…)); the per-slot weights still sum to 1 at T = 1. A top-k store's tail
+bucket says how much mass the tail has; the draws also say where in the tail it lies, which
+the student's gradient q − p needs.
 """
 
 from __future__ import annotations
@@ -38,8 +49,10 @@ def sampled_kd_loss(
     teacher_logp: torch.Tensor | None = None,
     lse_1: torch.Tensor | None = None,
     lse_t: torch.Tensor | None = None,
+    head: int = 0,
 ) -> torch.Tensor:
-    """T² · mean over tokens of Σ_i (c_i / M) w_i (log p_T(i) − log q_T(i)), w_i = p_T(i) / p(i).
+    """T² · mean over tokens of Σ_i (c_i / M) w_i (log p_T(i) − log q_T(i)), w_i = p_T(i) / p(i)
+    (with a head: the estimator of the module docstring).
 
     Args:
         logits: [N, V] student logits (any float dtype; the math is fp32).
@@ -49,6 +62,7 @@ def sampled_kd_loss(
         teacher_logp: [N, K] stored log p at T=1; adds the teacher's entropy term so the value
             estimates the KL itself (required when T != 1).
         lse_1, lse_t: [N] stored lse at T=1 and at `temperature` (required when T != 1).
+        head: the store's `capture.head`: its first slots hold the top ids exactly (needs teacher_logp).
 
     Returns:
         A float32 scalar; tokens with no stored id are left out of the mean (none: 0).
@@ -57,6 +71,8 @@ def sampled_kd_loss(
         raise ValueError(f"temperature must be positive, got {temperature}")
     if temperature != 1.0 and (teacher_logp is None or lse_1 is None or lse_t is None):
         raise ValueError("temperature != 1 needs teacher_logp, lse_1 and lse_t to re-weight the T=1 draws")
+    if head and teacher_logp is None:
+        raise ValueError("a head needs teacher_logp: its ids are weighted by their probabilities")
     if ids.shape != counts.shape or ids.shape[0] != logits.shape[0]:
         raise ValueError(f"ids {tuple(ids.shape)}, counts {tuple(counts.shape)} and logits {tuple(logits.shape)} "
                          "must agree on [N, K] / N")
@@ -72,6 +88,11 @@ def sampled_kd_loss(
         else:
             log_p_t = (logp + lse_1.float()[:, None]) / temperature - lse_t.float()[:, None]
             weight = weight * torch.exp(log_p_t - logp)
+        if head:
+            in_head = valid[:, :head]
+            p_tail = (1 - torch.where(in_head, logp[:, :head].exp(), 0.0).sum(-1, keepdim=True)).clamp(min=0)
+            head_weight = torch.where(in_head, log_p_t[:, :head].exp(), 0.0)
+            weight = torch.cat([head_weight, weight[:, head:] * p_tail], dim=1)
     per_token = -(weight * logq).sum(dim=-1)
     if log_p_t is not None:
         per_token = per_token + (weight * log_p_t).sum(dim=-1)

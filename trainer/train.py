@@ -148,7 +148,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
     model, vocab = student.model.to(device), student.vocab_size
     _check_positions(model, cfg.seq_len)
     teacher = _online_teacher(cfg, meta, device) if cfg.loss == "online" else None
-    targets = Targets(vocab, t_col, one_col, device, draws, teacher)
+    targets = Targets(vocab, t_col, one_col, device, draws, teacher, meta.capture.head)
 
     optimizer = _optimizer(model, cfg, device)
     warmup = min(cfg.warmup_steps, cfg.steps)
@@ -247,6 +247,7 @@ class Targets:
     device: torch.device
     draws: int | None = None  # a sampled-mode store: draws per token
     teacher: torch.nn.Module | None = None  # loss "online": the teacher in the loop
+    head: int = 0  # a sampled-mode store: top ids kept exactly before the draws
 
 
 def _micro_step(
@@ -319,7 +320,7 @@ def _sampled_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfi
         z, batch["topk_ids"].to(device, non_blocking=True).reshape(-1, k),
         batch["counts"].to(device, non_blocking=True).reshape(-1, k), targets.draws, temperature=cfg.temperature,
         teacher_logp=None if logp is None else logp.to(device).reshape(-1, k),
-        lse_1=lse[:, targets.one_col], lse_t=lse[:, targets.t_col],
+        lse_1=lse[:, targets.one_col], lse_t=lse[:, targets.t_col], head=targets.head,
     )  # fmt: skip
 
 

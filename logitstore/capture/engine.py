@@ -105,12 +105,13 @@ class CaptureConfig:
     coverage: float = 0.99  # adaptive mode
     draws: int = 50  # sampled mode
     seed: int = 0  # sampled mode
+    head: int = 0  # sampled mode: the top-`head` ids exactly, the draws from the rest
     counts_only: bool = False  # sampled mode at T=1: no log-probs stored
 
     @property
     def width(self) -> int:
-        """Stored slots per token: k, or min(k, draws) in sampled mode (more cannot be distinct)."""
-        return min(self.k, self.draws) if self.mode == "sampled" else self.k
+        """Stored slots per token: k, or head + min(k, draws) in sampled mode (more draws cannot be distinct)."""
+        return self.head + min(self.k, self.draws) if self.mode == "sampled" else self.k
 
     def settings(self) -> CaptureSettings:
         return CaptureSettings(
@@ -119,6 +120,7 @@ class CaptureConfig:
             coverage=self.coverage if self.mode == "adaptive" else None,
             draws=self.draws if self.mode == "sampled" else None,
             seed=self.seed if self.mode == "sampled" else None,
+            head=self.head,
             counts_only=self.counts_only,
             temperatures=tuple(self.temperatures),
             max_len=self.max_len,
@@ -128,7 +130,8 @@ class CaptureConfig:
         )
 
     def reduction(self) -> Reduction:
-        return Reduction(self.mode, self.width, tuple(self.temperatures), self.coverage, self.draws, self.seed)
+        return Reduction(self.mode, self.width, tuple(self.temperatures), self.coverage, self.draws, self.seed,
+                         self.head)
 
 
 def plan_units(seq_lengths: Sequence[int], unit_tokens: int) -> list[range]:
@@ -432,6 +435,11 @@ def _check_config(config: CaptureConfig, teacher: Teacher) -> None:
         raise LogitStoreError(f"--draws {config.draws} must be in [1, 255] (counts are stored as uint8)")
     if config.mode == "sampled" and config.seed < 0:
         raise LogitStoreError(f"--seed {config.seed} must be >= 0")
+    if config.head < 0 or (config.head and (config.mode != "sampled" or config.width > min(width, 4096))):
+        raise LogitStoreError(f"--head {config.head} needs --mode sampled, and head + min(k, draws) = "
+                              f"{config.width} slots must be at most min(4096, the teacher's logits width {width})")
+    if config.head and config.counts_only:
+        raise LogitStoreError("--counts-only needs --head 0: the head's ids are weighted by their log-probs")
     if config.counts_only and (config.mode != "sampled" or tuple(config.temperatures) != (1.0,)):
         raise LogitStoreError("--counts-only needs --mode sampled and --temperatures 1: without log-probs the "
                               "T=1 draws cannot be re-weighted to another temperature")

@@ -11,6 +11,8 @@ returns `[r, K]` draw counts. Nothing wider than `[r, K]` leaves the device.
   counts, most likely first, at most K of them. The uniforms come from a counter-based hash
   of (seed, global token position, draw), not from a stateful generator, so a token's draws
   do not depend on its batch, its work unit, the process that captured it, or a resume.
+  With a head of H ids, the first H slots are the top-H ids (count 0) and the M draws come
+  from the rest of the distribution, the tail, whose every id ranks below them.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Reduction:
     coverage: float | None = None
     draws: int | None = None
     seed: int | None = None
+    head: int = 0  # sampled mode: top ids kept exactly before the draws
 
     def __call__(
         self, z: torch.Tensor, keys: torch.Tensor | None = None
@@ -44,8 +47,13 @@ class Reduction:
         if self.mode == "sampled":
             if keys is None:
                 raise ValueError("sampled mode needs the tokens' global positions")
-            ids, counts = sample_unique(z, lse1, keys, self.draws, self.seed, self.k)
+            top = torch.topk(z, self.head, dim=-1).indices if self.head else None
+            ids, counts = sample_unique(z, lse1, keys, self.draws, self.seed, self.k - self.head, exclude=top)
+            if top is not None:
+                ids = torch.cat([top, ids], dim=1)
+                counts = torch.cat([torch.zeros_like(top, dtype=torch.uint8), counts], dim=1)
             logp = torch.where(ids >= 0, z.gather(1, ids.clamp(min=0)) - lse1, -torch.inf)
+            ids = torch.where(torch.isneginf(logp), -1, ids)  # a masked logit in the head: padding
         else:
             values, ids = torch.topk(z, self.k, dim=-1)
             logp = values - lse1
@@ -66,21 +74,29 @@ class Reduction:
 
 
 def sample_unique(
-    z: torch.Tensor, lse1: torch.Tensor, keys: torch.Tensor, draws: int, seed: int, k: int
+    z: torch.Tensor, lse1: torch.Tensor, keys: torch.Tensor, draws: int, seed: int, k: int,
+    exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`draws` ids per row from softmax(z), by inverse CDF on hashed uniforms; → (distinct ids
-    int64 [r, K] most likely first, -1 padded; counts uint8 [r, K]). When a row has more than
-    K distinct ids, the least likely ones and their draws are dropped."""
-    cdf = (z - lse1).exp_().cumsum_(dim=-1)  # [r, V], the only extra vocabulary-wide buffer
+    """`draws` ids per row from softmax(z), or from it conditioned on not being one of the
+    `exclude` ids [r, H], by inverse CDF on hashed uniforms; → (distinct ids int64 [r, K] most
+    likely first, -1 padded; counts uint8 [r, K]). When a row has more than K distinct ids,
+    the least likely ones and their draws are dropped; a row with no mass left draws nothing."""
+    probs = (z - lse1).exp_()  # [r, V], the only extra vocabulary-wide buffer
+    if exclude is not None:
+        probs.scatter_(1, exclude, 0.0)
+    cdf = probs.cumsum_(dim=-1)
     u = hashed_uniforms(keys, draws, seed)
-    # Scale by the row's total so float32 rounding of the cumsum cannot push a draw past the end.
-    drawn = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp_(max=z.shape[1] - 1)
-    del cdf
+    # Scale by the row's total (the mass left after `exclude`), which also keeps float32
+    # rounding of the cumsum from pushing a draw past the end.
+    total = cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, u * total, right=True).clamp_(max=z.shape[1] - 1)
+    drawn = torch.where(total > 0, drawn, -1)
+    del cdf, probs
     drawn, _ = torch.sort(drawn, dim=-1)
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
     group = torch.cumsum(first, dim=-1) - 1  # [r, M]: which distinct id each draw is
-    counts = torch.zeros_like(drawn).scatter_add_(1, group, torch.ones_like(drawn))
+    counts = torch.zeros_like(drawn).scatter_add_(1, group, (drawn >= 0).long())
     ids = torch.full_like(drawn, -1).scatter_(1, group, drawn)  # every draw of a group writes the same id
     ids = torch.where(counts > 0, ids, -1)
     # Most likely first (the format's rank order); padding (-inf) last; stable, so ties keep id order.

@@ -47,6 +47,8 @@ class CaptureRequest(BaseModel):
     coverage: float = Field(0.99, gt=0, le=1, description="adaptive mode: T=1 probability mass to reach")
     draws: int = Field(50, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="sampled mode: seed of the draws")
+    head: int = Field(0, ge=0, le=4095, description="sampled mode: the top `head` ids kept exactly, the draws "
+                      "taken from the rest of the distribution")
     counts_only: bool = Field(False, description="sampled mode with temperatures [1]: ids and counts without "
                               "log-probs (about half the bytes, the same training gradient)")
     max_len: int = Field(1024, ge=1, le=131_072, description="longest sequence the teacher sees")
@@ -68,17 +70,20 @@ class CaptureRequest(BaseModel):
         return sorted(temps)
 
     @model_validator(mode="after")
-    def _counts_only(self) -> CaptureRequest:
+    def _sampled_options(self) -> CaptureRequest:
         if self.counts_only and (self.mode != "sampled" or self.temperatures != [1.0]):
             raise ValueError("counts_only needs mode 'sampled' and temperatures [1] (without log-probs the T=1 "
                              "draws cannot be re-weighted to another temperature)")
+        if self.mode == "sampled" and self.head and self.counts_only:
+            raise ValueError("counts_only needs head 0: the head's ids are weighted by their log-probs")
         return self
 
     def settings(self) -> dict:
         """The capture settings as the worker uses them (batch_tokens at least max_len, as the CLI does)."""
-        unused = {"adaptive": {"draws", "seed"}, "sampled": {"coverage"}}.get(self.mode, {"coverage", "draws", "seed"})
-        if not self.counts_only:  # absent from the settings of jobs requested before it existed
-            unused = {*unused, "counts_only"}
+        unused = {"adaptive": {"draws", "seed", "head"}, "sampled": {"coverage"}}.get(
+            self.mode, {"coverage", "draws", "seed", "head"})
+        # Left out at their defaults too: absent from the settings of jobs requested before they existed.
+        unused |= {name for name in ("head", "counts_only") if not getattr(self, name)}
         # Settings a mode ignores are dropped so that they cannot split identical captures in the dedup key.
         out = self.model_dump(exclude={"corpus_id", "teacher", *unused})
         out["batch_tokens"] = max(self.batch_tokens, self.max_len)

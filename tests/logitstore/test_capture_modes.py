@@ -162,6 +162,68 @@ def test_sampled_draw_frequencies_follow_the_distribution():
     np.testing.assert_allclose(logp[ids >= 0], torch.log_softmax(z, -1)[0][ids[ids >= 0].long()], atol=1e-5)
 
 
+def test_a_head_keeps_the_top_ids_and_draws_from_the_tail():
+    """With a head of H: the first H slots are the top-H ids (count 0, exact log-probs), and the
+    draws' frequencies follow the tail distribution p_j / p_tail."""
+    gen = torch.Generator().manual_seed(5)
+    z = torch.randn(1, 300, generator=gen) * 2.5
+    rows, draws, head = 4000, 30, 10
+    ids, logp, _, counts = Reduction("sampled", head + draws, (1.0,), draws=draws, seed=3, head=head)(
+        z.repeat(rows, 1), torch.arange(rows) * 11)
+    top = torch.topk(z[0], head).indices
+    assert torch.equal(ids[:, :head].long(), top.expand(rows, head)) and torch.all(counts[:, :head] == 0)
+    tail_ids, tail_counts = ids[:, head:].long(), counts[:, head:].long()
+    assert torch.all(torch.isin(tail_ids[tail_ids >= 0], top, invert=True))
+    assert torch.all(tail_counts.sum(dim=1) == draws) and torch.all((tail_counts > 0) == (tail_ids >= 0))
+    # Every slot in rank order: the head's ids outrank every drawn one.
+    scores = torch.where(ids >= 0, z[0][ids.clamp(min=0).long()], -torch.inf)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    np.testing.assert_allclose(logp[ids >= 0], torch.log_softmax(z, -1)[0][ids[ids >= 0].long()], atol=1e-5)
+    est = torch.zeros(300, dtype=torch.float64)
+    est.scatter_add_(0, tail_ids.clamp(min=0).flatten(), (tail_counts * (tail_ids >= 0)).double().flatten())
+    est /= rows * draws
+    p = torch.softmax(z[0].double(), dim=0)
+    p[top] = 0
+    p /= p.sum()
+    sigma = torch.sqrt(p * (1 - p) / (rows * draws))
+    assert torch.all((est - p).abs() <= 5 * sigma + 1e-12)
+    # A row whose head holds all the mass (the rest masked) draws nothing: padding only.
+    masked = torch.full((1, 300), -torch.inf)
+    masked[0, :head] = 0.0
+    ids, logp, _, counts = Reduction("sampled", head + draws, (1.0,), draws=draws, seed=3, head=head)(
+        masked, torch.arange(1))
+    assert torch.all(ids[0, :head] >= 0) and torch.all(ids[0, head:] == -1) and torch.all(counts == 0)
+
+
+def test_capture_with_a_head_matches_topk_then_draws(peaked_teacher, tmp_path):
+    common = dict(temperatures=(1.0, 2.0), max_len=64, max_tokens=300, unit_tokens=150, chunk_tokens=64,
+                  batch_tokens=128, row_chunk=29)
+    top = capture(peaked_teacher, [CORPUS], str(tmp_path / "top"), CaptureConfig(mode="topk", k=6, **common))
+    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "h"),
+                    CaptureConfig(mode="sampled", head=6, draws=12, seed=2, **common))
+    assert (store.meta.capture.head, store.meta.capture.k) == (6, 18)
+    want, got = top.read(0, top.num_tokens), store.read(0, store.num_tokens)
+    np.testing.assert_array_equal(got.topk_ids[:, :6], want.topk_ids)
+    # The same codes but for each row's largest entry, which absorbs the rounding of the whole
+    # row's mass (LogProbCodec.encode_topk), and this row has more entries.
+    np.testing.assert_array_equal(got.topk_logp[:, 1:6], want.topk_logp[:, 1:])
+    np.testing.assert_allclose(got.topk_logp[:, 0], want.topk_logp[:, 0], rtol=2e-2, atol=1e-3)
+    assert np.all(got.counts[:, :6] == 0) and np.all(got.counts.sum(axis=1) == 12)
+    assert verify(store.url).ok
+    _, tail = store.teacher_logprobs(got, 2.0)  # the stored ids are exact: a K+1-bucket view still works
+    assert np.all(np.isfinite(tail))
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    (dict(mode="topk", head=4), "--head 4 needs --mode sampled"),
+    (dict(mode="sampled", head=4, counts_only=True, temperatures=(1.0,)), "--counts-only needs --head 0"),
+])
+def test_a_head_is_refused_where_it_cannot_be_used(peaked_teacher, tmp_path, config, message):
+    with pytest.raises(LogitStoreError, match=message):
+        capture(peaked_teacher, [CORPUS], str(tmp_path / "x"), CaptureConfig(**config))
+    assert not (tmp_path / "x").exists()
+
+
 def test_hashed_uniforms_are_uniform_and_position_keyed():
     u = hashed_uniforms(torch.arange(50_000), 8, seed=1)
     assert u.min() >= 0 and u.max() < 1

@@ -25,6 +25,12 @@ def test_meta_roundtrip_through_attrs() -> None:
     assert attrs[ATTRIBUTE_KEY]["format_version"] == FORMAT_VERSION
     again = StoreMeta.from_attrs(copy.deepcopy(attrs), "somewhere")
     assert again == meta
+    # counts_only and head are written only when set, so readers from before them read this store.
+    assert not {"counts_only", "head"} & attrs[ATTRIBUTE_KEY]["capture"].keys()
+    counts_only = capture_kwargs(mode="sampled", draws=9, seed=1, temperatures=(1.0,), counts_only=True)
+    settings = CaptureSettings(**counts_only)
+    assert settings.model_dump()["counts_only"] is True
+    assert CaptureSettings.model_validate(settings.model_dump()) == settings
     assert again.capture.temperatures == (2.0, 1.0, 0.5)
     assert meta_differences(meta, again) == []
 
@@ -54,7 +60,10 @@ def test_temperature_one_as_int_accepted() -> None:
     "overrides",
     [{"k": 0}, {"k": 5000}, {"max_len": 0}, {"chunk_tokens": 0}, {"packing": "ragged"}, {"mode": "sampled"},
      {"counts_only": True, "temperatures": (1.0,)},  # topk mode
-     {"counts_only": True, "mode": "sampled", "draws": 50, "seed": 0, "temperatures": (1.0, 2.0)}],
+     {"counts_only": True, "mode": "sampled", "draws": 50, "seed": 0, "temperatures": (1.0, 2.0)},
+     {"head": 4},  # topk mode
+     {"head": 16, "mode": "sampled", "draws": 50, "seed": 0},  # no slot left for the draws (k=16)
+     {"head": 4, "counts_only": True, "mode": "sampled", "draws": 50, "seed": 0, "temperatures": (1.0,)}],
 )
 def test_capture_fields_validated(overrides: dict) -> None:
     with pytest.raises(ValidationError):

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from logitstore import open_store
 from logitstore.verify import verify
 from server.worker import Worker
 from tests.server.conftest import ADMIN_KEY, Api
@@ -199,7 +200,10 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
     assert sampled.status_code == 201 and sampled.json()["settings"]["draws"] == 12
     assert "coverage" not in sampled.json()["settings"]
     assert api.capture(key, corpus, mode="sampled", draws=12, seed=4).json()["id"] != sampled.json()["id"]
-    assert "counts_only" not in topk["settings"]
+    assert not {"counts_only", "head"} & topk["settings"].keys()
+    assert api.capture(key, corpus, head=8).json()["id"] == topk["id"]  # topk mode has no head
+    headed = api.capture(key, corpus, mode="sampled", draws=12, seed=3, head=4)
+    assert headed.status_code == 201 and headed.json()["settings"]["head"] == 4
     refused = api.capture(key, corpus, mode="sampled", counts_only=True)  # needs temperatures [1]
     assert refused.status_code == 422 and "counts_only needs" in refused.text
     counts = api.capture(key, corpus, mode="sampled", draws=12, seed=3, temperatures=[1.0], counts_only=True)
@@ -221,6 +225,8 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
     served = api.settings.stores_dir / counts.json()["store_id"]
     # Other unit cuts (the server's test settings: 128 tokens) order a token's slots differently; same content.
     assert verify(str(served)).digest == verify(str(tmp_path / "counts")).digest
+    headed_store = open_store(str(api.settings.stores_dir / headed.json()["store_id"]))
+    assert (headed_store.meta.capture.head, headed_store.meta.capture.k) == (4, 12)
 
 
 @pytest.mark.parametrize(

@@ -12,24 +12,26 @@ from trainer.sampled_kd import sampled_kd_loss
 V, DRAWS, TOKENS = 97, 20, 6000
 
 
-def draws_for(teacher_z: torch.Tensor, temperatures: tuple[float, ...]):
+def draws_for(teacher_z: torch.Tensor, temperatures: tuple[float, ...], head: int = 0):
     """TOKENS independent sampled captures of the same teacher row (distinct keys = independent draws)."""
-    reduce = Reduction("sampled", DRAWS, temperatures, draws=DRAWS, seed=11)
+    reduce = Reduction("sampled", head + DRAWS, temperatures, draws=DRAWS, seed=11, head=head)
     return reduce(teacher_z.expand(TOKENS, V).contiguous(), torch.arange(TOKENS))
 
 
+@pytest.mark.parametrize("head", [0, 8])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_mean_over_draws_is_the_full_kl_and_its_gradient(temperature):
+def test_mean_over_draws_is_the_full_kl_and_its_gradient(temperature, head):
+    """Plain draws, and draws from the tail behind an exact head of the top 8 ids (~half the mass)."""
     gen = torch.Generator().manual_seed(1)
     teacher_z = torch.randn(1, V, generator=gen, dtype=torch.float64) * 2
     student_z = torch.randn(1, V, generator=gen, dtype=torch.float64)
     temps = (1.0, temperature) if temperature != 1.0 else (1.0,)
-    ids, logp, lse, counts = draws_for(teacher_z.float(), temps)
+    ids, logp, lse, counts = draws_for(teacher_z.float(), temps, head)
 
     # The same student row for every token: the mean loss over tokens is the Monte Carlo mean.
     student = student_z.float().clone().requires_grad_(True)
     loss = sampled_kd_loss(student.expand(TOKENS, V), ids, counts, DRAWS, temperature=temperature,
-                           teacher_logp=logp, lse_1=lse[:, 0], lse_t=lse[:, -1])
+                           teacher_logp=logp, lse_1=lse[:, 0], lse_t=lse[:, -1], head=head)
     (grad,) = torch.autograd.grad(loss, student)
 
     ref_student = student_z.clone().requires_grad_(True)
@@ -43,7 +45,7 @@ def test_mean_over_draws_is_the_full_kl_and_its_gradient(temperature):
         per_token = torch.stack([
             sampled_kd_loss(student.expand(TOKENS, V)[i:i + 1], ids[i:i + 1], counts[i:i + 1], DRAWS,
                             temperature=temperature, teacher_logp=logp[i:i + 1], lse_1=lse[i:i + 1, 0],
-                            lse_t=lse[i:i + 1, -1])
+                            lse_t=lse[i:i + 1, -1], head=head)
             for i in range(0, TOKENS, 10)
         ])
     stderr = per_token.std() / TOKENS**0.5
@@ -79,5 +81,7 @@ def test_padding_rows_and_argument_errors():
     assert loss.item() == 0 and torch.all(logits.grad == 0)
     with pytest.raises(ValueError, match="needs teacher_logp"):
         sampled_kd_loss(logits, ids, counts, 5, temperature=2.0)
+    with pytest.raises(ValueError, match="a head needs teacher_logp"):
+        sampled_kd_loss(logits, ids, counts, 5, head=2)
     with pytest.raises(ValueError, match="must agree"):
         sampled_kd_loss(logits, ids[:, :2], counts, 5)

@@ -118,11 +118,13 @@ def ce_eval_kl(tiny_store, heldout_store, student_config, tmp_path_factory) -> f
 SIGNAL_RUN = dict(steps=30, save_every=0, lr=2e-2, eval_tokens=512, log_every=1)
 
 
-@pytest.mark.parametrize("signal", ["sampled", "renormalized", "online"])
+@pytest.mark.parametrize("signal", ["sampled", "sampled_head", "renormalized", "online"])
 def test_other_teacher_signals_train_the_student_toward_the_teacher(
     signal, tiny_store, tiny_store_factory, heldout_store, peaked_teacher_dir, student_config, ce_eval_kl, tmp_path
 ):
-    store = tiny_store_factory(mode="sampled", draws=16, seed=1) if signal == "sampled" else tiny_store
+    store = {"sampled": lambda: tiny_store_factory(mode="sampled", draws=16, seed=1),
+             "sampled_head": lambda: tiny_store_factory(mode="sampled", head=4, draws=8, seed=1)}.get(
+        signal, lambda: tiny_store)()
     extra = {"renormalized": {"topk_renormalize": True}, "online": {"loss": "online"}}.get(signal, {})
     cfg = base_config(store, student_config, tmp_path, eval_store=heldout_store, **SIGNAL_RUN, **extra)
     train(cfg, progress=False)
