@@ -18,6 +18,8 @@ KL error (after all timings, from a float64 full-softmax reference forward):
   by keeping only these ids, comparable across modes;
 - `kl_buckets`: KL over the K+1 buckets the top-k trainer loss sees (stored ids + tail):
   the quantization error alone.
+A counts-only store keeps no probabilities, so it has neither (null); its trainer gets the
+same gradient as from the sampled store with log-probs (trainer/sampled_kd.py).
 """
 
 from __future__ import annotations
@@ -45,6 +47,10 @@ SETTINGS = {
     "topk k=64": dict(mode="topk", k=64),
     "adaptive c=0.99 k<=64": dict(mode="adaptive", coverage=0.99, k=64),
     "sampled M=50 k<=64": dict(mode="sampled", draws=50, k=64, seed=0),
+    # Counts without log-probs exist at T=1 only: the same draws, compared at the same temperatures.
+    "sampled M=50 k<=64 T=1": dict(mode="sampled", draws=50, k=64, seed=0, temperatures=(1.0,)),
+    "sampled M=50 k<=64 T=1 counts-only": dict(mode="sampled", draws=50, k=64, seed=0, temperatures=(1.0,),
+                                               counts_only=True),
 }
 
 
@@ -134,6 +140,9 @@ def kl_errors(model: torch.nn.Module, urls: dict[str, str]) -> dict[str, tuple[f
             block = store.sequence(i)
             stored = torch.from_numpy(block.topk_ids.astype(np.int64))
             real = stored >= 0
+            if block.topk_logp is None:  # counts-only: no probabilities to compare
+                sums[name] += [np.nan, np.nan, real.sum().item()]
+                continue
             safe = stored.clamp(min=0)
             q_stored = torch.where(real, torch.from_numpy(block.topk_logp).double(), -torch.inf)
             n_real = real.sum(dim=1)
@@ -161,7 +170,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--batch-tokens", type=int, default=2048)
     parser.add_argument("--unit-tokens", type=int, default=1024)
-    parser.add_argument("--temperatures", default="1,2,4")
+    parser.add_argument("--temperatures", default="1,2,4", help="of every setting that does not fix its own")
+    parser.add_argument("--only", default="", help="run only the settings whose name contains this")
     args = parser.parse_args()
 
     teacher = load_teacher(args.teacher, device=args.device)
@@ -183,8 +193,10 @@ def main() -> None:
     bare, results, urls = [bare_run()], {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for name, settings in SETTINGS.items():
-            config = CaptureConfig(temperatures=temps, max_len=args.max_len, max_tokens=args.tokens,
-                                   batch_tokens=args.batch_tokens, unit_tokens=args.unit_tokens, **settings)
+            if args.only not in name:
+                continue
+            config = CaptureConfig(**{"temperatures": temps, "max_len": args.max_len, "max_tokens": args.tokens,
+                                      "batch_tokens": args.batch_tokens, "unit_tokens": args.unit_tokens, **settings})
             url = str(Path(tmp) / name.replace(" ", "_"))
             results[name] = measure(lambda c=config, u=url: capture(teacher, [args.corpus], u, c), device)
             urls[name] = url
@@ -204,7 +216,10 @@ def main() -> None:
                 "vs_bare": round(bare_s / elapsed, 3),
                 "peak_mb": round(peak / 2**20, 1), "peak_vs_bare": round(peak / bare_peak, 3) if bare_peak else None,
                 "bytes_per_token": round(total / n, 2), "data_bytes_per_token": round(data / n, 2),
-                "ids_per_token": round(ids, 2), "kl_full": float(f"{kl_full:.4g}"), "kl_buckets": float(f"{kl_b:.4g}"),
+                "temperatures": list(open_store(urls[name]).temperatures),
+                "ids_per_token": round(ids, 2),
+                "kl_full": None if np.isnan(kl_full) else float(f"{kl_full:.4g}"),
+                "kl_buckets": None if np.isnan(kl_b) else float(f"{kl_b:.4g}"),
             }))
 
 

@@ -64,6 +64,7 @@ STORES = {
     "topk64": dict(mode="topk", k=64),
     "adaptive": dict(mode="adaptive", k=64, coverage=0.99),
     "sampled": dict(mode="sampled", k=64, draws=50, seed=0),
+    "topk64_draws": dict(mode="sampled", head=64, k=16, draws=16, seed=0),
 }
 # arm -> (store it reads, loss, topk_renormalize, what it is)
 ARMS = {
@@ -74,6 +75,7 @@ ARMS = {
     "topk64_renorm": ("topk64", "kd", True, "cached top-64 renormalized, no tail (DistillKit/Axolotl)"),
     "adaptive": ("adaptive", "kd", False, "adaptive c=0.99, k<=64, + tail"),
     "sampled": ("sampled", "kd", False, "sampled M=50 (unbiased estimator)"),
+    "topk64_draws": ("topk64_draws", "kd", False, "top-64 exact + 16 draws from the tail (unbiased)"),
     "online": ("topk64", "online", False, "online full-vocabulary KD, teacher in the loop"),
 }
 KEY_ARMS = ("ce", "topk64", "online")
@@ -191,7 +193,7 @@ def train_arm(arm: str, seed: int, stores: dict[str, dict], student: str, args, 
     out = work / "runs" / f"{arm}_s{seed}"
     cfg = TrainConfig(
         store=stores[store]["url"], student=student, out=str(out), loss=loss, topk_renormalize=renorm,
-        temperature=args.temperature, alpha=0.0, steps=args.steps, batch_size=args.batch_size,
+        temperature=args.temperature, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, seed=seed,
         log_every=max(1, args.steps // 12), save_every=0, device=args.device,
     )  # fmt: skip
@@ -324,6 +326,8 @@ def main() -> None:
     p.add_argument("--seeds", help="comma-separated; the first trains every arm, the others the key arms")
     p.add_argument("--eval-batch", type=int)
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--alpha", type=float, default=0.0,
+                   help="weight of the hard-label CE in every KD arm, online included (the CE arm is CE only)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"subset of {','.join(ARMS)}")
     p.add_argument("--no-share-forward", dest="share_forward", action="store_false")
     args = p.parse_args()
@@ -398,6 +402,15 @@ def main() -> None:
                      "budget_tokens": args.steps * args.batch_size * args.seq_len,
                      "teacher": metrics["teacher"], "init": metrics["init"], "eval_s": round(eval_s, 1),
                      "total_s": round(total_s, 1)}
+    if f"ce_s{s0}" in runs and f"online_s{s0}" in runs:
+        # Every other arm against the same CE and online runs, on the seed means.
+        def seed_mean(arm: str, metric: str) -> dict[str, float]:
+            return {metric: float(np.mean([runs[f"{arm}_s{s}"][metric] for s in seeds if f"{arm}_s{s}" in runs]))}
+
+        for arm in sorted({a for a, _ in runs_to_do} - set(KEY_ARMS)):
+            for metric in ("heldout_kl", "heldout_ppl"):
+                summary[f"recovery_{arm}_{metric}"] = recovery(seed_mean("ce", metric), seed_mean(arm, metric),
+                                                               seed_mean("online", metric), metric)
     if all(f"{a}_s{s0}" in runs for a in KEY_ARMS):
         for metric in ("heldout_kl", "heldout_ppl", "heldout_top1"):
             per_seed = [recovery(runs[f"ce_s{s}"], runs[f"topk64_s{s}"], runs[f"online_s{s}"], metric)
@@ -419,7 +432,8 @@ def main() -> None:
     print(json.dumps(summary), flush=True)
 
     title = (f"{preset} preset: {summary['train_tokens']} train tokens, {args.steps} steps x {args.batch_size} x "
-             f"{args.seq_len}, lr {args.lr:g}, T={args.temperature:g}; held-out {heldout_tokens} tokens")
+             f"{args.seq_len}, lr {args.lr:g}, T={args.temperature:g}, alpha={args.alpha:g}; "
+             f"held-out {heldout_tokens} tokens")
     results = {"args": vars(args), "title": title, "stores": stores, "runs": runs, "seeds": seeds,
                "init": metrics["init"], "teacher": metrics["teacher"], "summary": summary}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
