@@ -288,7 +288,7 @@ class Store:
         offsets = seg.slot_offsets()
         s0, s1 = (a, b) if offsets is None else (int(offsets[a]), int(offsets[b]))
         has_logp, has_counts = block.topk_logp is not None, block.counts is not None
-        slot_names = ("topk_ids", *(("topk_logp",) * has_logp), *((layout.COUNTS_ARRAY,) * has_counts))
+        slot_names = ["topk_ids"] + ["topk_logp"] * has_logp + [layout.COUNTS_ARRAY] * has_counts
         requests = [("input_ids", a, b), ("lse", a, b), *((name, s0, s1) for name in slot_names)]
         input_ids, lse, indices, *slots = seg.read_many(requests, self._scratch)
         codes = slots.pop(0) if has_logp else None

@@ -82,8 +82,9 @@ class CaptureConfig:
 
     `mode` (see logitstore/capture/reduce.py): "topk" stores the k most likely ids;
     "adaptive" the fewest ids (at most k) whose T=1 mass reaches `coverage`; "sampled" the
-    distinct ids of `draws` seeded draws (at most min(k, draws) slots) with their counts, and
-    with `counts_only` (T=1 only) without their log-probs.
+    distinct ids of `draws` seeded draws (at most min(k, draws) slots) with their counts; with
+    `head` after the top-`head` ids, drawn from the rest; with `counts_only` (T=1 only) without
+    their log-probs.
     """
 
     k: int = 64
