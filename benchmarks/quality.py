@@ -402,15 +402,15 @@ def main() -> None:
                      "budget_tokens": args.steps * args.batch_size * args.seq_len,
                      "teacher": metrics["teacher"], "init": metrics["init"], "eval_s": round(eval_s, 1),
                      "total_s": round(total_s, 1)}
-    if f"ce_s{s0}" in runs and f"online_s{s0}" in runs:
-        # Every other arm against the same CE and online runs, on the seed means.
-        def seed_mean(arm: str, metric: str) -> dict[str, float]:
-            return {metric: float(np.mean([runs[f"{arm}_s{s}"][metric] for s in seeds if f"{arm}_s{s}" in runs]))}
-
-        for arm in sorted({a for a, _ in runs_to_do} - set(KEY_ARMS)):
-            for metric in ("heldout_kl", "heldout_ppl"):
-                summary[f"recovery_{arm}_{metric}"] = recovery(seed_mean("ce", metric), seed_mean(arm, metric),
-                                                               seed_mean("online", metric), metric)
+    # Every other arm against CE and online, on the means over the seeds all three ran.
+    for arm in sorted({a for a, _ in runs_to_do} - set(KEY_ARMS)):
+        shared = [s for s in seeds if all(f"{a}_s{s}" in runs for a in ("ce", arm, "online"))]
+        if not shared:
+            continue
+        for metric in ("heldout_kl", "heldout_ppl"):
+            ce, kd, online = ({metric: float(np.mean([runs[f"{a}_s{s}"][metric] for s in shared]))}
+                              for a in ("ce", arm, "online"))
+            summary[f"recovery_{arm}_{metric}"] = recovery(ce, kd, online, metric)
     if all(f"{a}_s{s0}" in runs for a in KEY_ARMS):
         for metric in ("heldout_kl", "heldout_ppl", "heldout_top1"):
             per_seed = [recovery(runs[f"ce_s{s}"], runs[f"topk64_s{s}"], runs[f"online_s{s}"], metric)

@@ -53,7 +53,7 @@ class Reduction:
                 ids = torch.cat([top, ids], dim=1)
                 counts = torch.cat([torch.zeros_like(top, dtype=torch.uint8), counts], dim=1)
             logp = torch.where(ids >= 0, z.gather(1, ids.clamp(min=0)) - lse1, -torch.inf)
-            ids = torch.where(torch.isneginf(logp), -1, ids)  # a masked logit in the head: padding
+            ids = torch.where(torch.isneginf(logp), -1, ids)  # a masked logit in the head (count 0): padding
         else:
             values, ids = torch.topk(z, self.k, dim=-1)
             logp = values - lse1
@@ -86,12 +86,22 @@ def sample_unique(
         probs.scatter_(1, exclude, 0.0)
     cdf = probs.cumsum_(dim=-1)
     u = hashed_uniforms(keys, draws, seed)
-    # Scale by the row's total (the mass left after `exclude`), which also keeps float32
-    # rounding of the cumsum from pushing a draw past the end.
+    # Scale by the row's total (the mass left after `exclude`), so that float32 rounding of the
+    # cumsum cannot push a draw past the end. u < 1, but u * total can still round up to total
+    # (a subnormal total, or a tie): such a draw belongs to the last id with mass, the first
+    # place where the cdf reaches its total, not to the last column.
     total = cdf[:, -1:]
-    drawn = torch.searchsorted(cdf, u * total, right=True).clamp_(max=z.shape[1] - 1)
+    drawn = torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))
     drawn = torch.where(total > 0, drawn, -1)
     del cdf, probs
+    # Never a draw on an id without mass: a masked logit or an excluded id has a zero-width
+    # interval, which a parallel (GPU) cumsum may round to one ulp. Such a draw is dropped.
+    no_mass = torch.isneginf(z.gather(1, drawn.clamp(min=0)))
+    if exclude is not None:
+        excluded = torch.sort(exclude, dim=-1).values
+        nearest = torch.searchsorted(excluded, drawn).clamp_(max=excluded.shape[1] - 1)
+        no_mass |= excluded.gather(1, nearest) == drawn
+    drawn = torch.where(no_mass, -1, drawn)
     drawn, _ = torch.sort(drawn, dim=-1)
     first = torch.ones_like(drawn, dtype=torch.bool)
     first[:, 1:] = drawn[:, 1:] != drawn[:, :-1]

@@ -195,6 +195,27 @@ def test_a_head_keeps_the_top_ids_and_draws_from_the_tail():
     assert torch.all(ids[0, :head] >= 0) and torch.all(ids[0, head:] == -1) and torch.all(counts == 0)
 
 
+@pytest.mark.parametrize("last", ["head", "masked"])
+def test_draws_never_land_on_ids_without_mass(last):
+    """A tail mass in float32's subnormal range (every tail logit ~100 nats down) makes u * total
+    round up to total; such a draw must go to the last id with mass, never to the last column,
+    here a head id or a masked logit."""
+    rows, v, head, draws = 64, 16, 2, 20
+    z = torch.full((rows, v), -101.5)
+    z[:, 3] = 0.5
+    if last == "head":
+        z[:, v - 1] = 0.0  # the head is {3, 15}
+    else:
+        z[:, v - 2] = 0.0  # the head is {3, 14}
+        z[:, v - 1] = -torch.inf
+    ids, logp, _, counts = Reduction("sampled", head + draws, (1.0,), draws=draws, seed=3, head=head)(
+        z, torch.arange(rows))
+    tail = ids[:, head:].long()
+    assert not torch.isin(tail, ids[:, :head].long()).any() and torch.all(tail != v - 1)
+    assert torch.all((counts[:, head:] > 0) == (tail >= 0)) and torch.all(counts[:, head:].sum(1) <= draws)
+    assert torch.all(torch.isfinite(logp[ids >= 0]))
+
+
 def test_capture_with_a_head_matches_topk_then_draws(peaked_teacher, tmp_path):
     common = dict(temperatures=(1.0, 2.0), max_len=64, max_tokens=300, unit_tokens=150, chunk_tokens=64,
                   batch_tokens=128, row_chunk=29)
