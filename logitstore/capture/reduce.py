@@ -90,7 +90,7 @@ def sample_unique(
     # cumsum cannot push a draw past the end. u < 1, but u * total can still round up to total
     # (a subnormal total, or a tie): such a draw belongs to the last id with mass, the first
     # place where the cdf reaches its total, not to the last column.
-    total = cdf[:, -1:]
+    total = cdf[:, -1:].contiguous()
     drawn = torch.minimum(torch.searchsorted(cdf, u * total, right=True), torch.searchsorted(cdf, total))
     drawn = torch.where(total > 0, drawn, -1)
     del cdf, probs
