@@ -436,9 +436,11 @@ def _check_config(config: CaptureConfig, teacher: Teacher) -> None:
         raise LogitStoreError(f"--draws {config.draws} must be in [1, 255] (counts are stored as uint8)")
     if config.mode == "sampled" and config.seed < 0:
         raise LogitStoreError(f"--seed {config.seed} must be >= 0")
-    if config.head < 0 or (config.head and (config.mode != "sampled" or config.width > min(width, 4096))):
-        raise LogitStoreError(f"--head {config.head} needs --mode sampled, and head + min(k, draws) = "
-                              f"{config.width} slots must be at most min(4096, the teacher's logits width {width})")
+    if config.head < 0 or (config.head and config.mode != "sampled"):
+        raise LogitStoreError(f"--head {config.head} needs --mode sampled (and must be >= 0)")
+    if config.width > min(width, 4096):  # only a head can take a sampled capture past --k
+        raise LogitStoreError(f"--head {config.head} + min(--k, --draws) = {config.width} slots must be at most "
+                              f"min(4096, the teacher's logits width {width})")
     if config.head and config.counts_only:
         raise LogitStoreError("--counts-only needs --head 0: the head's ids are weighted by their log-probs")
     if config.counts_only and (config.mode != "sampled" or tuple(config.temperatures) != (1.0,)):
