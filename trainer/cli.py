@@ -34,6 +34,8 @@ HELP = {
     "temperature": "training temperature; one of the store's captured temperatures",
     "divergence": "fkl, rkl, jsd or tvd",
     "alpha": "weight of the hard-label CE mixed into the KD loss",
+    "materialize_logits": "kd: compute the whole batch's logits and the loss on them (the old path, for "
+    "comparison); by default the loss runs from the final hidden states in row chunks",
     "steps": "optimizer steps",
     "batch_size": "blocks per micro-batch per rank",
     "seq_len": "tokens per block",

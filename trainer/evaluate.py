@@ -25,7 +25,7 @@ from logitstore.capture.corpus import read_documents, tokenize_and_pack
 from logitstore.reader import Store
 from trainer.data import drop_non_token_ids
 from trainer.kd_loss import kd_loss
-from trainer.sampled_kd import sampled_kd_loss
+from trainer.targets import sampled_kd_loss
 
 
 @torch.no_grad()

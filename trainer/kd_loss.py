@@ -12,7 +12,13 @@ import math
 
 import torch
 
-from trainer.kd_loss_reference import check_kd_loss_args, kd_loss_reference
+from trainer.kd_loss_reference import (
+    check_kd_loss_args,
+    count_rows,
+    kd_loss_parts_reference,
+    loss_from_parts,
+    part_means,
+)
 
 __all__ = ["kd_loss", "teacher_logprobs_at_temperature"]
 
@@ -20,8 +26,9 @@ __all__ = ["kd_loss", "teacher_logprobs_at_temperature"]
 def kd_loss(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor,
+    topk_logp: torch.Tensor | None,
     *,
+    weights: torch.Tensor | None = None,
     temperature: float = 1.0,
     divergence: str = "fkl",
     beta: float = 0.5,
@@ -30,73 +37,68 @@ def kd_loss(
     ignore_index: int = -100,
     inplace_grad: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over tokens of alpha * CE(z, labels) + (1 - alpha) * T^2 * D(p_T || q_T).
 
     Args:
         logits: [N, V] student logits, float32 / bfloat16 / float16, CPU or CUDA.
-        topk_ids: [N, K] int32/int64 teacher ids; -1 is padding. A repeated id counts once
-            (its first occurrence; later repeats are treated as padding).
+        topk_ids: [N, K] int32/int64 teacher ids (K <= 4096); -1 is padding. A repeated id
+            counts once (its first occurrence; later repeats are treated as padding).
         topk_logp: [N, K] teacher log-probs at the training temperature, normalized over the
-            full vocabulary; the tail bucket gets 1 - sum(exp(topk_logp)), clamped at 0.
+            full vocabulary. Without `weights` the target is exact on these ids plus a tail
+            bucket of mass 1 - sum(exp(topk_logp)), clamped at 0. With `weights` they only
+            enter the value (the teacher's entropy term); None there (a counts-only store) makes
+            the value a cross-entropy with the same gradient.
+        weights: [N, K] target mass on each id, for stores with drawn ids (`trainer.targets`
+            builds them): the loss is then the unbiased estimate sum_k w_k (lp_k - log q_k) of
+            the forward KL, with no tail bucket. Only divergence "fkl" has such an estimate.
         temperature: T > 0; the student is softmax(logits / T), the divergence is scaled by T^2.
         divergence: "fkl" KL(p||q), "rkl" KL(q||p), "jsd" beta KL(p||M) + (1-beta) KL(q||M) with
             M = beta p + (1-beta) q, or "tvd" sum |p - q| / 2.
         beta: JSD mixing weight, 0 < beta < 1.
         alpha: weight of the hard-label cross-entropy at T = 1 (needs labels).
-        labels: [N] hard labels; tokens equal to ignore_index are left out of the mean. Without
-            labels, tokens whose teacher ids are all padding are left out.
+        labels: [N] hard labels. With alpha > 0 the tokens equal to ignore_index are left out
+            of the mean; with alpha = 0 the mean is over the tokens with a teacher id, and
+            labels only feed the CE reported by `return_parts`.
         ignore_index: label value of ignored tokens.
         inplace_grad: let the Triton backend write the gradient into `logits` (saves an [N, V]
             buffer; `logits` must not be used afterwards). Ignored by the torch backend.
         backend: "auto" (Triton on CUDA, torch on CPU), "triton" (on CPU tensors only under
             TRITON_INTERPRET=1), or "torch".
+        return_parts: also return the mean T^2 D and the mean CE (NaN without labels), detached
+            device scalars computed in the same pass.
 
     Returns:
-        A float32 scalar. A batch with no counted token gives 0 with zero gradients.
+        A float32 scalar (or `(loss, kd, ce)`). A batch with no counted token gives 0 with zero
+        gradients.
     """
-    check_kd_loss_args(
-        logits,
-        topk_ids,
-        topk_logp,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        alpha=alpha,
-        labels=labels,
-        ignore_index=ignore_index,
-        backend=backend,
-    )
+    kw = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha, ignore_index=ignore_index)
+    check_kd_loss_args(logits, topk_ids, topk_logp, labels=labels, backend=backend, weights=weights, **kw)
+    kw = normalized_kw(kw, with_kd=return_parts or alpha < 1)
     if backend == "auto":
         backend = "triton" if logits.is_cuda else "torch"
+    n_rows = count_rows(topk_ids, logits.shape[1], labels, ignore_index, alpha)
     if backend == "torch":
-        return kd_loss_reference(
-            logits,
-            topk_ids,
-            topk_logp,
-            temperature=temperature,
-            divergence=divergence,
-            beta=beta,
-            alpha=alpha,
-            labels=labels,
-            ignore_index=ignore_index,
-        )
-    # Imported here so that `import trainer` does not import triton, and TRITON_INTERPRET can
-    # still be set by the caller before the kernels are built.
-    from trainer.kd_loss_triton import kd_loss_triton
+        parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, weights, labels=labels, **kw)
+        loss = loss_from_parts(parts, alpha, n_rows)
+    else:
+        # Imported here so that `import trainer` does not import triton, and TRITON_INTERPRET can
+        # still be set by the caller before the kernels are built.
+        from trainer.kd_loss_triton import kd_loss_triton
 
-    return kd_loss_triton(
-        logits,
-        topk_ids,
-        topk_logp,
-        temperature=temperature,
-        divergence=divergence,
-        beta=beta,
-        alpha=alpha,
-        labels=labels,
-        ignore_index=ignore_index,
-        inplace_grad=inplace_grad,
-    )
+        loss, parts = kd_loss_triton(logits, topk_ids, topk_logp, weights, labels, kw, inplace_grad=inplace_grad)
+    if not return_parts:
+        return loss
+    return (loss, *part_means(parts, n_rows, labels, ignore_index))
+
+
+def normalized_kw(kw: dict, *, with_kd: bool) -> dict:
+    """The checked loss settings as plain Python scalars (what the kernel launcher takes)."""
+    return dict(
+        temperature=float(kw["temperature"]), divergence=kw["divergence"], beta=float(kw["beta"]),
+        alpha=float(kw["alpha"]), ignore_index=int(kw["ignore_index"]), with_kd=bool(with_kd),
+    )  # fmt: skip
 
 
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:

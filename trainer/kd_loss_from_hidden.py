@@ -12,16 +12,27 @@ from __future__ import annotations
 
 import torch
 
-from trainer.kd_loss_reference import check_kd_loss_args, kd_loss_reference, row_mask, valid_teacher_ids
+from trainer.kd_loss import normalized_kw
+from trainer.kd_loss_reference import (
+    check_kd_loss_args,
+    count_rows,
+    kd_loss_parts_reference,
+    loss_from_parts,
+    part_means,
+)
 
 __all__ = ["default_chunk_size", "kd_loss_from_hidden"]
 
 # Logits elements per chunk: 256 MiB in bf16, 512 MiB in fp32 (see default_chunk_size).
 CHUNK_LOGITS_ELEMENTS = 2**27
+# The torch path (CPU) holds about six fp32 arrays of the chunk's shape through autograd, so its
+# chunks are 128 times smaller: 24 MiB at the peak, 21 rows at V = 49152.
+CHUNK_LOGITS_ELEMENTS_TORCH = 2**20
 
 
-def default_chunk_size(n: int, vocab_size: int) -> int:
-    """Rows per chunk: as many as fit CHUNK_LOGITS_ELEMENTS (2^27) logits, at most N, at least 1.
+def default_chunk_size(n: int, vocab_size: int, backend: str = "triton") -> int:
+    """Rows per chunk: as many as fit CHUNK_LOGITS_ELEMENTS (2^27) logits, at most N, at least 1
+    (CHUNK_LOGITS_ELEMENTS_TORCH on the torch path).
 
     Why a fixed logits budget rather than Liger's "chunk logits ~ size of hidden" (rows ~ N H / V):
     * memory: the chunk's [rows, V] buffer (logits, then their gradient in place) is the only
@@ -34,7 +45,8 @@ def default_chunk_size(n: int, vocab_size: int) -> int:
       rows at V = 128256 and 2730 at V = 49152 (8 and 3 chunks at N = 8192), where Liger's
       rule would give 128-256 rows and 30-60 chunks.
     """
-    return max(1, min(n, CHUNK_LOGITS_ELEMENTS // max(vocab_size, 1)))
+    budget = CHUNK_LOGITS_ELEMENTS if backend == "triton" else CHUNK_LOGITS_ELEMENTS_TORCH
+    return max(1, min(n, budget // max(vocab_size, 1)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -49,13 +61,13 @@ def default_chunk_size(n: int, vocab_size: int) -> int:
 #     dL/dX_c = G_c W                    dL/dW = sum_c G_c^T X_c    (accumulated in fp32)
 #
 # G_c must be the rows of the *global* G. kd_loss is a mean over the n counted rows of its
-# input (row_mask: label != ignore_index, or any teacher id without labels), L = sum_r l_r / n,
-# so a chunk's part of it is sum_{r in c} l_r / n = (n_c / n) * kd_loss(Z_c), weight n_c / n.
-# The Triton path applies that weight by giving the kernel the global n in place of the chunk's
-# count, so it writes sum_{r in c} l_r / n and G_c directly; the torch path multiplies the
-# chunk's reference loss by n_c / n before autograd. n and n_c stay device tensors: no host
-# sync per chunk. n = 0 gives a zero loss and zero gradients (the kernel and the reference
-# zero every uncounted row, and 1 / max(n, 1) stays finite).
+# input (label != ignore_index when alpha > 0, else rows with a teacher id), L = sum_r l_r / n,
+# so a chunk's part of it is sum_{r in c} l_r / n: its rows' terms over the batch's n. The
+# Triton path gives the kernel the global n in place of the chunk's count, so it writes G_c
+# directly; the torch path differentiates sum_{r in c} l_r / n (loss_from_parts with the global
+# n). n stays a device tensor: no host sync per chunk. n = 0 gives a zero loss and zero
+# gradients (the kernel and the reference zero every uncounted row, and 1 / max(n, 1) stays
+# finite). The per-row T^2 D and CE sums are carried along for the log (return_parts).
 #
 # Backward gets dOut/dL (a scalar) and multiplies the saved dL/dX and dL/dW by it.
 # ---------------------------------------------------------------------------------------------
@@ -70,20 +82,19 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         hidden: torch.Tensor,
         weight: torch.Tensor,
         topk_ids: torch.Tensor,
-        topk_logp: torch.Tensor,
+        topk_logp: torch.Tensor | None,
+        weights: torch.Tensor | None,
         labels: torch.Tensor | None,
+        n_total: torch.Tensor,
         kw: dict,
         backend: str,
         chunk_size: int,
         grad_hidden_needed: bool,
         grad_weight_needed: bool,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         n, _ = hidden.shape
         v = weight.shape[0]
         device, dtype = hidden.device, hidden.dtype
-        rows = row_mask(valid_teacher_ids(topk_ids, v), labels, kw["ignore_index"])
-        n_total = rows.sum(dtype=torch.float32).reshape(1)  # the kernel divides by max(n, 1)
-        inv_total = 1.0 / n_total.clamp(min=1.0)
 
         grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed else None
         # fp32 accumulator for dL/dW: with bf16 weights each chunk's G_c^T X_c is rounded once,
@@ -91,39 +102,35 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         grad_w32 = torch.zeros(weight.shape, dtype=torch.float32, device=device) if grad_weight_needed else None
         partial_w = None  # reused [V, H] buffer for one chunk's G_c^T X_c in a 16-bit dtype
         logits_buf = torch.empty((min(chunk_size, n), v), dtype=dtype, device=device)
-        loss = torch.zeros((), dtype=torch.float32, device=device)
+        part_sums = torch.zeros(2, dtype=torch.float32, device=device)  # sum of T^2 D, sum of CE
         compute_grad = grad_hidden_needed or grad_weight_needed
 
         if backend == "triton":
-            from trainer.kd_loss_triton import _launch
+            from trainer.kd_loss_triton import launch
+
+        def rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+            return None if t is None else t[start:stop]
 
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             x_c = hidden[start:stop]
-            lab_c = None if labels is None else labels[start:stop]
+            target_c = (topk_ids[start:stop], rows(topk_logp, start, stop), rows(weights, start, stop))
+            lab_c = rows(labels, start, stop)
             logits_c = torch.mm(x_c, weight.t(), out=logits_buf[: stop - start])
             if backend == "triton":
                 # In place: the kernel turns the chunk's logits into their gradient G_c.
-                loss_c, g_c = _launch(
-                    logits_c,
-                    topk_ids[start:stop],
-                    topk_logp[start:stop],
-                    lab_c,
-                    **kw,
-                    inplace_grad=True,
-                    compute_grad=compute_grad,
-                    block_v=None,
-                    n_rows=n_total,
+                parts_c, g_c = launch(
+                    logits_c, *target_c, lab_c, **kw, inplace_grad=True, compute_grad=compute_grad, n_rows=n_total
                 )
             else:
-                weight_c = rows[start:stop].sum(dtype=torch.float32) * inv_total
                 with torch.enable_grad():
                     z_c = logits_c.detach().requires_grad_(compute_grad)
-                    loss_c = kd_loss_reference(z_c, topk_ids[start:stop], topk_logp[start:stop], labels=lab_c, **kw)
-                    loss_c = loss_c * weight_c
-                    g_c = torch.autograd.grad(loss_c, z_c)[0] if compute_grad else None
-                loss_c = loss_c.detach()
-            loss += loss_c.reshape(())
+                    parts_c = kd_loss_parts_reference(z_c, *target_c, labels=lab_c, **kw)
+                    # The chunk's share of the global mean: its rows' terms over the batch's n.
+                    g_c = None
+                    if compute_grad:
+                        (g_c,) = torch.autograd.grad(loss_from_parts(parts_c, kw["alpha"], n_total), z_c)
+            part_sums += parts_c.detach().sum(dim=0)
             if grad_hidden is not None:
                 torch.mm(g_c, weight, out=grad_hidden[start:stop])
             if grad_w32 is not None:
@@ -132,17 +139,18 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
                 else:
                     partial_w = torch.mm(g_c.t(), x_c, out=partial_w)
                     grad_w32 += partial_w
-            del g_c, logits_c
+            del g_c, logits_c, parts_c
 
         del logits_buf, partial_w
         grad_weight = None if grad_w32 is None else grad_w32.to(weight.dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.scaled = False
-        return loss
+        ctx.mark_non_differentiable(part_sums)
+        return loss_from_parts(part_sums[None], kw["alpha"], n_total), part_sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_output: torch.Tensor, _grad_sums: torch.Tensor | None):  # type: ignore[override]
         if ctx.scaled:
             raise RuntimeError(
                 "kd_loss_from_hidden: backward ran twice through the same graph (retain_graph=True); its "
@@ -159,7 +167,7 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
             grad_hidden.mul_(scale)
         if grad_weight is not None:
             grad_weight.mul_(scale)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_hidden_args(hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
@@ -194,8 +202,9 @@ def kd_loss_from_hidden(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
     topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor,
+    topk_logp: torch.Tensor | None,
     *,
+    weights: torch.Tensor | None = None,
     temperature: float = 1.0,
     divergence: str = "fkl",
     beta: float = 0.5,
@@ -204,7 +213,8 @@ def kd_loss_from_hidden(
     ignore_index: int = -100,
     backend: str = "auto",
     chunk_size: int | None = None,
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`kd_loss(hidden @ lm_head_weight.T, topk_ids, topk_logp, ...)` without the [N, V] logits.
 
     Args:
@@ -212,17 +222,18 @@ def kd_loss_from_hidden(
             bfloat16 / float16.
         lm_head_weight: [V, H] the output projection's weight (`nn.Linear(H, V).weight`), same
             dtype and device as `hidden`. A bias is not supported (LM heads have none).
-        topk_ids, topk_logp, temperature, divergence, beta, alpha, labels, ignore_index,
-        backend: as for `trainer.kd_loss.kd_loss` (same checks, same semantics).
+        topk_ids, topk_logp, weights, temperature, divergence, beta, alpha, labels, ignore_index,
+        backend, return_parts: as for `trainer.kd_loss.kd_loss` (same checks, same semantics).
         chunk_size: rows of logits materialized at once; None picks `default_chunk_size(N, V)`
-            (as many rows as fit 2^27 logits: bounded memory, GEMMs large enough to stay
-            efficient; the docstring there says why).
+            (as many rows as fit 2^27 logits, 2^20 on the torch path: bounded memory, GEMMs
+            large enough to stay efficient; the docstring there says why).
 
     Returns:
-        A float32 scalar: the mean over the counted rows of the whole batch (not of a chunk).
-        Gradients flow to `hidden` and `lm_head_weight` (computed in the forward, chunk by
-        chunk, in their dtype; the weight's is accumulated in fp32 across chunks), not to
-        `topk_logp`. A batch with no counted row gives 0 with zero gradients.
+        A float32 scalar (or `(loss, kd, ce)`): the mean over the counted rows of the whole batch
+        (not of a chunk). Gradients flow to `hidden` and `lm_head_weight` (computed in the
+        forward, chunk by chunk, in their dtype; the weight's is accumulated in fp32 across
+        chunks), not to `topk_logp` or `weights`. A batch with no counted row gives 0 with zero
+        gradients.
     """
     _check_hidden_args(hidden, lm_head_weight)
     n, v = hidden.shape[0], lm_head_weight.shape[0]
@@ -230,28 +241,35 @@ def kd_loss_from_hidden(
     # shape, dtype and device but occupies one element.
     logits_like = hidden.new_empty(()).expand(n, v)
     kw = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha, ignore_index=ignore_index)
-    check_kd_loss_args(logits_like, topk_ids, topk_logp, labels=labels, backend=backend, **kw)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(n, v)
-    elif not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"kd_loss_from_hidden: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
+    check_kd_loss_args(logits_like, topk_ids, topk_logp, labels=labels, backend=backend, weights=weights, **kw)
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"
+    if chunk_size is None:
+        chunk_size = default_chunk_size(n, v, backend)
+    elif not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"kd_loss_from_hidden: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     if backend == "triton":
         from trainer.kd_loss_triton import require_runnable
 
         require_runnable(hidden)
-    kw = dict(kw, temperature=float(temperature), beta=float(beta), alpha=float(alpha), ignore_index=int(ignore_index))
+    kw = normalized_kw(kw, with_kd=return_parts or alpha < 1)
+    # The count of the whole batch, as a device tensor (no host sync per chunk).
+    n_total = count_rows(topk_ids, v, labels, ignore_index, alpha).reshape(1)
     grad_on = torch.is_grad_enabled()
-    return KDLossFromHiddenFunction.apply(
+    loss, part_sums = KDLossFromHiddenFunction.apply(
         hidden,
         lm_head_weight,
         topk_ids,
         topk_logp,
+        weights,
         labels,
+        n_total,
         kw,
         backend,
         chunk_size,
         grad_on and hidden.requires_grad,
         grad_on and lm_head_weight.requires_grad,
     )
+    if not return_parts:
+        return loss
+    return (loss, *part_means(part_sums[None], n_total, labels, ignore_index))

@@ -29,12 +29,14 @@ DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
 _BACKENDS = ("auto", "triton", "torch")
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NEG_INF = float("-inf")
+# Largest K the fused kernel takes (its [K] vectors live in registers: tests/trainer/test_ptx.py).
+MAX_K = 4096
 
 
 def check_kd_loss_args(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor,
+    topk_logp: torch.Tensor | None,
     *,
     temperature: float,
     divergence: str,
@@ -43,6 +45,7 @@ def check_kd_loss_args(
     labels: torch.Tensor | None,
     ignore_index: int,
     backend: str = "auto",
+    weights: torch.Tensor | None = None,
 ) -> None:
     """Raise ValueError, saying what to change, when the arguments of `kd_loss` are unusable.
 
@@ -66,14 +69,25 @@ def check_kd_loss_args(
         raise ValueError(f"kd_loss: topk_ids must be int32 or int64, got {topk_ids.dtype}")
     if topk_ids.shape[1] < 1:
         raise ValueError("kd_loss: topk_ids has K = 0 columns; pass at least one teacher id per row")
-    if not isinstance(topk_logp, torch.Tensor) or topk_logp.shape != topk_ids.shape:
+    if topk_logp is None and weights is None:
+        raise ValueError("kd_loss: topk_logp is required (it may be None only with weights, for a counts-only store)")
+    for name, t in (("topk_logp", topk_logp), ("weights", weights)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != topk_ids.shape:
+            raise ValueError(
+                f"kd_loss: {name} must have the shape of topk_ids {tuple(topk_ids.shape)}, got {_describe(t)}"
+            )
+        if not t.is_floating_point():
+            raise ValueError(f"kd_loss: {name} must be a float tensor, got {t.dtype}")
+    if weights is not None and divergence != "fkl":
         raise ValueError(
-            f"kd_loss: topk_logp must have the shape of topk_ids {tuple(topk_ids.shape)}, "
-            f"got {_describe(topk_logp)}"
+            f"kd_loss: divergence {divergence!r} has no unbiased estimate from drawn ids (weights); only 'fkl' "
+            "does. Train a sampled store with divergence='fkl', or capture a top-k store for rkl/jsd/tvd"
         )
-    if not topk_logp.is_floating_point():
-        raise ValueError(f"kd_loss: topk_logp must be a float tensor, got {topk_logp.dtype}")
-    for name, t in (("topk_ids", topk_ids), ("topk_logp", topk_logp), ("labels", labels)):
+    if topk_ids.shape[1] > MAX_K:
+        raise ValueError(f"kd_loss: at most {MAX_K} teacher ids per row, got K = {topk_ids.shape[1]}")
+    for name, t in (("topk_ids", topk_ids), ("topk_logp", topk_logp), ("weights", weights), ("labels", labels)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"kd_loss: {name} is on {t.device} but logits is on {logits.device}")
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
@@ -181,10 +195,44 @@ def _bucket_divergence(
     raise ValueError(f"kd_loss: unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
 
 
-def kd_loss_reference(
+def count_rows(
+    ids: torch.Tensor, vocab_size: int, labels: torch.Tensor | None, ignore_index: int, alpha: float
+) -> torch.Tensor:
+    """Counted rows as a float32 device scalar: labelled rows when alpha > 0, else rows with an id."""
+    return row_mask((ids >= 0) & (ids < vocab_size), labels if alpha > 0 else None, ignore_index).sum(
+        dtype=torch.float32
+    )
+
+
+def loss_from_parts(parts: torch.Tensor, alpha: float, n_rows: torch.Tensor) -> torch.Tensor:
+    """(1 - alpha) mean T^2 D + alpha mean CE from per-row parts [N, 2] over n counted rows.
+
+    A fixed-order sum (deterministic, no atomics); 0 when n = 0.
+    """
+    sums = parts.sum(dim=0)
+    total = sums[0] if alpha == 0.0 else sums[1] if alpha == 1.0 else (1.0 - alpha) * sums[0] + alpha * sums[1]
+    return total / n_rows.reshape(()).clamp(min=1.0)
+
+
+def part_means(
+    parts: torch.Tensor, n_rows: torch.Tensor, labels: torch.Tensor | None, ignore_index: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean T^2 D over the counted rows, mean CE over the labelled rows; NaN without labels).
+
+    Device scalars, detached: what the trainer logs, without a host sync until it prints them.
+    """
+    sums = parts.detach().sum(dim=0)
+    kd = sums[0] / n_rows.reshape(()).clamp(min=1.0)
+    if labels is None:
+        return kd, torch.full_like(kd, float("nan"))
+    return kd, sums[1] / (labels != ignore_index).sum(dtype=torch.float32).clamp(min=1.0)
+
+
+def kd_loss_parts_reference(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor,
+    topk_logp: torch.Tensor | None,
+    weights: torch.Tensor | None = None,
     *,
     temperature: float = 1.0,
     divergence: str = "fkl",
@@ -192,62 +240,96 @@ def kd_loss_reference(
     alpha: float = 0.0,
     labels: torch.Tensor | None = None,
     ignore_index: int = -100,
+    with_kd: bool = True,
 ) -> torch.Tensor:
-    """Top-k KD loss in plain torch (fp32 math whatever the input dtype); see `kd_loss`.
+    """Per-row parts [N, 2] in plain torch (fp32 math whatever the input dtype): each counted
+    row's T^2 D (0 elsewhere) and each labelled row's CE (0 elsewhere, and without labels).
 
-    Memory: besides autograd's saved tensors it holds at most about three [N, V] fp32 arrays
-    (the upcast logits, z / T, and a copy with the top-k ids masked out for the tail's own
-    logsumexp). The full log-softmax is never materialized: only [N, K] gathers and [N]
-    normalizers are.
+    The semantics of the fused kernel (`trainer.kd_loss_triton.launch`); differentiable by
+    autograd. Memory: besides autograd's saved tensors it holds at most about three [N, V] fp32
+    arrays (the upcast logits, z / T, and in BUCKET mode a copy with the stored ids masked out
+    for the tail's own logsumexp). The full log-softmax is never materialized: only [N, K]
+    gathers and [N] normalizers are.
     """
     n, v = logits.shape
     t = float(temperature)
     z = logits.float()
     valid = valid_teacher_ids(topk_ids, v)  # [N, K]
-    rows = row_mask(valid, labels, ignore_index)  # [N]
-    n_rows = rows.sum().clamp(min=1).to(torch.float32)
-    per_row = torch.zeros(n, dtype=torch.float32, device=logits.device)
+    rows = row_mask(valid, labels if alpha > 0 else None, ignore_index)  # [N]
+    zero = torch.zeros(n, dtype=torch.float32, device=logits.device)
+    kd, ce = zero, zero
 
-    if alpha > 0:
-        assert labels is not None  # checked by check_kd_loss_args
-        y = torch.where(rows, labels, 0).long()
-        ce = torch.logsumexp(z, dim=1) - z.gather(1, y[:, None]).squeeze(1)
-        per_row = per_row + alpha * ce
+    if labels is not None:
+        has_label = labels != ignore_index
+        y = torch.where(has_label, labels, 0).long()
+        ce = torch.where(has_label, torch.logsumexp(z, dim=1) - z.gather(1, y[:, None]).squeeze(1), 0.0)
 
-    if alpha < 1:
+    if with_kd or alpha < 1:
         u = z * (1.0 / t) if t != 1.0 else z  # multiply like the kernel does, not divide
         ids = torch.where(valid, topk_ids, 0).long()
         u_s = u.gather(1, ids)  # [N, K]
+        if weights is not None:
+            d = _weighted_divergence(u, u_s, valid, topk_logp, weights)
+        else:
+            d = _bucket_divergence_of(u, u_s, ids, valid, topk_logp, divergence, beta)
+        kd = torch.where(rows, t * t * d, 0.0)
+    return torch.stack([kd, ce], dim=1)
 
-        # Tail logsumexp from the tail's own elements: mask S out of a copy of u. Two extra
-        # columns: column V is 0 for rows whose tail is empty (so logsumexp stays finite and
-        # its gradient NaN-free; the result is discarded), column V+1 soaks up the scatter of
-        # invalid slots.
-        tail_empty = valid.sum(dim=1) == v
-        extra = torch.full((n, 2), _NEG_INF, device=u.device)
-        extra[:, 0] = torch.where(tail_empty, 0.0, _NEG_INF)
-        u_tail = torch.cat([u, extra], dim=1)
-        u_tail.scatter_(1, torch.where(valid, ids, v + 1), _NEG_INF)
-        lse_tail = torch.where(tail_empty, _NEG_INF, torch.logsumexp(u_tail, dim=1))
 
-        # lse(z / T) = logaddexp(lse over S, lse over the tail): no second pass over V.
-        no_s = ~valid.any(dim=1, keepdim=True)
-        u_s_pad = torch.cat([torch.where(valid, u_s, _NEG_INF), torch.where(no_s, 0.0, _NEG_INF)], dim=1)
-        lse_s = torch.where(no_s.squeeze(1), _NEG_INF, torch.logsumexp(u_s_pad, dim=1))
-        lse = torch.logaddexp(lse_tail, lse_s)
+def _weighted_divergence(
+    u: torch.Tensor, u_s: torch.Tensor, valid: torch.Tensor, logp: torch.Tensor | None, weights: torch.Tensor
+) -> torch.Tensor:
+    """Per row sum_S w (lp - log q), or -sum_S w log q without lp: the draws' fkl estimator."""
+    log_q = u_s - torch.logsumexp(u, dim=1, keepdim=True)
+    w = torch.where(valid, weights.detach().float(), 0.0)
+    lp = torch.where(valid, logp.detach().float(), 0.0) if logp is not None else torch.zeros_like(w)
+    return torch.where(w != 0, w * (lp - log_q), 0.0).sum(dim=1)
 
-        log_q = torch.cat([torch.where(valid, u_s - lse[:, None], _NEG_INF), (lse_tail - lse)[:, None]], dim=1)
 
-        log_p_s = torch.where(valid, topk_logp.detach().float(), _NEG_INF)
-        # An empty tail (S covers the vocabulary) is empty for the teacher too: 1 - sum p is
-        # then rounding residue, and keeping it would make fkl = +inf against q_tail = 0.
-        # The sum is taken in fp64: 1 - sum p cancels when the top-k holds nearly all the mass,
-        # and rkl/jsd are very sensitive to a small p_tail.
-        p_tail = (1.0 - log_p_s.double().exp().sum(dim=1)).clamp(min=0.0).float()
-        p_tail = torch.where(tail_empty, 0.0, p_tail)
-        log_p = torch.cat([log_p_s, p_tail.log()[:, None]], dim=1)
+def _bucket_divergence_of(
+    u: torch.Tensor, u_s: torch.Tensor, ids: torch.Tensor, valid: torch.Tensor, topk_logp: torch.Tensor,
+    divergence: str, beta: float,
+) -> torch.Tensor:  # fmt: skip
+    """Per row D(p || q) over the K+1 buckets of the stored ids and the tail."""
+    n, v = u.shape
+    # Tail logsumexp from the tail's own elements: mask S out of a copy of u. Two extra
+    # columns: column V is 0 for rows whose tail is empty (so logsumexp stays finite and
+    # its gradient NaN-free; the result is discarded), column V+1 soaks up the scatter of
+    # invalid slots.
+    tail_empty = valid.sum(dim=1) == v
+    extra = torch.full((n, 2), _NEG_INF, device=u.device)
+    extra[:, 0] = torch.where(tail_empty, 0.0, _NEG_INF)
+    u_tail = torch.cat([u, extra], dim=1)
+    u_tail.scatter_(1, torch.where(valid, ids, v + 1), _NEG_INF)
+    lse_tail = torch.where(tail_empty, _NEG_INF, torch.logsumexp(u_tail, dim=1))
 
-        d = _bucket_divergence(log_p, log_q, divergence, beta)
-        per_row = per_row + (1.0 - alpha) * t * t * d
+    # lse(z / T) = logaddexp(lse over S, lse over the tail): no second pass over V.
+    no_s = ~valid.any(dim=1, keepdim=True)
+    u_s_pad = torch.cat([torch.where(valid, u_s, _NEG_INF), torch.where(no_s, 0.0, _NEG_INF)], dim=1)
+    lse_s = torch.where(no_s.squeeze(1), _NEG_INF, torch.logsumexp(u_s_pad, dim=1))
+    lse = torch.logaddexp(lse_tail, lse_s)
 
-    return torch.where(rows, per_row, 0.0).sum() / n_rows
+    log_q = torch.cat([torch.where(valid, u_s - lse[:, None], _NEG_INF), (lse_tail - lse)[:, None]], dim=1)
+
+    log_p_s = torch.where(valid, topk_logp.detach().float(), _NEG_INF)
+    # An empty tail (S covers the vocabulary) is empty for the teacher too: 1 - sum p is
+    # then rounding residue, and keeping it would make fkl = +inf against q_tail = 0.
+    # The sum is taken in fp64: 1 - sum p cancels when the top-k holds nearly all the mass,
+    # and rkl/jsd are very sensitive to a small p_tail.
+    p_tail = (1.0 - log_p_s.double().exp().sum(dim=1)).clamp(min=0.0).float()
+    p_tail = torch.where(tail_empty, 0.0, p_tail)
+    log_p = torch.cat([log_p_s, p_tail.log()[:, None]], dim=1)
+    return _bucket_divergence(log_p, log_q, divergence, beta)
+
+
+def kd_loss_reference(
+    logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logp: torch.Tensor | None,
+    weights: torch.Tensor | None = None,
+    **kw,
+) -> torch.Tensor:
+    """The loss of `kd_loss_parts_reference` (same arguments): the masked means, mixed by alpha."""
+    parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, weights, **kw)
+    n_rows = count_rows(topk_ids, logits.shape[1], kw.get("labels"), kw.get("ignore_index", -100), kw.get("alpha", 0.0))
+    return loss_from_parts(parts, kw.get("alpha", 0.0), n_rows)

@@ -5,14 +5,16 @@ rank. The loss per micro-batch is
 
     loss = alpha * CE(student, next token) + (1 - alpha) * T^2 * D(teacher_T || student_T)
 
-over the K+1 buckets of the store (`trainer.kd_loss`), or plain CE with `loss="ce"` (the
-baseline every KD run should beat). The teacher at the training temperature T is rebuilt on
-the device from the stored T=1 log-probs and the full-vocabulary normalizers, so T is any
-temperature the store captured. A sampled-mode store trains on its draws with the unbiased
-estimator (`trainer.sampled_kd`). For comparisons (`benchmarks/quality.py`), the same loop
-runs the losses others use (`trainer.kd_baselines`): top-k renormalized without the tail
-(`topk_renormalize`), and online KD with the teacher in the loop over the full vocabulary
-(`loss="online"`, the store gives only the tokens).
+against the store's sparse target (`trainer.targets`): the K+1 buckets of a top-k store, or the
+unbiased estimator on a sampled store's draws, or plain CE with `loss="ce"` (the baseline every
+KD run should beat). The teacher at the training temperature T is rebuilt on the device from
+the stored T=1 log-probs and the full-vocabulary normalizers, so T is any temperature the store
+captured. The loss runs from the student's final hidden states (`kd_loss_from_hidden`: the
+fused kernel on CUDA, the torch reference on CPU, both in row chunks), so the batch's [N, V]
+logits never exist; `materialize_logits` keeps the old path for comparison. For comparisons
+(`benchmarks/quality.py`), the same loop runs the losses others use (`trainer.kd_baselines`):
+top-k renormalized without the tail (`topk_renormalize`), and online KD with the teacher in the
+loop over the full vocabulary (`loss="online"`, the store gives only the tokens).
 
 Run with `torchrun --nproc-per-node G -m trainer ...` for DDP: each rank reads its own share
 of the store (no overlap), gradients are averaged, rank 0 logs, evaluates and saves.
@@ -43,9 +45,10 @@ from trainer.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from trainer.data import StoreDataset, make_loader
 from trainer.evaluate import eval_store, eval_text
 from trainer.kd_baselines import full_vocab_kl, renormalized_topk_kl
-from trainer.kd_loss import kd_loss, teacher_logprobs_at_temperature
-from trainer.sampled_kd import sampled_kd_loss
+from trainer.kd_loss import kd_loss
+from trainer.kd_loss_from_hidden import kd_loss_from_hidden
 from trainer.student import load_student
+from trainer.targets import SparseTarget, sampled_target, topk_target
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class TrainConfig:
     temperature: float = 1.0
     divergence: str = "fkl"
     alpha: float = 0.0  # weight of the hard-label CE in "kd" mode
+    materialize_logits: bool = False  # kd: the loss on [N, V] logits instead of from hidden states
     steps: int = 1000
     batch_size: int = 8
     seq_len: int = 512
@@ -99,6 +103,8 @@ class TrainConfig:
             raise LogitStoreError(
                 "--topk-renormalize and --loss online compute the forward KL only: use --divergence fkl"
             )
+        if self.materialize_logits and (self.loss != "kd" or self.topk_renormalize):
+            raise LogitStoreError("--materialize-logits applies to --loss kd (the store's own signal) only")
         if self.teacher and self.loss != "online":
             raise LogitStoreError("--teacher is the online teacher: it needs --loss online")
         if not 0.0 <= self.alpha <= 1.0:
@@ -173,7 +179,11 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "token": None}, indent=2) + "\n")
         _truncate_metrics(out / "metrics.jsonl", step)  # a fresh start (step 0) must not append to old records
 
-    ddp = DistributedDataParallel(model) if world > 1 else None
+    # From hidden states, DDP wraps the body (ids -> final hidden states): its forward must run
+    # through DDP for the gradients to be averaged; lm_head's weight gets its gradient from the loss.
+    from_hidden = cfg.loss == "kd" and not cfg.topk_renormalize and not cfg.materialize_logits
+    body = HiddenStates(model) if from_hidden else model
+    ddp = DistributedDataParallel(body) if world > 1 else None
     eval_stores = _open_eval_store(cfg)
     metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed below)
     bar = _progress_bar(cfg.steps, step, enabled=progress and rank == 0)
@@ -187,7 +197,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
                 batch = next(batches)
                 sync = ddp is None or micro == cfg.grad_accum - 1
                 with nullcontext() if sync else ddp.no_sync():
-                    loss, kd, ce = _micro_step(ddp or model, batch, cfg, targets,
+                    loss, kd, ce = _micro_step(model, ddp or body, batch, cfg, targets,
                                                measure=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
                     (loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss.detach(), kd, ce]) / cfg.grad_accum
@@ -250,42 +260,58 @@ class Targets:
     head: int = 0  # a sampled-mode store: top ids kept exactly before the draws
 
 
+class HiddenStates(torch.nn.Module):
+    """A causal LM's body: input ids -> final hidden states (after the last norm), no logits."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=input_ids).last_hidden_state
+
+
 def _micro_step(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets, *, measure: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss to backpropagate, kd part, ce part) of one micro-batch. The part that is not in the
-    loss is computed only when `measure` (a logging step), without gradient."""
+    model: torch.nn.Module, runner: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+    targets: Targets, *, measure: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(loss to backpropagate, kd part, ce part) of one micro-batch. `runner` is what the forward
+    goes through (the DDP wrapper, or the model / its body). The part that is not in the loss is
+    computed only when `measure` (a logging step); it is NaN otherwise. Nothing is read back to
+    the host."""
     device = targets.device
     ids = batch["input_ids"].to(device, non_blocking=True).long()
     labels = batch["labels"].to(device, non_blocking=True).reshape(-1)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids).logits
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if cfg.loss == "kd" and not cfg.topk_renormalize:
+        target = _target(batch, cfg, targets)
+        kw = dict(weights=target.weights, temperature=cfg.temperature, divergence=cfg.divergence, alpha=cfg.alpha,
+                  labels=labels if cfg.alpha > 0 or measure else None, return_parts=True)  # fmt: skip
+        if cfg.materialize_logits:
+            with autocast:
+                logits = runner(input_ids=ids).logits
+            z = logits.reshape(-1, logits.shape[-1])[:, : targets.vocab]  # padded output columns are not tokens
+            # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the
+            # logits for backward: the head's backward uses its input and weight).
+            return kd_loss(z, target.ids, target.logp, inplace_grad=z.is_cuda, **kw)
+        with autocast:
+            hidden = runner(ids)
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        weight = model.get_output_embeddings().weight[: targets.vocab]  # padded rows are not tokens
+        if device.type == "cuda":  # what autocast would have run the head in
+            hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+        return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target.ids, target.logp, **kw)
+
+    with autocast:
+        logits = runner(input_ids=ids).logits
     z = logits.reshape(-1, logits.shape[-1])[:, : targets.vocab]  # padded output columns are not tokens
-    nan = torch.tensor(float("nan"), device=device)
+    nan = torch.full((), float("nan"), device=device)
     if cfg.loss == "ce":
         ce = F.cross_entropy(z.float(), labels, ignore_index=-100)
         kd = _stored_kd(z.detach(), batch, cfg, targets) if measure else nan
         return ce, kd, ce.detach()
 
-    if cfg.loss == "kd" and targets.draws is None and not cfg.topk_renormalize:
-        topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, batch["topk_ids"].shape[-1])
-        logp_t = _teacher_logp(batch, cfg.temperature, targets)
-        ce = F.cross_entropy(z.detach().float(), labels, ignore_index=-100) if measure or cfg.alpha > 0 else nan
-        # Before the kernel: with inplace_grad it overwrites z.
-        kd = _stored_kd(z.detach(), batch, cfg, targets) if cfg.alpha == 1 and measure else nan
-        # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the logits
-        # for backward: the head's backward uses its input and weight), saving an [N, V] allocation.
-        loss = kd_loss(
-            z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence, alpha=cfg.alpha,
-            labels=labels if cfg.alpha > 0 else None, inplace_grad=z.is_cuda,
-        )  # fmt: skip
-        if cfg.alpha == 0:
-            kd = loss.detach()
-        elif cfg.alpha < 1:
-            kd = (loss.detach() - cfg.alpha * ce) / (1 - cfg.alpha)  # same tokens in both means
-        return loss, kd, ce
-
-    # Sampled draws, the renormalized top-k and online KD: plain torch losses, CE mixed in here.
+    # The renormalized top-k and online KD: plain torch losses (baselines), CE mixed in here.
     kd = _torch_kd(z, ids, batch, cfg, targets)
     if cfg.alpha > 0:
         ce = F.cross_entropy(z.float(), labels, ignore_index=-100)
@@ -303,46 +329,33 @@ def _torch_kd(z: torch.Tensor, ids: torch.Tensor, batch: dict[str, torch.Tensor]
             teacher_logits = targets.teacher(input_ids=ids).logits
         teacher_z = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, : targets.vocab]
         return full_vocab_kl(z, teacher_z, mask, cfg.temperature)
-    if targets.draws is not None:
-        return _sampled_kd(z, batch, cfg, targets)
-    k = batch["topk_ids"].shape[-1]
-    topk_ids = batch["topk_ids"].to(device, non_blocking=True).reshape(-1, k)
-    return renormalized_topk_kl(z, topk_ids, _teacher_logp(batch, cfg.temperature, targets), mask, cfg.temperature)
+    target = _target(batch, cfg, targets)
+    return renormalized_topk_kl(z, target.ids, target.logp, mask, cfg.temperature)
 
 
-def _sampled_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> torch.Tensor:
-    """The unbiased estimate of the forward KL from a sampled store's draws (a counts_only store:
-    of the cross-entropy, KL plus the teacher's entropy, with the same gradient)."""
-    device, k = targets.device, batch["topk_ids"].shape[-1]
-    logp = batch.get("topk_logp")
-    lse = batch["lse"].to(device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
-    return sampled_kd_loss(
-        z, batch["topk_ids"].to(device, non_blocking=True).reshape(-1, k),
-        batch["counts"].to(device, non_blocking=True).reshape(-1, k), targets.draws, temperature=cfg.temperature,
-        teacher_logp=None if logp is None else logp.to(device).reshape(-1, k),
-        lse_1=lse[:, targets.one_col], lse_t=lse[:, targets.t_col], head=targets.head,
-    )  # fmt: skip
+def _target(batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> SparseTarget:
+    """The batch's sparse teacher target at the training temperature, on the device."""
+    device = targets.device
 
+    def rows(name: str) -> torch.Tensor | None:
+        t = batch.get(name)
+        return None if t is None else t.to(device, non_blocking=True).reshape(-1, *t.shape[2:])
 
-def _teacher_logp(batch: dict[str, torch.Tensor], temperature: float, targets: Targets) -> torch.Tensor:
-    """[N, K] teacher log-probs at `temperature`, exact over the full vocabulary."""
-    k = batch["topk_logp"].shape[-1]
-    logp1 = batch["topk_logp"].to(targets.device, non_blocking=True).reshape(-1, k).float()
-    if targets.t_col == targets.one_col:
-        return logp1
-    lse = batch["lse"].to(targets.device, non_blocking=True).reshape(-1, batch["lse"].shape[-1])
-    logp_t, _tail = teacher_logprobs_at_temperature(logp1, lse[:, targets.one_col], lse[:, targets.t_col], temperature)
-    return logp_t
+    ids, logp, lse = rows("topk_ids"), rows("topk_logp"), rows("lse")
+    lse_1, lse_t = lse[:, targets.one_col], lse[:, targets.t_col]
+    if targets.draws is None:
+        return topk_target(ids, logp, lse_1, lse_t, cfg.temperature)
+    return sampled_target(ids, rows("counts"), targets.draws, temperature=cfg.temperature, teacher_logp=logp,
+                          lse_1=lse_1, lse_t=lse_t, head=targets.head)  # fmt: skip
 
 
 def _stored_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> torch.Tensor:
-    """The K+1-bucket divergence to the store's teacher (for the log, when it is not the loss)."""
+    """The store's KD value for the student (for the log, when it is not the loss): the K+1-bucket
+    divergence of a top-k store, the draws' estimate of a sampled one."""
+    target = _target(batch, cfg, targets)
     with torch.no_grad():
-        if "topk_logp" not in batch:  # a counts_only store: its draws' estimate is all there is
-            return _sampled_kd(z, batch, cfg, targets)
-        topk_ids = batch["topk_ids"].to(targets.device).reshape(-1, batch["topk_ids"].shape[-1])
-        logp_t = _teacher_logp(batch, cfg.temperature, targets)
-        return kd_loss(z, topk_ids, logp_t, temperature=cfg.temperature, divergence=cfg.divergence)
+        return kd_loss(z, target.ids, target.logp, weights=target.weights, temperature=cfg.temperature,
+                       divergence=cfg.divergence)  # fmt: skip
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, vocab: int, cfg: TrainConfig, eval_stores: Store | None) -> dict:

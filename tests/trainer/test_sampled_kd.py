@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from logitstore.capture.reduce import Reduction
-from trainer.sampled_kd import sampled_kd_loss
+from trainer.targets import sampled_kd_loss
 
 V, DRAWS, TOKENS = 97, 20, 6000
 
@@ -54,6 +54,27 @@ def test_mean_over_draws_is_the_full_kl_and_its_gradient(temperature, head):
     tol = 4 * temperature * (exact_grad.abs().max().item() + 1) / (TOKENS * DRAWS) ** 0.5
     torch.testing.assert_close(grad.double(), exact_grad, atol=tol, rtol=0)
     assert (grad.double() - exact_grad).abs().max() < 0.1 * exact_grad.abs().max()
+
+
+@pytest.mark.parametrize("head", [0, 8])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_fused_kernel_computes_the_same_estimate(temperature, head):
+    """The kernel (interpreted on CPU) on the same draws as above: the same loss and gradient as
+    the torch path, whose mean over draws the test above checks against the full KL."""
+    gen = torch.Generator().manual_seed(1)
+    teacher_z = torch.randn(1, V, generator=gen, dtype=torch.float64) * 2
+    student = torch.randn(1, V, generator=gen).expand(200, V)
+    temps = (1.0, temperature) if temperature != 1.0 else (1.0,)
+    ids, logp, lse, counts = (t[:200] for t in draws_for(teacher_z.float(), temps, head))
+    out = {}
+    for backend in ("torch", "triton"):
+        z = student.clone().requires_grad_(True)
+        loss = sampled_kd_loss(z, ids, counts, DRAWS, temperature=temperature, teacher_logp=logp, lse_1=lse[:, 0],
+                               lse_t=lse[:, -1], head=head, backend=backend)  # fmt: skip
+        loss.backward()
+        out[backend] = loss.detach(), z.grad
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["triton"][1], out["torch"][1], rtol=1e-4, atol=1e-7)
 
 
 def test_without_teacher_logp_the_gradient_is_the_same_cross_entropy():

@@ -1,0 +1,148 @@
+"""The teacher's side of the loss: a store batch turned into a sparse target on the device.
+
+Every store mode trains through one loss, `kd_loss(..., weights=...)` (and its from-hidden
+twin), which takes per row K ids and either their exact log-probs at the training temperature
+plus a tail bucket (`topk_target`: top-k stores), or a weight on each id, the target mass there,
+whose expectation is the teacher's probability (`sampled_target`: sampled stores, with or
+without an exact head, counts-only or not). This module builds those [N, K] tensors; they are
+small next to the [N, V] logits, so plain torch is fine.
+
+Sampled captures (`logitstore capture --mode sampled`): random-sampling KD.
+
+A sampled store keeps, per token, the distinct ids of M draws from the teacher's T=1
+distribution p, with their counts c_i and exact log-probs. The empirical distribution
+p̂_i = c_i / M is an unbiased estimate of p (E[c_i] = M p_i), and the loss is linear in it:
+
+    L̂ = Σ_i p̂_i (log p_i − log q_i)      E[L̂] = KL(p ‖ q),  E[∇_z L̂] = ∇_z KL(p ‖ q) = q − p
+
+so the student gets an unbiased estimate of the full forward-KL gradient from ~M/3 stored
+ids instead of the whole vocabulary. Without `teacher_logp` the Σ p̂_i log p_i term is left
+out: the value is then a cross-entropy (KL plus the teacher's entropy, a constant), with the
+same gradient.
+
+At a temperature T ≠ 1 the draws still come from p, not from p_T ∝ p^(1/T); each draw is
+re-weighted by the exact importance ratio p_T(i) / p(i), computable because the store keeps
+log p_i and the full-vocabulary lse at every captured T:
+log p_T(i) = (log p_i + lse(1)) / T − lse(T). The weighted sum stays unbiased for
+KL(p_T ‖ q_T), but its variance grows with T (ids the draws rarely hit carry more of p_T)
+and the per-token weights no longer sum to exactly 1. As in `kd_loss`, the divergence is
+scaled by T². Tokens whose draws were dropped for the store's k cap (more distinct ids than
+k) lose those draws' weight: that bias is zero when k >= M, the capture's default.
+
+With a head (`capture --head H`), the first H slots hold the teacher's top-H ids with their
+exact log-probs, and the M draws come from the tail, p restricted to the other ids and
+renormalized, p(j | tail) = p_j / p_tail with p_tail = 1 − Σ_head p_i. Splitting the KL there,
+
+    L̂ = Σ_head p_T(i) (log p_T(i) − log q_T(i)) + p_tail Σ_j (c_j / M) w_j (log p_T(j) − log q_T(j))
+
+is exact on the head and unbiased on the tail (E[c_j / M] = p(j | tail), so the second sum has
+mean Σ_tail p_T(j)(…)); the per-slot weights still sum to 1 at T = 1. A top-k store's tail
+bucket says how much mass the tail has; the draws also say where in the tail it lies, which
+the student's gradient q − p needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.kd_loss import kd_loss, teacher_logprobs_at_temperature
+
+__all__ = ["SparseTarget", "sampled_kd_loss", "sampled_target", "topk_target"]
+
+
+@dataclass(frozen=True)
+class SparseTarget:
+    """Per row K teacher ids and what the loss knows of them (the arguments of `kd_loss`).
+
+    ids: [N, K] int, -1 = padding. logp: [N, K] float32 log p_T at the ids, or None (counts-only).
+    weights: [N, K] float32 target mass at the ids (drawn ids), or None (exact ids + tail bucket).
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor | None
+    weights: torch.Tensor | None = None
+
+
+def topk_target(
+    ids: torch.Tensor, logp_t1: torch.Tensor, lse_1: torch.Tensor, lse_t: torch.Tensor, temperature: float
+) -> SparseTarget:
+    """A top-k store's rows: exact log-probs at T (from the T=1 ones and the stored lse) + the tail."""
+    logp = logp_t1.float()
+    if temperature != 1.0:
+        logp, _tail = teacher_logprobs_at_temperature(logp, lse_1, lse_t, temperature)
+    return SparseTarget(ids, logp)
+
+
+def sampled_target(
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    draws: int,
+    *,
+    temperature: float = 1.0,
+    teacher_logp: torch.Tensor | None = None,
+    lse_1: torch.Tensor | None = None,
+    lse_t: torch.Tensor | None = None,
+    head: int = 0,
+) -> SparseTarget:
+    """A sampled store's rows: weights (c_i / M) w_i (times p_tail behind a head; p_T on the head).
+
+    Args:
+        ids: [N, K] stored ids, -1 = padding; counts: [N, K] draws per id (0 at padding).
+        draws: M, the store's `capture.draws`.
+        temperature: T > 0 of the training loss.
+        teacher_logp: [N, K] stored log p at T=1; adds the teacher's entropy term so the value
+            estimates the KL itself (required when T != 1).
+        lse_1, lse_t: [N] stored lse at T=1 and at `temperature` (required when T != 1).
+        head: the store's `capture.head`: its first slots hold the top ids exactly (needs teacher_logp).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if temperature != 1.0 and (teacher_logp is None or lse_1 is None or lse_t is None):
+        raise ValueError("temperature != 1 needs teacher_logp, lse_1 and lse_t to re-weight the T=1 draws")
+    if head and teacher_logp is None:
+        raise ValueError("a head needs teacher_logp: its ids are weighted by their probabilities")
+    if ids.shape != counts.shape:
+        raise ValueError(f"ids {tuple(ids.shape)} and counts {tuple(counts.shape)} must agree on [N, K]")
+    valid = ids >= 0
+    weight = counts.float() / draws * valid
+    if teacher_logp is None:
+        return SparseTarget(ids, None, weight)
+    logp = torch.where(valid, teacher_logp.float(), 0.0)
+    if temperature == 1.0:
+        log_p_t = logp
+    else:
+        log_p_t = (logp + lse_1.float()[:, None]) / temperature - lse_t.float()[:, None]
+        weight = weight * torch.exp(log_p_t - logp)
+    if head:
+        in_head = valid[:, :head]
+        p_tail = (1 - torch.where(in_head, logp[:, :head].exp(), 0.0).sum(-1, keepdim=True)).clamp(min=0)
+        head_weight = torch.where(in_head, log_p_t[:, :head].exp(), 0.0)
+        weight = torch.cat([head_weight, weight[:, head:] * p_tail], dim=1)
+    return SparseTarget(ids, log_p_t, weight)
+
+
+def sampled_kd_loss(
+    logits: torch.Tensor,
+    ids: torch.Tensor,
+    counts: torch.Tensor,
+    draws: int,
+    *,
+    temperature: float = 1.0,
+    teacher_logp: torch.Tensor | None = None,
+    lse_1: torch.Tensor | None = None,
+    lse_t: torch.Tensor | None = None,
+    head: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """T² · mean over tokens of Σ_i (c_i / M) w_i (log p_T(i) − log q_T(i)), w_i = p_T(i) / p(i)
+    (with a head: the estimator of the module docstring): `kd_loss` on `sampled_target`.
+
+    Returns a float32 scalar; tokens with no stored id are left out of the mean (none: 0).
+    """
+    if ids.shape[0] != logits.shape[0]:
+        raise ValueError(f"ids {tuple(ids.shape)} and logits {tuple(logits.shape)} must agree on N")
+    target = sampled_target(ids, counts, draws, temperature=temperature, teacher_logp=teacher_logp,
+                            lse_1=lse_1, lse_t=lse_t, head=head)  # fmt: skip
+    return kd_loss(logits, target.ids, target.logp, weights=target.weights, temperature=temperature, backend=backend)
