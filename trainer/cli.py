@@ -36,6 +36,8 @@ HELP = {
     "alpha": "weight of the hard-label CE mixed into the KD loss",
     "materialize_logits": "kd: compute the whole batch's logits and the loss on them (the old path, for "
     "comparison); by default the loss runs from the final hidden states in row chunks",
+    "loss_backend": "kd: auto (the fused Triton kernel on CUDA, the torch reference on CPU), triton (on CPU "
+    "only under TRITON_INTERPRET=1, for tests) or torch",
     "steps": "optimizer steps",
     "batch_size": "blocks per micro-batch per rank",
     "seq_len": "tokens per block",

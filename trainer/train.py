@@ -72,6 +72,7 @@ class TrainConfig:
     divergence: str = "fkl"
     alpha: float = 0.0  # weight of the hard-label CE in "kd" mode
     materialize_logits: bool = False  # kd: the loss on [N, V] logits instead of from hidden states
+    loss_backend: str = "auto"  # kd: auto (the Triton kernel on CUDA, torch on CPU), triton or torch
     steps: int = 1000
     batch_size: int = 8
     seq_len: int = 512
@@ -105,6 +106,8 @@ class TrainConfig:
             )
         if self.materialize_logits and (self.loss != "kd" or self.topk_renormalize):
             raise LogitStoreError("--materialize-logits applies to --loss kd (the store's own signal) only")
+        if self.loss_backend not in ("auto", "triton", "torch"):
+            raise LogitStoreError(f"--loss-backend must be auto, triton or torch, got {self.loss_backend!r}")
         if self.teacher and self.loss != "online":
             raise LogitStoreError("--teacher is the online teacher: it needs --loss online")
         if not 0.0 <= self.alpha <= 1.0:
@@ -286,7 +289,8 @@ def _micro_step(
     if cfg.loss == "kd" and not cfg.topk_renormalize:
         target = _target(batch, cfg, targets)
         kw = dict(weights=target.weights, temperature=cfg.temperature, divergence=cfg.divergence, alpha=cfg.alpha,
-                  labels=labels if cfg.alpha > 0 or measure else None, return_parts=True)  # fmt: skip
+                  labels=labels if cfg.alpha > 0 or measure else None, backend=cfg.loss_backend,
+                  return_parts=True)  # fmt: skip
         if cfg.materialize_logits:
             with autocast:
                 logits = runner(input_ids=ids).logits

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import shutil
 import socket
@@ -142,6 +143,46 @@ def test_other_teacher_signals_train_the_student_toward_the_teacher(
         s, t = student(input_ids=ids).logits[mask], teacher(input_ids=ids).logits[mask]
     expected = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
     assert records[0]["kd_loss"] == pytest.approx(float(expected), rel=1e-4)
+
+
+STORE_MODES = {
+    "topk": {},
+    "sampled": dict(mode="sampled", draws=16, seed=1),
+    "head_draws": dict(mode="sampled", head=4, draws=8, seed=1),
+    "counts_only": dict(mode="sampled", draws=16, seed=1, temperatures=(1.0,), counts_only=True),
+}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("mode", list(STORE_MODES))
+def test_every_store_mode_trains_through_the_fused_kernel_from_hidden_states(
+    mode, alpha, tiny_store_factory, student_config, tmp_path
+):
+    """One tiny step per store mode: the fused kernel (interpreted on CPU) from hidden states, the
+    torch path from hidden states, and materialized logits log the same loss, KD and CE, and
+    leave the same weights."""
+    store = tiny_store_factory(**STORE_MODES[mode])
+    temperature = 1.0 if mode == "counts_only" else 2.0
+    runs = {}
+    for name, extra in (("triton", dict(loss_backend="triton")), ("torch", dict(loss_backend="torch")),
+                        ("materialized", dict(materialize_logits=True))):
+        out = tmp_path / name
+        train(base_config(store, student_config, out, steps=1, batch_size=2, seq_len=16, save_every=0,
+                          temperature=temperature, alpha=alpha, **extra), progress=False)  # fmt: skip
+        runs[name] = metrics(out)[0], AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    ref, ref_weights = runs["materialized"]
+    assert all(math.isfinite(ref[key]) for key in ("loss", "kd_loss", "ce_loss"))
+    assert ref["loss"] == pytest.approx((1 - alpha) * ref["kd_loss"] + alpha * ref["ce_loss"], rel=1e-5)
+    for name in ("triton", "torch"):
+        record, weights = runs[name]
+        for key in ("loss", "kd_loss", "ce_loss"):
+            assert record[key] == pytest.approx(ref[key], rel=1e-5), (name, key)
+        # AdamW's first step moves every weight by ~lr * sign(g) (lr = 3e-3): where g ~ 0 its
+        # direction is rounding noise, so a few weights may differ by up to a step; a path that
+        # missed a gradient (say lm_head's) would differ almost everywhere.
+        for key, w in weights.items():
+            diff = (w - ref_weights[key]).abs()
+            assert diff.max() <= 2 * 3e-3 and (diff > 1e-5).float().mean() < 0.01, (name, key)
 
 
 def test_a_counts_only_store_trains_the_same_student(tiny_store_factory, heldout_text, student_config, tmp_path):
