@@ -249,7 +249,7 @@ class Store:
         """
         if block.topk_logp is None:
             raise LogitStoreError(f"{self.url} is a counts_only sampled store: it keeps draw counts, not the "
-                                  "teacher's log-probs; train on it with the sampled estimator (trainer.sampled_kd)")
+                                  "teacher's log-probs; train on it with the sampled estimator (trainer.targets)")
         col = self.temperature_index(temperature)
         one = self.temperature_index(1.0)
         logp_t = (block.topk_logp + block.lse[:, one, None]) / np.float32(temperature) - block.lse[:, col, None]

@@ -69,9 +69,11 @@ Kernel plan (one program per row):
      and at T = 1 for the CE (shared with the first when T = 1 in WEIGHTED mode).
   2. stream z again and write the per-element formula for every j; after a CTA barrier,
      overwrite the K entries of S (and the CE's -1 at y, folded in) with their own formula.
-Everything is fp32; the per-row sums over S are fp64 (K values, where cancellation bites:
-1 - sum p, and the divergence subtracted inside rkl/jsd gradients); the gradient is rounded
-once when stored in the input dtype.
+Everything is fp32 (1 - sum p and the weights' sum are fp64: K values per row), and three
+things keep it as exact as the inputs allow: log-probs are formed from log-sums kept as (max,
+log of the scaled sum), never as u - lse with lse ~ |u|; rkl and jsd centre their log-ratios on
+the bucket that holds most of q (`_centered`); tvd centres its signs by class (`_tvd_centered`).
+The gradient is rounded once when stored in the input dtype.
 """
 
 from __future__ import annotations
@@ -109,6 +111,23 @@ def _plogr(log_a, log_b):
 @triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _centered(q_s, r_s, q_t, r_t):
+    """(r_s - rbar, r_t - rbar) with rbar = sum_b q_b r_b over S and the tail (sum_b q_b = 1).
+
+    rkl and jsd gradients are q_b (r_b - rbar). Where one bucket holds nearly all of q, rbar is
+    nearly its r and r_b - rbar cancels; so rbar is taken relative to that pivot bucket,
+    r_piv - rbar = sum_c q_c (r_piv - r_c), whose terms are small, and r_b - rbar =
+    (r_b - r_piv) + (r_piv - rbar). Buckets with q = 0 are left out (their r may be infinite).
+    """
+    q_max = tl.max(q_s, axis=0)
+    r_at_max = tl.max(tl.where((q_s == q_max) & (q_s > 0), r_s, float("-inf")), axis=0)
+    r_piv = tl.where(q_t >= q_max, r_t, r_at_max)
+    piv_dev = tl.sum(tl.where(q_s > 0, q_s * (r_piv - r_s), 0.0), axis=0)
+    piv_dev += tl.where(q_t > 0, q_t * (r_piv - r_t), 0.0)
+    return (r_s - r_piv) + piv_dev, (r_t - r_piv) + piv_dev
 
 
 @triton.jit
@@ -282,19 +301,19 @@ def _kd_loss_kernel(
                 gu_s = q_s * big_p - p_s
                 c_t = q_t * big_p - p_t
             elif DIVERGENCE == 1:  # reverse KL
-                # fp64 sum: the gradient subtracts D from each log-ratio, and those nearly cancel
-                # where the student matches the teacher.
-                div = (tl.sum(_plogr(lq_s, lp_s).to(tl.float64), axis=0) + _plogr(lq_t, lp_t)).to(tl.float32)
-                gu_s = tl.where(q_s > 0, q_s * (lq_s - lp_s - div), 0.0)
-                c_t = tl.where(q_t > 0, q_t * (lq_t - lp_t - div), 0.0)
+                div = tl.sum(_plogr(lq_s, lp_s), axis=0) + _plogr(lq_t, lp_t)
+                dev_s, dev_t = _centered(q_s, lq_s - lp_s, q_t, lq_t - lp_t)
+                gu_s = tl.where(q_s > 0, q_s * dev_s, 0.0)
+                c_t = tl.where(q_t > 0, q_t * dev_t, 0.0)
             elif DIVERGENCE == 2:  # generalized JSD
                 lm_s = _logaddexp(log_beta + lp_s, log_1m_beta + lq_s)
                 lm_t = _logaddexp(log_beta + lp_t, log_1m_beta + lq_t)
-                kl_qm = (tl.sum(_plogr(lq_s, lm_s).to(tl.float64), axis=0) + _plogr(lq_t, lm_t)).to(tl.float32)
+                kl_qm = tl.sum(_plogr(lq_s, lm_s), axis=0) + _plogr(lq_t, lm_t)
                 kl_pm = tl.sum(_plogr(lp_s, lm_s), axis=0) + _plogr(lp_t, lm_t)
                 div = beta * kl_pm + (1.0 - beta) * kl_qm
-                gu_s = tl.where(q_s > 0, (1.0 - beta) * q_s * (lq_s - lm_s - kl_qm), 0.0)
-                c_t = tl.where(q_t > 0, (1.0 - beta) * q_t * (lq_t - lm_t - kl_qm), 0.0)
+                dev_s, dev_t = _centered(q_s, lq_s - lm_s, q_t, lq_t - lm_t)
+                gu_s = tl.where(q_s > 0, (1.0 - beta) * q_s * dev_s, 0.0)
+                c_t = tl.where(q_t > 0, (1.0 - beta) * q_t * dev_t, 0.0)
             else:  # total variation
                 sg_s = 0.5 * _sign(q_s - p_s)
                 sg_t = 0.5 * _sign(q_t - p_t)

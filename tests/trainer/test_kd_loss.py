@@ -276,7 +276,10 @@ def test_duplicates_count_once(backend, divergence):
     kw = dict(temperature=2.0, divergence=divergence, alpha=0.3, labels=labels)
     loss_dup, grad_dup = run(backend, z, dup_ids, dup_logp, **kw)
     loss_ref, grad_ref = run(backend, z, dedup_ids, dedup_logp, **kw)
-    assert torch.equal(loss_dup, loss_ref) and torch.equal(grad_dup, grad_ref)
+    # Equal up to the order of the kernel's sums (a repeat sits next to its first occurrence in
+    # the sorted ids, padding at the end).
+    torch.testing.assert_close(loss_dup, loss_ref, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad_dup, grad_ref, rtol=1e-6, atol=1e-10)
     # ... and not "last occurrence wins", which would use the repeat's log-prob
     last_ids = dup_ids.clone()
     last_ids[:, [1, 5]] = -1

@@ -164,8 +164,9 @@ def test_weighted_from_hidden_equals_materialized(backend, with_logp):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
 @pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd", "tvd"])
 def test_kernel_precision_is_no_worse_than_torch_fp32(divergence, temperature):
-    """fp32 gradients against the float64 oracle, relative to max |grad|: the kernel <= 2e-5 and
-    no worse than the torch path (beyond 1e-6), at a peaked T = 0.5 where lse ~ 20 too."""
+    """fp32 gradients against the float64 oracle, relative to max |grad|: the kernel <= 2e-6 (the
+    issue's bound is 2e-5; measured <= 8.2e-7) and no worse than the torch path, including a
+    peaked T = 0.5 where lse ~ 20 (the torch path is at 3.4e-5 there for tvd)."""
     worst = {}
     for seed in range(3):
         z, ids, logp, _ = make_case(n=16, v=301, k=17, temperature=temperature, seed=seed)
@@ -175,5 +176,5 @@ def test_kernel_precision_is_no_worse_than_torch_fp32(divergence, temperature):
             kd_loss(zz, ids, logp, temperature=temperature, divergence=divergence, backend=backend).backward()
             err = ((zz.grad.cpu().double() - ref).abs().max() / ref.abs().max()).item()
             worst[backend] = max(worst.get(backend, 0.0), err)
-    assert worst["triton"] <= 2e-5, worst
-    assert worst["triton"] <= worst["torch"] + 1e-6, worst
+    assert worst["triton"] <= 2e-6, worst
+    assert worst["triton"] <= worst["torch"] + 1e-7, worst
