@@ -394,18 +394,20 @@ def block_v_for(vocab_size: int, k: int, weighted: bool = False) -> int:
     """Vocabulary block streamed per loop iteration.
 
     In BUCKET mode marking S costs about BLOCK_V compares per teacher id per row (K * BLOCK_V in
-    all) against V loads per pass, so BLOCK_V shrinks as K grows to keep that under ~2 compares
-    per element at V >= 128k; 1024 is the floor below which loop overhead dominates, and 8192
-    fp32 values (32 per thread at 8 warps) the ceiling for registers. WEIGHTED mode marks
-    nothing and takes 4096 at any K. Small vocabularies use one block. These are starting points
-    chosen on paper; docs/kd_loss.md says how to re-tune on a GPU.
+    all) against V loads per pass, so BLOCK_V shrinks as K grows to keep that at most ~2 compares
+    per element at V >= 128k; 1024 is the floor below which loop overhead dominates, and 8192 the
+    ceiling (16 fp32 values per thread per vector at the 16 warps `num_warps_for` gives it).
+    K <= 64 takes 2048 like K <= 128, not 4096: at 8 warps a 4096 block holds 16 values per
+    thread per vector, and ptxas spilled 8-16 bytes at 80 registers (fp32/fp16 without CE); at
+    2048 every variant fits in 48-60. WEIGHTED mode marks nothing and takes 4096 at any K. Small
+    vocabularies use one block. Chosen on paper, then checked to compile without spills on sm_80
+    and sm_90 (tests/trainer/test_ptx.py); not yet timed on a GPU: docs/kd_loss.md says how to
+    re-tune.
     """
     if weighted:
         bv = 4096
     elif k <= 32:
         bv = 8192
-    elif k <= 64:
-        bv = 4096
     elif k <= 128:
         bv = 2048
     else:
@@ -414,8 +416,24 @@ def block_v_for(vocab_size: int, k: int, weighted: bool = False) -> int:
 
 
 def num_warps_for(block_v: int, kp: int) -> int:
-    """Warps per row: 8 for wide blocks or K >= 512 (the [KP] vectors spread over more threads)."""
-    return 8 if block_v >= 4096 or kp >= 512 else 4
+    """Warps per row (one program per row), chosen so that no variant spills registers on sm_80 or
+    sm_90 (tests/trainer/test_ptx.py compiles every one and reads `ptxas -v`):
+
+    * 16 for K > 256 (KP >= 512): the [KP] vectors and tl.sort's stages spread over 512 threads.
+      At 8 warps K = 4096 took up to 255 registers and spilled 8-32 bytes, and WEIGHTED K = 1024
+      spilled 4 bytes on sm_80; at 16 every variant fits in 56-64 (K = 1024) and 84-128
+      (K = 4096; 128 is the most a thread can have at 512 threads).
+    * 16 for 8192-wide blocks (BUCKET K <= 32): at 8 warps, 32 values per thread per vector took
+      128-220 registers and bf16/fp16 spilled 20-28 bytes on sm_80; at 16, 73-127 and no spill.
+    * 8 for 2048- and 4096-wide blocks, 4 below (1024: BUCKET 128 < K <= 256).
+
+    ptxas spills a few bytes on its own to reach the next occupancy step when a kernel needs a few
+    registers more than one (80 at 8 warps: 3 programs per SM), so a choice that merely fits
+    in 255 registers can still spill; only the test tells.
+    """
+    if kp >= 512 or block_v >= 8192:
+        return 16
+    return 8 if block_v >= 2048 else 4
 
 
 def kernel_constexprs(
