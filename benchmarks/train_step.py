@@ -41,7 +41,10 @@ cost the chunked path that a normal process does not pay): every peer is warmed 
 --iters rounds each call every peer once (round-robin, so that the shared machine's load hits
 all peers alike), and a peer's time is its median, with time.perf_counter (also: cpu_ms, the
 median of the process's CPU time over all its threads, time.process_time). --threads sets the
-children's torch threads; --skip-memory times only.
+children's torch threads; --skip-memory times only. On a shared machine use --threads 1: on the
+2-core dev box under a load of 4-6, torch's two threads spent most of a step waiting for each
+other (every op is an OpenMP barrier, and the chunked path runs ~50 ops per chunk), which made
+materialized up to 1.8x and from_hidden 3-6x slower than one thread, with +-50% spread between runs.
 
 CUDA (--gpu, or the default with CUDA): everything in one process (the model is built once):
 memory is torch.cuda.max_memory_allocated over one step (after reset_peak_memory_stats) minus
@@ -66,8 +69,8 @@ the timed region; against the bound "read the logits twice, write them once" mea
 same run as ms(`out.copy_(logits)`) (one read + one write) + ms(`logits.sum(dtype=float32)`)
 (one read); the ratio fwd+bwd / bound has a target of <= 1.3x.
 
-    python benchmarks/train_step.py                         # CPU: N = 4096 (8 x 512), V = 49152, H = 64, fp32
-    python benchmarks/train_step.py --only 'topk/*' --chunk-sizes 8 16 32 --iters 7
+    python benchmarks/train_step.py --threads 1 --iters 7   # CPU: N = 4096 (8 x 512), V = 49152, H = 64, fp32
+    python benchmarks/train_step.py --threads 1 --only 'topk/*' --chunk-sizes 32 48 64 --iters 7
     python benchmarks/train_step.py --gpu                   # N = 16384 (4 x 4096), V = 128256, H = 2048, bf16
 
 Not a test; never gates CI. Liger-Kernel peers that cannot run say why ("unavailable: ...").
