@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peak_memory import proc_status_kib, reset_cpu_peak
 
 from logitstore import open_store
 from logitstore.capture.corpus import read_documents, tokenize_and_pack
@@ -69,8 +70,7 @@ class PeakMemory:
             self.start = torch.cuda.memory_allocated()
         else:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-            self.start = _status_kb("VmRSS") * 1024
+            self.start = reset_cpu_peak() * 1024
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -78,14 +78,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.start
         else:
-            self.peak = _status_kb("VmHWM") * 1024 - self.start
-
-
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+            self.peak = proc_status_kib("VmHWM") * 1024 - self.start
 
 
 @torch.inference_mode()

@@ -49,7 +49,6 @@ only; torch's CPU allocator keeps no statistics and tracemalloc does not see it)
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -61,12 +60,11 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from peak_memory import cpu_peak_extra_mib, cuda_peak_extra_mib
 
 from trainer.kd_loss import kd_loss
 from trainer.kd_loss_from_hidden import default_chunk_size, kd_loss_from_hidden
 from trainer.kd_loss_reference import kd_loss_reference
-
-MIB = 2**20
 
 
 def teacher_topk(n: int, v: int, k: int, device: str, temperature: float, g: torch.Generator):
@@ -107,15 +105,6 @@ def _time_once(fn: Callable[[], None], device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def _peak_extra_mib(fn: Callable[[], None]) -> float:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MIB
-
-
 def measure(fns: dict[str, Callable[[], None]], device: str, warmup: int, iters: int) -> dict[str, dict | str]:
     """Median ms per peer, timed round-robin (one call of each peer per round) so that drift
     in clocks or in a shared CPU's load hits every peer alike; then peak memory per peer."""
@@ -136,7 +125,7 @@ def measure(fns: dict[str, Callable[[], None]], device: str, warmup: int, iters:
         for name, fn in live.items():
             times[name].append(_time_once(fn, device))
     for name, fn in live.items():
-        mib = _peak_extra_mib(fn) if device == "cuda" else None
+        mib = cuda_peak_extra_mib(fn) if device == "cuda" else None
         out[name] = {
             "ms": round(statistics.median(times[name]), 4),
             "peak_extra_mib": None if mib is None else round(mib, 1),
@@ -277,25 +266,6 @@ def from_hidden_peers(args, hidden, weight, topk_ids, topk_logp, device) -> dict
             lambda x, w, c=c: kd_loss_from_hidden(x, w, topk_ids, topk_logp, chunk_size=c, **kw)
         )
     return out
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def cpu_peak_extra_mib(fn: Callable[[], None]) -> float:
-    """Resident-set growth of one call after a warm-up call: VmHWM - VmRSS(before), in MiB."""
-    fn()
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current VmRSS
-    before = _proc_status_kib("VmRSS")
-    fn()
-    return (_proc_status_kib("VmHWM") - before) / 1024
 
 
 def _cpu_peak_in_subprocess(args, peer: str, h: int, v: int, k: int) -> float | str:

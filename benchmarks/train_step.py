@@ -95,12 +95,12 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
+from peak_memory import MIB, cpu_peak_extra_mib, cuda_peak_extra_mib
 
 from trainer.kd_loss import kd_loss
 from trainer.kd_loss_from_hidden import default_chunk_size, kd_loss_from_hidden
 from trainer.targets import SparseTarget, sampled_target, topk_target
 
-MIB = 2**20
 MODES = ("topk", "head_draws", "counts_only")
 ALPHAS = (0.0, 0.5)
 TOP_K = 64  # top-k ids (topk), the exact head (head_draws)
@@ -386,37 +386,6 @@ def time_round_robin(steps: dict[str, Callable[[], None]], device, warmup: int, 
         if device.type == "cpu":
             out[name]["cpu_ms"] = round(statistics.median(cpu_times[name]), 2)
     return out
-
-
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def cpu_peak_extra_mib(fn: Callable[[], None]) -> float:
-    """Resident-set growth over one step after a warm-up step: VmHWM - VmRSS(before), in MiB."""
-    fn()
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current VmRSS
-    before = _proc_status_kib("VmRSS")
-    fn()
-    return (_proc_status_kib("VmHWM") - before) / 1024
-
-
-def cuda_peak_extra_mib(fn: Callable[[], None]) -> float:
-    """torch.cuda.max_memory_allocated over one step minus what was allocated before it, in MiB."""
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MIB
 
 
 # ----------------------------------------------------------------------------------------------
