@@ -29,34 +29,39 @@ index.json), never by listing, so a store served over plain HTTP works the same.
 Every array is one shard per segment (the writer buffers the whole unit and writes each
 shard once: no partial-shard read-modify-write), inner chunks of `chunk_tokens` rows
 (`chunk_tokens * K` slots), pcodec inside the shard (zstd for 8-bit arrays, which pcodec
-refuses), and crc32c on every inner chunk and on the shard index.
+refuses), and crc32c on every inner chunk and on the shard index. The Parquet manifests
+carry page checksums, and index.json records the consolidated manifest's sha256.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import zarr
 from zarr.abc.store import Store
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+from zarr.codecs.numcodecs import PCodec
+from zarr.errors import ZarrUserWarning
 
 from logitstore.schema import CaptureSettings
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    from zarr.codecs.numcodecs import PCodec
 
 SEGMENT_ARRAYS = ("input_ids", "row_len", "topk_ids", "id_table", "topk_logp", "lse", "seq_offsets")
 COUNTS_ARRAY = "counts"  # sampled mode only
 SLOT_ARRAYS = ("topk_ids", "topk_logp", COUNTS_ARRAY)  # one value per stored slot (format 1: [n, K])
 INDEX_KEY = "index.json"
 MANIFEST_KEY = "manifest.parquet"
+MANIFEST_SHA256_KEY = "manifest_sha256"  # in index.json: sha256 of the consolidated manifest.parquet
 PCODEC_LEVEL = 8
 ZSTD_LEVEL = 9
 
@@ -95,7 +100,30 @@ class SegmentRecord:
 
     @classmethod
     def from_json(cls, data: bytes) -> SegmentRecord:
-        return cls(**json.loads(data))
+        return cls.from_dict(json.loads(data))
+
+    @classmethod
+    def from_dict(cls, record: Any) -> SegmentRecord:
+        """A record from its JSON object; ValueError says what is wrong with a damaged one.
+        Keys other than the three are ignored, so that a later format may add some."""
+        names = ("segment", "tokens", "sequences")
+        if not isinstance(record, dict) or any(type(record.get(n)) is not int for n in names):
+            raise ValueError(f"a commit record needs integer {', '.join(names)}; got {str(record)[:100]}")
+        if record["segment"] < 0 or record["tokens"] < 1 or record["sequences"] < 1:
+            raise ValueError(f"a commit record needs a segment >= 0 and positive sizes; got {record}")
+        return cls(**{n: record[n] for n in names})
+
+
+def parse_index(raw: bytes) -> tuple[list[SegmentRecord], str | None]:
+    """index.json's commit records, and the sha256 of manifest.parquet it records (None in
+    stores finalized before it was recorded). ValueError says what is wrong with a damaged one."""
+    index = json.loads(raw)
+    if not isinstance(index, dict) or not isinstance(index.get("segments"), list):
+        raise ValueError("it is not an object with a 'segments' list")
+    sha = index.get(MANIFEST_SHA256_KEY)
+    if sha is not None and not isinstance(sha, str):
+        raise ValueError(f"its {MANIFEST_SHA256_KEY!r} is not a string")
+    return [SegmentRecord.from_dict(r) for r in index["segments"]], sha
 
 
 def write_array(store: Store, path: str, data: np.ndarray, chunk_rows: int) -> None:
@@ -106,11 +134,9 @@ def write_array(store: Store, path: str, data: np.ndarray, chunk_rows: int) -> N
     shards = (math.ceil(rows / chunk_rows) * chunk_rows, *data.shape[1:])
     # pcodec refuses 8-bit integers (sampled mode's counts): those get plain bytes + zstd.
     byte_sized = data.dtype.itemsize == 1
-    serializer = BytesCodec() if byte_sized else PCodec(level=PCODEC_LEVEL)
     compressors = [ZstdCodec(level=ZSTD_LEVEL), Crc32cCodec()] if byte_sized else [Crc32cCodec()]
-    with warnings.catch_warnings():
-        # pcodec is a numcodecs codec, not (yet) in the Zarr v3 spec: zarr warns about it.
-        warnings.simplefilter("ignore")
+    with _pcodec_accepted():
+        serializer = BytesCodec() if byte_sized else PCodec(level=PCODEC_LEVEL)
         arr = zarr.create_array(
             store,
             name=path,
@@ -129,10 +155,20 @@ def write_array(store: Store, path: str, data: np.ndarray, chunk_rows: int) -> N
 
 
 def open_array(store: Store, path: str) -> zarr.Array:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with _pcodec_accepted():
         # zarr_format=3: without it Zarr also probes for v2 metadata keys (extra requests over HTTP).
         return zarr.open_array(store, path=path, mode="r", zarr_format=3)
+
+
+@contextmanager
+def _pcodec_accepted() -> Iterator[None]:
+    """Zarr warns each time it builds a numcodecs codec (pcodec is not in the Zarr v3 spec),
+    i.e. on every array written or opened. pcodec is this format's choice (docs/format.md),
+    so exactly that warning is silenced, only where the codec is built."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Numcodecs codecs are not in the Zarr version 3 specification",
+                                ZarrUserWarning)
+        yield
 
 
 def dumps_json(obj: Any) -> bytes:
@@ -162,3 +198,45 @@ def globalize_pieces(pieces: pa.Table, seq_start: int, token_start: int, seq_off
     starts = token_start + seq_offsets[local_seq] + pieces.column("seq_token_offset").to_numpy()
     pieces = pieces.set_column(0, "sequence", pa.array(local_seq + seq_start, pa.int64()))
     return pieces.append_column("token_start", pa.array(starts, pa.int64()))
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    """A manifest as Parquet, with a CRC on every page so that readers catch most damage
+    even where no sha256 of the whole file is recorded (segment manifests)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)
+    return buf.getvalue()
+
+
+def read_parquet(raw: bytes, schema: pa.Schema) -> pa.Table:
+    """A manifest from its Parquet bytes; ValueError when they do not parse, fail a page
+    checksum, or hold another schema or nulls. Files written before page checksums read too."""
+    try:
+        table = pq.read_table(io.BytesIO(raw), page_checksum_verification=True)
+    except (pa.ArrowException, OSError) as e:  # pyarrow's errors (ArrowInvalid, ...) are OSError or ArrowException
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"it is not readable Parquet ({reason})") from None
+    if not table.schema.equals(schema):
+        columns = ", ".join(f"{f.name}: {f.type}" for f in table.schema)
+        raise ValueError(f"its columns are ({columns}), not the manifest's")
+    if any(column.null_count for column in table.columns):
+        raise ValueError("it holds null values")
+    return table
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_pieces(pieces: pa.Table, seq_offsets: np.ndarray) -> None:
+    """ValueError unless a segment's pieces cover its sequences (`seq_offsets`, m + 1 bounds)
+    exactly, in order: each piece inside its sequence, each starting where the last ended."""
+    seq, offset, num = (pieces.column(n).to_numpy() for n in ("sequence", "seq_token_offset", "num_tokens"))
+    lengths = np.diff(seq_offsets)
+    if np.any((seq < 0) | (seq >= len(lengths))):
+        raise ValueError(f"sequence numbers outside the segment's [0, {len(lengths)})")
+    if np.any(num <= 0) or np.any(offset < 0) or np.any(offset + num > lengths[seq]):
+        raise ValueError("pieces that are empty or reach outside their sequence")
+    ends = np.concatenate([[0], np.cumsum(num, dtype=np.int64)])
+    if not np.array_equal(seq_offsets[seq] + offset, ends[:-1]) or ends[-1] != seq_offsets[-1]:
+        raise ValueError(f"pieces that do not tile the segment's {int(seq_offsets[-1])} tokens in order")

@@ -6,14 +6,12 @@ committed segments in segment order; for a finished capture that is the whole co
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from logitstore import layout, shards, storage
@@ -147,7 +145,8 @@ class _Segment:
             start = int(np.searchsorted(self._slot_offsets, start, side="right")) - 1
             stop = int(np.searchsorted(self._slot_offsets, stop, side="left"))
         a, b = self.token_start + start, self.token_start + stop
-        where = f"array '{name}' of segment {self.record.segment}"
+        kind = "file" if name == layout.MANIFEST_KEY else "array"
+        where = f"{kind} '{name}' of segment {self.record.segment}"
         if name not in ("id_table", "seq_offsets"):
             where += f", tokens [{a}, {b})"
         return CorruptDataError(
@@ -159,10 +158,12 @@ class _Segment:
 class Store:
     """A read-only view of a store. Use `open_store(url)`."""
 
-    def __init__(self, store: zarr.abc.store.Store, meta: StoreMeta, records: list[layout.SegmentRecord], url: str):
+    def __init__(self, store: zarr.abc.store.Store, meta: StoreMeta, records: list[layout.SegmentRecord], url: str,
+                 storage_options: dict[str, Any] | None = None):
         self.url = url
         self.meta = meta
         self._store = store
+        self._storage_options = storage_options
         self._codec = LogProbCodec.from_dict(meta.capture.logp_codec)
         self._scratch = Scratch()
         self._segments: list[_Segment] = []
@@ -269,18 +270,57 @@ class Store:
         )
 
     def manifest(self) -> pa.Table:
-        """One row per run of one document inside one sequence, with global sequence and token_start."""
-        raw = storage.read_key(self._store, layout.MANIFEST_KEY) if self.complete else None
-        if raw is not None:
-            return pq.read_table(io.BytesIO(raw))
-        tables = []
-        for seg in self._segments:
-            seg_raw = storage.read_key(self._store, layout.segment_manifest_key(seg.record.segment))
-            if seg_raw is None:
-                raise seg.corrupt("manifest.parquet", 0, seg.record.tokens, "the manifest is missing")
-            tables.append(layout.globalize_pieces(pq.read_table(io.BytesIO(seg_raw)), seg.seq_start, seg.token_start,
-                                           seg.seq_offsets()))
+        """One row per run of one document inside one sequence, with global sequence and token_start:
+        the consolidated manifest.parquet once finalized, else built from the segments' manifests."""
+        raw = self.read_file(layout.MANIFEST_KEY) if self.complete else None
+        if raw is None:
+            return self.manifest_from_segments()
+        try:
+            return layout.read_parquet(raw, layout.MANIFEST_SCHEMA)
+        except ValueError as e:
+            raise CorruptDataError(f"{self.url}: {layout.MANIFEST_KEY} is damaged: {e}. {REBUILD_INDEX}") from None
+
+    def manifest_from_segments(self) -> pa.Table:
+        """What the consolidated manifest holds, built from every committed segment's manifest."""
+        tables = [self.segment_manifest(i) for i in range(len(self._segments))]
         return pa.concat_tables(tables) if tables else layout.MANIFEST_SCHEMA.empty_table()
+
+    def segment_manifest(self, i: int) -> pa.Table:
+        """The document pieces of the i-th committed segment (in `segments` order), with global
+        sequence and token_start. CorruptDataError when its manifest is missing, damaged, or does
+        not tile the segment's sequences."""
+        seg = self._segments[i]
+        raw = self.read_file(layout.segment_manifest_key(seg.record.segment))
+        try:
+            if raw is None:
+                raise ValueError("it is missing")
+            pieces = layout.read_parquet(raw, layout.PIECES_SCHEMA)
+            layout.check_pieces(pieces, seg.seq_offsets())
+        except ValueError as e:
+            raise seg.corrupt(layout.MANIFEST_KEY, 0, seg.record.tokens, str(e)) from None
+        return layout.globalize_pieces(pieces, seg.seq_start, seg.token_start, seg.seq_offsets())
+
+    def read_file(self, key: str) -> bytes | None:
+        """The bytes of one file of the store (e.g. `index.json`), None when it does not exist."""
+        return storage.read_key(self._store, key)
+
+    def describe(self) -> dict:
+        """What `logitstore info --json` prints: the metadata plus sizes (`disk_bytes` where the
+        store can be listed)."""
+        out = {
+            "url": self.url,
+            "tokens": self.num_tokens,
+            "sequences": self.num_sequences,
+            "segments_committed": len(self.segments),
+            "segments_planned": self.meta.num_segments,
+            "complete": self.complete,
+            "meta": self.meta.model_dump(mode="json"),
+        }
+        disk = storage.tree_bytes(self.url, self._storage_options)
+        if disk is not None:
+            out["disk_bytes"] = disk
+            out["bytes_per_token"] = disk / self.num_tokens if self.num_tokens else None
+        return out
 
     def _read_segment(self, seg: _Segment, a: int, b: int, block: TokenBlock, pos: int) -> None:
         """Decode the segment's tokens [a, b) into `block` from row `pos` on."""
@@ -355,12 +395,7 @@ def open_store(
     """
     url = str(url)
     served = url.startswith(("http://", "https://"))  # by logitstore-server (or any HTTP host)
-    if token is not None:
-        if not served:
-            raise ValueError(f"token= is for http(s):// stores served by logitstore-server, not {url}")
-        options = dict(storage_options or {})
-        options["headers"] = {**options.get("headers", {}), "Authorization": f"Bearer {token}"}
-        storage_options = options
+    storage_options = storage.with_token(url, token, storage_options)
     if storage.is_local(url) and not storage.local_path(url).is_dir():
         raise NotAStoreError(f"{url}: no such directory; pass the directory that `logitstore capture --out` created")
     store = storage.open_kv(url, read_only=True, storage_options=storage_options)
@@ -384,17 +419,47 @@ def open_store(
     except ValueError:
         raise NotAStoreError(f"{url} is not a logitstore store: its zarr.json is not valid JSON") from None
     meta = StoreMeta.from_attrs(attrs, url)
-    return Store(store, meta, committed_records(store, meta), url)
+    return Store(store, meta, committed_records(store, meta, url), url, storage_options)
 
 
-def committed_records(store: zarr.abc.store.Store, meta: StoreMeta) -> list[layout.SegmentRecord]:
+def describe(url: str, storage_options: dict[str, Any] | None = None, *, token: str | None = None) -> dict:
+    """`Store.describe()` of the store at `url` (what `logitstore info --json` prints)."""
+    return open_store(url, token=token, storage_options=storage_options).describe()
+
+
+# index.json and manifest.parquet are derived from the commit records and segment manifests.
+REBUILD_INDEX = ("Delete index.json and manifest.parquet (readers then use the commit records), or rewrite them "
+                 "with `logitstore capture --resume` and the capture's arguments")
+
+
+def committed_records(store: zarr.abc.store.Store, meta: StoreMeta, url: str) -> list[layout.SegmentRecord]:
     """The commit records of a store, in segment order (index.json once finalized)."""
     raw = storage.read_key(store, layout.INDEX_KEY)
-    if raw is not None:
-        return [layout.SegmentRecord(**r) for r in json.loads(raw)["segments"]]
+    if raw is None:
+        return commit_records(store, meta, url)
+    try:
+        records, _ = layout.parse_index(raw)
+        if [r.segment for r in records] != list(range(meta.num_segments)):  # finalize() needs every segment
+            raise ValueError(f"its segments are not the planned 0..{meta.num_segments - 1}")
+    except ValueError as e:  # not JSON, not UTF-8, wrong keys or types
+        raise CorruptDataError(f"{url}: {layout.INDEX_KEY} is damaged: {e}. {REBUILD_INDEX}") from None
+    return records
+
+
+def commit_records(store: zarr.abc.store.Store, meta: StoreMeta, url: str) -> list[layout.SegmentRecord]:
+    """The records under commits/, probed one by one (never listed), in segment order."""
     records = []
     for i in range(meta.num_segments):
         raw = storage.read_key(store, layout.commit_key(i))
-        if raw is not None:
-            records.append(layout.SegmentRecord.from_json(raw))
+        if raw is None:
+            continue
+        try:
+            record = layout.SegmentRecord.from_json(raw)
+            if record.segment != i:
+                raise ValueError(f"it names segment {record.segment}")
+        except ValueError as e:
+            raise CorruptDataError(
+                f"{url}: commit record {layout.commit_key(i)} is damaged: {e}. Delete it and re-capture the work unit "
+                "with `logitstore capture --resume`") from None
+        records.append(record)
     return records

@@ -24,6 +24,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
+from logitstore.errors import LogitStoreError
+
 
 def is_local(url: str | os.PathLike) -> bool:
     return "://" not in str(url) or str(url).startswith("file://")
@@ -39,6 +41,20 @@ def join(root: str | os.PathLike, name: str) -> str:
     if is_local(root):
         return str(local_path(root) / name)
     return f"{str(root).rstrip('/')}/{name}"
+
+
+def with_token(url: str | os.PathLike, token: str | None, storage_options: dict[str, Any] | None
+               ) -> dict[str, Any] | None:
+    """fsspec options that send `token`, an API key of the logitstore server, with every request
+    as `Authorization: Bearer TOKEN` (the server's `http(s)://HOST/v1/stores/ID/zarr`)."""
+    if token is None:
+        return storage_options
+    if not str(url).startswith(("http://", "https://")):
+        raise LogitStoreError(f"a token (--token, token=) is the API key of a store served over http(s):// by "
+                              f"logitstore-server; {url} is not one: drop the token")
+    options = dict(storage_options or {})
+    options["headers"] = {**options.get("headers", {}), "Authorization": f"Bearer {token}"}
+    return options
 
 
 def open_kv(url: str | os.PathLike, *, read_only: bool, storage_options: dict[str, Any] | None = None) -> Store:

@@ -3,7 +3,9 @@ and compute a content digest.
 
 The digest is a sha256 over the decoded arrays in global token order (one stream per
 array, then combined), so two stores with the same content have the same digest however
-their tokens are split into segments.
+their tokens are split into segments. The files around the arrays are checked too: the
+commit records against index.json, every segment's manifest against its sequences, and the
+consolidated manifest.parquet against the sha256 in index.json and the segments' manifests.
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
+from logitstore import layout, storage
 from logitstore.errors import LogitStoreError
-from logitstore.reader import TokenBlock, open_store
+from logitstore.reader import REBUILD_INDEX, Store, TokenBlock, open_store
 from logitstore.schema import StoreMeta
 
 
@@ -30,14 +35,27 @@ class VerifyReport:
     complete: bool = False
     digest: str | None = None
     errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what could not be checked, and why; not errors
+
+    @property
+    def status(self) -> str:
+        """`FAILED` (damage found), `INCOMPLETE` (intact, but not every planned segment is committed) or `ok`."""
+        if not self.ok:
+            return "FAILED"
+        return "ok" if self.complete else "INCOMPLETE"
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {**self.__dict__, "status": self.status}
 
 
-def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
-    """Check a store end to end; never raises for a damaged store, reports instead."""
+def verify(url: str, *, token: str | None = None, storage_options: dict[str, Any] | None = None) -> VerifyReport:
+    """Check a store end to end; never raises for a damaged store, reports instead.
+
+    `token` is an API key for a store served by logitstore-server, as in `open_store`; a token
+    for a store that is not served over http(s) raises LogitStoreError (a usage error, not damage).
+    """
     report = VerifyReport(url=str(url))
+    storage_options = storage.with_token(url, token, storage_options)
     try:
         store = open_store(url, storage_options=storage_options)
     except LogitStoreError as e:
@@ -83,6 +101,9 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
             if block.counts is not None:
                 hashes["counts"].update(block.counts.astype(np.uint8).tobytes())
 
+    manifest_sha256 = _check_index(store, report)
+    _check_manifests(store, manifest_sha256, report)
+
     report.ok = not report.errors
     if report.ok:
         combined = hashlib.sha256()
@@ -90,6 +111,61 @@ def verify(url: str, *, storage_options: dict | None = None) -> VerifyReport:
             combined.update(f"{name}:{hashes[name].hexdigest()}\n".encode())
         report.digest = combined.hexdigest()
     return report
+
+
+def _check_index(store: Store, report: VerifyReport) -> str | None:
+    """index.json (finalized stores) against the commit records it copies; returns the sha256 of
+    manifest.parquet it records. open_store already refused an index.json that does not parse."""
+    raw = store.read_file(layout.INDEX_KEY)
+    if raw is None:
+        return None
+    records, manifest_sha256 = layout.parse_index(raw)
+    for record in records:
+        key = layout.commit_key(record.segment)
+        commit = store.read_file(key)
+        try:
+            found = "no commit record" if commit is None else layout.SegmentRecord.from_json(commit)
+        except ValueError as e:
+            found = f"a damaged commit record ({e})"
+        if found != record:
+            report.errors.append(f"{layout.INDEX_KEY} lists {record}, but {key} holds {found}: one of them is damaged")
+    return manifest_sha256
+
+
+def _check_manifests(store: Store, manifest_sha256: str | None, report: VerifyReport) -> None:
+    """Every segment's manifest parses and tiles its sequences; once finalized, manifest.parquet
+    has the sha256 index.json records and holds exactly the segments' pieces."""
+    pieces: list[pa.Table] = []
+    for i in range(len(store.segments)):
+        try:
+            pieces.append(store.segment_manifest(i))
+        except LogitStoreError as e:
+            report.errors.append(str(e))
+    raw = store.read_file(layout.MANIFEST_KEY) if store.complete else None
+    if raw is None:
+        if store.complete:
+            report.notes.append("not finalized (no manifest.parquet): readers use the segments' manifests; "
+                                "`logitstore capture --resume` writes it")
+        return
+    damaged = f"{layout.MANIFEST_KEY} is damaged"
+    if manifest_sha256 is None:
+        report.notes.append(f"{layout.MANIFEST_KEY} has no sha256 in {layout.INDEX_KEY} (finalized before "
+                            "logitstore recorded one, or by a finalize that did not finish): checked its contents only")
+    elif layout.sha256_hex(raw) != manifest_sha256:
+        report.errors.append(f"{damaged}: its sha256 is not the one {layout.INDEX_KEY} records. {REBUILD_INDEX}")
+        return
+    try:
+        manifest = layout.read_parquet(raw, layout.MANIFEST_SCHEMA)
+    except ValueError as e:
+        report.errors.append(f"{damaged}: {e}. {REBUILD_INDEX}")
+        return
+    if len(pieces) < len(store.segments):
+        return  # a segment's pieces are unreadable (reported above): nothing to compare with
+    expected = pa.concat_tables(pieces) if pieces else layout.MANIFEST_SCHEMA.empty_table()
+    if not manifest.equals(expected):
+        differ = [n for n in expected.column_names if not manifest.column(n).equals(expected.column(n))]
+        report.errors.append(f"{damaged}: it disagrees with the segments' manifests ({len(manifest)} vs "
+                             f"{len(expected)} rows; columns {', '.join(differ)}). {REBUILD_INDEX}")
 
 
 def _by_id(block: TokenBlock) -> TokenBlock:

@@ -9,7 +9,6 @@ simply done again.
 
 from __future__ import annotations
 
-import io
 import logging
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -17,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import zarr
 
 from logitstore import layout, storage
 from logitstore.codecs import LogProbCodec, build_id_table
 from logitstore.errors import LogitStoreError, MetadataError, StoreExistsError
-from logitstore.reader import Store, committed_records
+from logitstore.reader import Store, commit_records
 from logitstore.schema import FORMAT_VERSION, StoreMeta, meta_differences
 
 log = logging.getLogger(__name__)
@@ -177,7 +175,7 @@ class StoreWriter:
         for name in layout.segment_arrays(self.meta.capture, self.meta.format_version):
             rows_per_chunk = chunk * k if name in layout.SLOT_ARRAYS else chunk
             layout.write_array(self._store, f"{prefix}/{name}", arrays[name], rows_per_chunk)
-        storage.write_key(self._store, layout.segment_manifest_key(segment), _parquet_bytes(data.pieces))
+        storage.write_key(self._store, layout.segment_manifest_key(segment), layout.parquet_bytes(data.pieces))
         storage.fsync_tree(self._store, prefix)
 
         record = layout.SegmentRecord(segment=segment, tokens=int(offsets[-1]), sequences=len(data.seq_lengths))
@@ -186,14 +184,22 @@ class StoreWriter:
         return record
 
     def finalize(self) -> None:
-        """Once every segment is committed: write index.json and the consolidated manifest.parquet,
-        so a reader opens the store in two reads instead of one per segment."""
-        store = Store(self._store, self.meta, committed_records(self._store, self.meta), self.url)
+        """Once every segment is committed: write the consolidated manifest.parquet, then index.json
+        with the manifest's sha256, so a reader opens the store in two reads instead of one per segment.
+
+        Both are built from the commit records and the segments' manifests, never from an earlier
+        index.json or manifest.parquet, so that finalizing again (`capture --resume`) repairs them."""
+        store = Store(self._store, self.meta, commit_records(self._store, self.meta, self.url), self.url)
         if not store.complete:
             missing = min(set(range(self.meta.num_segments)) - {r.segment for r in store.segments})
             raise LogitStoreError(f"cannot finalize {self.url}: segment {missing} is not committed yet")
-        storage.write_key(self._store, layout.MANIFEST_KEY, _parquet_bytes(store.manifest()))
-        index = {"segments": [asdict(r) for r in store.segments], "finalized_at": now_iso()}
+        manifest = layout.parquet_bytes(store.manifest_from_segments())
+        # A finalize killed between the two writes must not leave an index.json holding the
+        # sha256 of an earlier manifest.parquet; without index.json readers use the commit records.
+        storage.delete_key(self._store, layout.INDEX_KEY)
+        storage.write_key(self._store, layout.MANIFEST_KEY, manifest)
+        index = {"segments": [asdict(r) for r in store.segments], "finalized_at": now_iso(),
+                 layout.MANIFEST_SHA256_KEY: layout.sha256_hex(manifest)}
         storage.write_key(self._store, layout.INDEX_KEY, layout.dumps_json(index))
 
 
@@ -206,9 +212,3 @@ def _ascending_slots(indices: np.ndarray, counts: np.ndarray, stored: np.ndarray
     grid[stored] = indices
     order = np.argsort(grid, axis=1, kind="stable")
     return np.take_along_axis(grid, order, axis=1)[stored].astype(indices.dtype), np.take_along_axis(counts, order, 1)
-
-
-def _parquet_bytes(table: pa.Table) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()

@@ -8,18 +8,23 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from store_helpers import concat, fast_segment, make_meta, quantized, write_store
+from zarr.errors import ZarrUserWarning
 
 from logitstore import layout
 from logitstore.cli import main
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import CorruptDataError, LogitStoreError
-from logitstore.reader import open_store
+from logitstore.reader import describe, open_store
 from logitstore.verify import verify
 from logitstore.writer import SegmentData, StoreWriter
 
@@ -58,9 +63,10 @@ def split(data: SegmentData, seq_cuts: list[int]) -> list[SegmentData]:
     return out
 
 
-def build(path: Path, data: SegmentData, seq_cuts: list[int], chunk: int = CHUNK) -> str:
+def build(path: Path, data: SegmentData, seq_cuts: list[int], chunk: int = CHUNK, *, finalize: bool = False) -> str:
     segments = split(data, seq_cuts)
-    return write_store(path, make_meta(num_segments=len(segments), k=K, chunk_tokens=chunk), segments)
+    return write_store(path, make_meta(num_segments=len(segments), k=K, chunk_tokens=chunk), segments,
+                       finalize=finalize)
 
 
 def expected_digest(data: SegmentData) -> str:
@@ -82,6 +88,12 @@ def expected_digest(data: SegmentData) -> str:
 @pytest.fixture(scope="module")
 def good(tmp_path_factory: pytest.TempPathFactory, content: SegmentData) -> str:
     return build(tmp_path_factory.mktemp("good") / "s", content, [5, 6, 13])
+
+
+@pytest.fixture(scope="module")
+def finalized(tmp_path_factory: pytest.TempPathFactory, content: SegmentData) -> str:
+    """`good`, finalized: with index.json and the consolidated manifest.parquet."""
+    return build(tmp_path_factory.mktemp("finalized") / "s", content, [5, 6, 13], finalize=True)
 
 
 def fresh_copy(good: str, tmp_path: Path) -> str:
@@ -334,6 +346,7 @@ def test_format1_store_reads_as_its_writer_read_it(tmp_path: Path) -> None:
     report = verify(str(FORMAT1))
     assert report.ok and report.complete, report.errors
     assert report.digest == recorded
+    assert len(report.notes) == 1 and "manifest.parquet has no sha256" in report.notes[0]  # finalized before it
     store = open_store(str(FORMAT1))
     assert store.meta.format_version == 1 and store.meta.capture.mode == "sampled"
     block = store.read(0, store.num_tokens)
@@ -343,3 +356,207 @@ def test_format1_store_reads_as_its_writer_read_it(tmp_path: Path) -> None:
     url = shutil.copytree(FORMAT1, tmp_path / "s")
     with pytest.raises(LogitStoreError, match="store format 1, and this logitstore writes format 2"):
         StoreWriter.resume(str(url), store.meta.model_copy(update={"format_version": 2}))
+
+
+# --------------------------------------------------------------------------------- manifests
+
+
+def column_chunk_middle(path: Path, column: str) -> int:
+    """Offset of the middle byte of one column's chunk (first row group) in a Parquet file."""
+    group = pq.ParquetFile(path).metadata.row_group(0)
+    (chunk,) = [group.column(i) for i in range(group.num_columns) if group.column(i).path_in_schema == column]
+    start = chunk.dictionary_page_offset if chunk.has_dictionary_page else chunk.data_page_offset
+    return start + chunk.total_compressed_size // 2
+
+
+def set_index(url: str, change: Callable[[dict], None]) -> None:
+    path = Path(url) / layout.INDEX_KEY
+    index = json.loads(path.read_text())
+    change(index)
+    path.write_text(json.dumps(index))
+
+
+def test_finalize_records_manifest_sha256(finalized: str, good: str) -> None:
+    index = json.loads((Path(finalized) / layout.INDEX_KEY).read_text())
+    manifest = (Path(finalized) / layout.MANIFEST_KEY).read_bytes()
+    assert index["manifest_sha256"] == hashlib.sha256(manifest).hexdigest()
+    report = verify(finalized)
+    assert report.ok and report.complete and report.notes == [], report.errors
+    assert report.digest == verify(good).digest
+
+
+@pytest.mark.parametrize(("store", "key"), [("finalized", "manifest.parquet"),
+                                            ("finalized", "segments/000001/manifest.parquet"),
+                                            ("good", "segments/000001/manifest.parquet")])
+def test_flipped_byte_in_manifest(tmp_path: Path, request: pytest.FixtureRequest, store: str, key: str,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    url = fresh_copy(request.getfixturevalue(store), tmp_path)
+    path = Path(url) / key
+    flip_byte(path, column_chunk_middle(path, "source"))  # the documents' provenance
+    report = verify(url)
+    assert not report.ok and report.digest is None
+    assert report.errors and all("manifest.parquet" in e for e in report.errors), report.errors
+    if key.startswith("segments/"):
+        assert "file 'manifest.parquet' of segment 1" in report.errors[0]
+    rc, out, err = run_cli(capsys, "verify", url)
+    assert rc == 1 and "FAILED" in out
+    assert err.startswith("error: ") and "Traceback" not in err
+
+
+def test_manifest_that_disagrees_with_the_segments(tmp_path: Path, finalized: str) -> None:
+    """Valid Parquet with a recorded sha256 that matches, but other provenance than the segments'."""
+    url = fresh_copy(finalized, tmp_path)
+    path = Path(url) / layout.MANIFEST_KEY
+    manifest = pq.read_table(path)
+    sources = manifest.column("source").to_pylist()
+    sources[3] = "elsewhere.txt:1"
+    path.write_bytes(layout.parquet_bytes(manifest.set_column(4, "source", pa.array(sources))))
+    set_index(url, lambda index: index.update(manifest_sha256=hashlib.sha256(path.read_bytes()).hexdigest()))
+    report = verify(url)
+    assert not report.ok
+    assert [e for e in report.errors if "disagrees with the segments' manifests" in e and "source" in e], report.errors
+
+
+def test_segment_manifest_that_does_not_tile_its_sequences(tmp_path: Path, good: str) -> None:
+    url = fresh_copy(good, tmp_path)
+    path = Path(url) / layout.segment_manifest_key(2)
+    pieces = pq.read_table(path)
+    num = pieces.column("num_tokens").to_pylist()
+    num[0] -= 1  # a token of the sequence belongs to no document
+    path.write_bytes(layout.parquet_bytes(pieces.set_column(2, "num_tokens", pa.array(num, pa.int32()))))
+    report = verify(url)
+    assert not report.ok
+    assert len(report.errors) == 1 and "file 'manifest.parquet' of segment 2" in report.errors[0]
+    assert "do not tile" in report.errors[0]
+
+
+def test_store_finalized_before_the_manifest_sha256_verifies_with_a_note(tmp_path: Path, finalized: str) -> None:
+    url = fresh_copy(finalized, tmp_path)
+    set_index(url, lambda index: index.pop("manifest_sha256"))
+    report = verify(url)
+    assert report.ok and report.complete, report.errors
+    assert len(report.notes) == 1 and "manifest.parquet has no sha256" in report.notes[0]
+    # Without the sha256 the contents are still checked.
+    path = Path(url) / layout.MANIFEST_KEY
+    flip_byte(path, column_chunk_middle(path, "source"))
+    assert not verify(url).ok
+
+
+# ------------------------------------------------------------------ damaged index and commits
+
+
+def _set_segments(index: dict, segments: object) -> None:
+    index["segments"] = segments
+
+
+DAMAGED_INDEX: dict[str, Callable[[bytes], bytes]] = {
+    "truncated": lambda raw: raw[: len(raw) // 2],
+    "not JSON": lambda raw: b"<html>502 Bad Gateway</html>",
+    "not UTF-8": lambda raw: b"\xff\xfe\x00{",
+    "a list": lambda raw: b"[1, 2]",
+    "segments not a list": lambda raw: json.dumps({"segments": 4}).encode(),
+    "tokens a string": lambda raw: raw.replace(b'"tokens": 350', b'"tokens": "350"'),
+    "a key missing": lambda raw: raw.replace(b'"sequences": 7,', b""),
+    "a segment missing": lambda raw: json.dumps({"segments": json.loads(raw)["segments"][:3]}).encode(),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGED_INDEX))
+def test_damaged_index_json_is_an_error_not_a_traceback(tmp_path: Path, finalized: str, damage: str,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    url = fresh_copy(finalized, tmp_path)
+    path = Path(url) / layout.INDEX_KEY
+    raw = path.read_bytes()
+    path.write_bytes(DAMAGED_INDEX[damage](raw))
+    assert path.read_bytes() != raw
+    with pytest.raises(CorruptDataError, match=r"index\.json is damaged"):
+        open_store(url)
+    report = verify(url)
+    assert not report.ok and len(report.errors) == 1 and "index.json is damaged" in report.errors[0]
+    for command in ("verify", "info"):
+        rc, _, err = run_cli(capsys, command, url)
+        assert rc == 1
+        assert err.startswith("error: ") and "index.json is damaged" in err
+        assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_finalize_again_repairs_index_and_manifest(tmp_path: Path, finalized: str) -> None:
+    url = fresh_copy(finalized, tmp_path)
+    (Path(url) / layout.INDEX_KEY).write_bytes(b"{")
+    manifest = Path(url) / layout.MANIFEST_KEY
+    flip_byte(manifest, column_chunk_middle(manifest, "source"))
+    StoreWriter.resume(url, make_meta(num_segments=4, k=K, chunk_tokens=CHUNK)).finalize()
+    report = verify(url)
+    assert report.ok and report.notes == [], report.errors
+    assert report.digest == verify(finalized).digest
+    assert manifest.read_bytes() == (Path(finalized) / layout.MANIFEST_KEY).read_bytes()
+
+
+def test_damaged_commit_record_is_an_error(tmp_path: Path, good: str, capsys: pytest.CaptureFixture[str]) -> None:
+    url = fresh_copy(good, tmp_path)
+    (Path(url) / layout.commit_key(2)).write_text('{"segment": 2, "tokens": "x"')
+    with pytest.raises(CorruptDataError, match=r"commits/000002\.json is damaged"):
+        open_store(url)
+    rc, _, err = run_cli(capsys, "verify", url)
+    assert rc == 1 and err.startswith("error: ") and "commits/000002.json is damaged" in err
+    assert err.count("\n") == 1
+
+
+def test_commit_record_that_disagrees_with_the_index(tmp_path: Path, finalized: str) -> None:
+    """Readers of a finalized store use index.json; verify compares it with the commit records."""
+    url = fresh_copy(finalized, tmp_path)
+    path = Path(url) / layout.commit_key(1)
+    path.write_text(json.dumps({**json.loads(path.read_text()), "sequences": 2}))
+    report = verify(url)
+    assert not report.ok
+    assert len(report.errors) == 1, report.errors
+    assert "index.json lists" in report.errors[0] and "commits/000001.json" in report.errors[0]
+
+
+# ---------------------------------------------------------------------------- incomplete store
+
+
+def test_incomplete_store_is_not_ok(tmp_path: Path, content: SegmentData, capsys: pytest.CaptureFixture[str]) -> None:
+    segments = split(content, [5, 6, 13])
+    url = write_store(tmp_path / "s", make_meta(num_segments=4, k=K, chunk_tokens=CHUNK), segments[:2])
+    report = verify(url)
+    assert report.ok and not report.complete and report.status == "INCOMPLETE", report.errors
+    rc, out, err = run_cli(capsys, "verify", url)
+    assert rc == 2 and err == ""
+    assert ": INCOMPLETE (resume the capture), 300 tokens, 6 sequences, 2/4 segments" in out
+    rc, out, _ = run_cli(capsys, "verify", url, "--json")
+    report = json.loads(out)
+    assert rc == 2 and report["complete"] is False and report["status"] == "INCOMPLETE" and report["ok"] is True
+
+    shard_path(url, 1, "lse").unlink()  # damage outranks incompleteness
+    rc, out, _ = run_cli(capsys, "verify", url)
+    assert rc == 1 and "FAILED" in out
+
+
+# --------------------------------------------------------------------------- --token, describe
+
+
+@pytest.mark.parametrize("command", ["info", "verify"])
+def test_cli_token_on_a_local_store(good: str, command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, err = run_cli(capsys, command, good, "--token", "some-key")
+    assert rc == 1 and out == ""
+    assert err.startswith("error: a token (--token, token=)") and "http(s)://" in err
+    assert err.count("\n") == 1
+
+
+def test_store_describe_is_what_info_prints(good: str, capsys: pytest.CaptureFixture[str]) -> None:
+    d = open_store(good).describe()
+    assert set(d) == {"url", "tokens", "sequences", "segments_committed", "segments_planned", "complete", "meta",
+                      "disk_bytes", "bytes_per_token"}
+    assert d == describe(good)
+    rc, out, _ = run_cli(capsys, "info", good, "--json")
+    assert rc == 0 and json.loads(out) == d
+
+
+def test_no_zarr_user_warning(tmp_path: Path, content: SegmentData) -> None:
+    """Zarr warned once per array written or opened that pcodec is not in the Zarr v3 spec."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        url = build(tmp_path / "s", content, [5], finalize=True)
+        assert verify(url).ok
+    assert not [w for w in caught if issubclass(w.category, ZarrUserWarning)]

@@ -1,0 +1,212 @@
+"""`CaptureSpec`: what a capture stores, the one definition of every user-facing setting;
+`CaptureTuning`: how the engine cuts and encodes that work.
+
+The CLI builds it from its flags, the HTTP API from the request body, the job row stores
+its `model_dump()`, the worker rebuilds it with `model_validate`, and the engine derives
+the store's metadata from it (`stored()`). Defaults, descriptions and the cross-field rules
+live here only. Torch-free, so the server validates a request without loading a teacher.
+
+Errors name fields (`head: ...`); the CLI phrases them as flags and the API as the body's
+field locations. The on-disk metadata keeps its names (docs/format.md): there `k` is the
+stored slot width, which is `slots` here (a sampled capture with a head stores
+`head + min(k, draws)` slots).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+from logitstore.codecs import LogProbCodec
+from logitstore.errors import LogitStoreError
+from logitstore.schema import CaptureSettings
+
+MAX_SLOTS = 4096  # the trainer's kernel and the stores' id tables are sized for at most this many ids per token
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # log p / T stays finite in fp32 for every stored log-prob
+
+# The settings each mode reads; the others must stay at their defaults (a value the capture
+# would ignore is refused, not silently dropped).
+_MODE_FIELDS = {
+    "topk": (),
+    "adaptive": ("coverage",),
+    "sampled": ("draws", "seed", "head", "counts_only"),
+}
+_MODE_SPECIFIC = ("coverage", "draws", "seed", "head", "counts_only")
+
+
+class SpecError(LogitStoreError):
+    """Capture settings that break a rule. `problems` holds (field, message) pairs; `str()`
+    reads `field: message; ...`, and the CLI and the API re-phrase the field for their users."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{name}: {msg}" if name else msg for name, msg in problems))
+
+    @classmethod
+    def from_validation(cls, error: ValidationError) -> SpecError:
+        return cls([(".".join(map(str, e["loc"])), e["msg"]) for e in error.errors()])
+
+
+class CaptureSpec(BaseModel):
+    """What to capture: the teacher's soft labels per token, and which tokens."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    mode: Literal["topk", "adaptive", "sampled"] = Field(
+        "topk",
+        description="topk: the k likeliest ids; adaptive: the fewest ids (at most k) whose T=1 mass reaches "
+        "`coverage`; sampled: the distinct ids of `draws` seeded draws from the teacher (at most k), with counts",
+    )
+    k: int = Field(64, ge=1, le=MAX_SLOTS, description="ids stored per token; the cap in adaptive and sampled modes")
+    coverage: float = Field(0.99, gt=0, le=1, description="adaptive mode: T=1 probability mass to reach")
+    draws: int = Field(50, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="sampled mode: seed of the draws")
+    head: int = Field(
+        0, ge=0, lt=MAX_SLOTS,
+        description="sampled mode: the top `head` ids kept exactly, the draws taken from the rest of the distribution",
+    )  # fmt: skip
+    counts_only: bool = Field(
+        False,
+        description="sampled mode with temperatures [1]: ids and counts without log-probs (about half the bytes, "
+        "the same training gradient)",
+    )
+    temperatures: tuple[float, ...] = Field(
+        (1.0, 2.0, 4.0), min_length=1, max_length=16,
+        description=f"temperatures whose full-vocabulary log-normalizer is stored, in "
+        f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]; must include 1",
+    )  # fmt: skip
+    max_len: int = Field(1024, ge=1, le=131_072, description="longest sequence the teacher sees, in tokens")
+    packing: Literal["packed", "document"] = Field(
+        "packed",
+        description="packed: documents concatenated and cut every max_len tokens; document: every document "
+        "starts a new sequence (long ones are split)",
+    )
+    max_tokens: int | None = Field(None, ge=1, description="stop after this many corpus tokens (default: the whole corpus)")
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temperatures(cls, temps: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not (math.isfinite(t) and MIN_TEMPERATURE <= t <= MAX_TEMPERATURE) for t in temps):
+            raise _problem(f"each must be in [{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}], got {list(temps)}")
+        if len(set(temps)) != len(temps):
+            raise _problem(f"must be distinct, got {list(temps)}")
+        if 1.0 not in temps:
+            raise _problem("must include 1 (stored log-probs are decoded at T=1)")
+        return tuple(sorted(temps))
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> CaptureSpec:
+        problems: list[tuple[str, str]] = []
+        defaults = type(self).model_fields
+        for name in _MODE_SPECIFIC:
+            if name not in _MODE_FIELDS[self.mode] and getattr(self, name) != defaults[name].default:
+                owner = next(mode for mode, names in _MODE_FIELDS.items() if name in names)
+                problems.append((name, f"applies to mode {owner!r} only (mode is {self.mode!r})"))
+        if self.mode == "sampled" and self.counts_only and self.temperatures != (1.0,):
+            problems.append(("counts_only", "needs temperatures [1]: without log-probs the T=1 draws cannot be "
+                             "re-weighted to another temperature"))
+        if self.mode == "sampled" and self.counts_only and self.head:
+            problems.append(("counts_only", "needs head 0: the head's ids are weighted by their log-probs"))
+        if self.slots > MAX_SLOTS:
+            problems.append(("head", f"head + min(k, draws) = {self.slots} slots; at most {MAX_SLOTS}"))
+        if problems:
+            raise _validation_error(problems, self)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _without_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # Settings the mode ignores (always at their defaults, see above) are left out, and so are
+        # head and counts_only at their defaults: job rows and dedup keys written before these
+        # fields existed read the same.
+        data = handler(self)
+        for name in _MODE_SPECIFIC:
+            if name not in _MODE_FIELDS[self.mode] or (name in ("head", "counts_only") and not data[name]):
+                data.pop(name)
+        return data
+
+    @property
+    def slots(self) -> int:
+        """Ids stored per token: k, or head + min(k, draws) in sampled mode (more draws cannot be distinct)."""
+        return self.head + min(self.k, self.draws) if self.mode == "sampled" else self.k
+
+    @classmethod
+    def parse(cls, data: Mapping[str, Any]) -> CaptureSpec:
+        """`model_validate` that raises SpecError (a LogitStoreError) instead of pydantic's error."""
+        try:
+            return cls.model_validate(dict(data))
+        except ValidationError as e:
+            raise SpecError.from_validation(e) from None
+
+    def check_teacher(self, logits_width: int) -> None:
+        """Refuse more slots than the teacher has ids (the rules that need the teacher)."""
+        if self.slots > logits_width:
+            name = "head" if self.head else "k"
+            raise SpecError([(name, f"{self.slots} slots per token exceed the teacher's logits width {logits_width}")])
+
+    def stored(self, *, logp_codec: dict[str, Any], chunk_tokens: int) -> CaptureSettings:
+        """The store's capture metadata: the on-disk names, with `k` = the slot width."""
+        sampled = self.mode == "sampled"
+        return CaptureSettings(
+            mode=self.mode,
+            k=self.slots,
+            coverage=self.coverage if self.mode == "adaptive" else None,
+            draws=self.draws if sampled else None,
+            seed=self.seed if sampled else None,
+            head=self.head,
+            counts_only=self.counts_only,
+            temperatures=self.temperatures,
+            max_len=self.max_len,
+            packing=self.packing,
+            logp_codec=logp_codec,
+            chunk_tokens=chunk_tokens,
+        )
+
+
+@dataclass(frozen=True)
+class CaptureTuning:
+    """How the engine cuts and encodes the work; what is captured is the CaptureSpec
+    (logitstore/spec.py). Nothing here changes a stored value except `batch_tokens`, whose
+    padding can move a teacher's logits by float rounding."""
+
+    unit_tokens: int = 262_144  # tokens per work unit = per segment (one shard per array) = resume step
+    chunk_tokens: int = 4096  # rows per Zarr chunk inside a shard
+    batch_tokens: int = 8192  # tokens (padded) per teacher forward; raised to max_len when smaller
+    # Logit rows materialized at once: one fp32 [row_chunk, V] block plus the reduction's ~3 buffers
+    # (of as many rows on CUDA, of CPU_REDUCE_ROWS on CPU), well under the bare forward's
+    # [batch_tokens, V] logits (measured: benchmarks/capture.py).
+    row_chunk: int = 512
+    # One mantissa bit less from 4 nats on: -16% bytes for topk_logp, KL still < 1e-4 (codecs.py).
+    logp_codec: LogProbCodec = field(default_factory=lambda: LogProbCodec(tail_mantissa_bits=6))
+
+    def __post_init__(self) -> None:
+        for name in ("unit_tokens", "chunk_tokens", "batch_tokens", "row_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"CaptureTuning.{name} must be >= 1, got {getattr(self, name)}")
+
+
+def _validation_error(problems: list[tuple[str, str]], spec: CaptureSpec) -> ValidationError:
+    # A ValidationError raised in a validator keeps its own locations, so each cross-field
+    # problem points at its field (in the API: ["body", field]) instead of at the whole model.
+    details = [
+        InitErrorDetails(type=_problem(msg), loc=(name,), input=getattr(spec, name))
+        for name, msg in problems
+    ]
+    return ValidationError.from_exception_data(type(spec).__name__, details)
+
+
+def _problem(msg: str) -> PydanticCustomError:
+    return PydanticCustomError("capture_spec", msg)  # pydantic would prefix a ValueError's message with "Value error, "
