@@ -39,8 +39,9 @@ from peak_memory import proc_status_kib, reset_cpu_peak
 
 from logitstore import open_store
 from logitstore.capture.corpus import read_documents, tokenize_and_pack
-from logitstore.capture.engine import CaptureConfig, _batches, capture
+from logitstore.capture.engine import _batches, capture
 from logitstore.capture.teacher import load_teacher
+from logitstore.spec import CaptureSpec, CaptureTuning
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"
 SETTINGS = {
@@ -184,14 +185,15 @@ def main() -> None:
     # Bare and capture runs alternate; each capture is compared with the mean of the bare runs
     # just before and after it, so that drifting load on a shared machine affects both alike.
     bare, results, urls = [bare_run()], {}, {}
+    tuning = CaptureTuning(batch_tokens=args.batch_tokens, unit_tokens=args.unit_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         for name, settings in SETTINGS.items():
             if args.only not in name:
                 continue
-            config = CaptureConfig(**{"temperatures": temps, "max_len": args.max_len, "max_tokens": args.tokens,
-                                      "batch_tokens": args.batch_tokens, "unit_tokens": args.unit_tokens, **settings})
+            spec = CaptureSpec(**{"temperatures": temps, "max_len": args.max_len, "max_tokens": args.tokens,
+                                  **settings})
             url = str(Path(tmp) / name.replace(" ", "_"))
-            results[name] = measure(lambda c=config, u=url: capture(teacher, [args.corpus], u, c), device)
+            results[name] = measure(lambda s=spec, u=url: capture(teacher, [args.corpus], u, s, tuning=tuning), device)
             urls[name] = url
             bare.append(bare_run())
         bare_peak = int(np.mean([b[1] for b in bare]))

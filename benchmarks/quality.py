@@ -48,9 +48,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from logitstore import open_store
 from logitstore.capture.corpus import read_documents, tokenize_and_pack
-from logitstore.capture.engine import CaptureConfig, capture
+from logitstore.capture.engine import capture
 from logitstore.capture.teacher import Teacher, load_teacher, resolve_device
-from logitstore.cli import describe
+from logitstore.reader import describe
+from logitstore.spec import CaptureSpec
 from trainer.student import load_student
 from trainer.train import TrainConfig, train
 
@@ -155,11 +156,11 @@ def capture_stores(teacher: Teacher, train_file: Path, names: list[str], args, w
     runner = dataclasses.replace(teacher, model=shared) if shared is not None else teacher
     stores = {}
     for name in names:
-        config = CaptureConfig(temperatures=(1.0, 2.0), max_len=args.seq_len, max_tokens=args.train_tokens,
-                               **STORES[name])
+        spec = CaptureSpec(temperatures=(1.0, 2.0), max_len=args.seq_len, max_tokens=args.train_tokens,
+                           **STORES[name])
         url = str(work / "stores" / name)
         started = time.perf_counter()
-        store = capture(runner, [train_file], url, config)
+        store = capture(runner, [train_file], url, spec)
         elapsed = time.perf_counter() - started
         info = describe(url)
         ids_per_token = 0.0

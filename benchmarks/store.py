@@ -31,8 +31,9 @@ from zarr.codecs import ZstdCodec
 
 from logitstore import open_store
 from logitstore.capture.corpus import read_documents, tokenize_and_pack
-from logitstore.capture.engine import CaptureConfig, _store_meta, capture_unit
+from logitstore.capture.engine import _store_meta, capture_unit
 from logitstore.capture.teacher import load_teacher
+from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.writer import StoreWriter
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"
@@ -126,12 +127,13 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     args = ap.parse_args()
     temps = tuple(float(t) for t in args.temperatures.split(","))
-    config = CaptureConfig(k=args.k, temperatures=temps, max_len=args.max_len, max_tokens=args.tokens)
+    spec = CaptureSpec(k=args.k, temperatures=temps, max_len=args.max_len, max_tokens=args.tokens)
+    tuning = CaptureTuning()
 
     teacher = load_teacher(args.teacher, device="cpu")
-    packed = tokenize_and_pack(read_documents([CORPUS]), teacher.tokenizer, max_len=config.max_len,
-                               max_tokens=config.max_tokens)
-    data = capture_unit(teacher, packed.sequences, config)
+    packed = tokenize_and_pack(read_documents([CORPUS]), teacher.tokenizer, max_len=spec.max_len,
+                               max_tokens=spec.max_tokens)
+    data = capture_unit(teacher, packed.sequences, spec, tuning)
     exact = exact_reference(teacher.model, packed.sequences, [1.0, 2.0])
     n = len(data.input_ids)
     raw_mb = sum(a.nbytes for a in (data.input_ids, data.topk_ids, data.topk_logp, data.lse)) / 1e6
@@ -139,7 +141,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="logitstore-bench-"))
     try:
         # --- ours
-        meta = _store_meta(teacher, packed, config, num_units=1)
+        meta = _store_meta(teacher, packed, spec, tuning, num_units=1)
         t0 = time.perf_counter()
         writer = StoreWriter.create(str(tmp / "ours"), meta)
         writer.write_segment(0, data)
@@ -159,7 +161,7 @@ def main() -> None:
 
         # --- the naive peer
         t0 = time.perf_counter()
-        naive = NaiveStore(tmp / "naive", data, seq_offsets, config.chunk_tokens)
+        naive = NaiveStore(tmp / "naive", data, seq_offsets, tuning.chunk_tokens)
         peer_write = raw_mb / (time.perf_counter() - t0)
         nb = naive.read(0, n)
         peer = {"bytes_per_token": dir_bytes(tmp / "naive") / n,
@@ -185,18 +187,18 @@ def main() -> None:
         ours["seq_read_fresh_tokens_s"], _ = read_speeds(
             store.read, store.sequence, n, store.num_sequences, read_block)
         ours["seq_read_chunk_tokens_s"], _ = read_speeds(
-            lambda a, b: store.read(a, b, out=reused), store.sequence, n, store.num_sequences, config.chunk_tokens)
+            lambda a, b: store.read(a, b, out=reused), store.sequence, n, store.num_sequences, tuning.chunk_tokens)
         peer["seq_read_tokens_s"], peer["random_sequence_reads_s"] = read_speeds(
             naive.read, naive.sequence, n, len(data.seq_lengths), read_block)
         peer["seq_read_chunk_tokens_s"], _ = read_speeds(
-            naive.read, naive.sequence, n, len(data.seq_lengths), config.chunk_tokens)
+            naive.read, naive.sequence, n, len(data.seq_lengths), tuning.chunk_tokens)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(json.dumps({
         "benchmark": "store", "device": "cpu", "cpu": platform.processor() or platform.machine(),
         "teacher": teacher.info.name, "tokens": n, "k": args.k, "temperatures": list(temps),
-        "logp_codec": config.logp_codec.to_dict(),
+        "logp_codec": tuning.logp_codec.to_dict(),
         "mean_topk_mass": float(np.exp(block.topk_logp.astype(np.float64)).sum(1).mean()),
         "ours": ours, "naive_int32_fp16_zstd": peer,
         "ratios": {"bytes": ours["bytes_per_token"] / peer["bytes_per_token"],

@@ -125,13 +125,14 @@ def main() -> None:
 
 
 def _capture(teacher_name: str, tokens: int, seq_len: int, tmp: str, device: torch.device) -> str:
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec
 
     teacher = load_teacher(teacher_name, device=device)
     out = str(Path(tmp) / "store")
-    capture(teacher, [CORPUS], out, CaptureConfig(k=64, temperatures=(1.0, 2.0), max_len=max(seq_len, 512),
-                                                  max_tokens=tokens, batch_tokens=8192))
+    capture(teacher, [CORPUS], out, CaptureSpec(k=64, temperatures=(1.0, 2.0), max_len=max(seq_len, 512),
+                                                max_tokens=tokens))
     del teacher
     return out
 

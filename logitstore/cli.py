@@ -1,6 +1,7 @@
 """`logitstore`: capture a teacher into a store, describe a store, verify it.
 
 Errors a user can cause print one line (`error: ...`) and exit 1; never a traceback.
+`verify` exits 2 for an intact store whose capture is not finished (INCOMPLETE).
 """
 
 from __future__ import annotations
@@ -11,11 +12,11 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Literal, get_args, get_origin
 
-from logitstore import storage
 from logitstore.errors import LogitStoreError
-from logitstore.reader import open_store
+from logitstore.reader import describe
+from logitstore.spec import CaptureSpec, CaptureTuning, SpecError
 from logitstore.verify import verify
 
 
@@ -44,26 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--teacher", required=True, help="HF model dir, .gguf file, hub id, or alias smollm2-135m")
     cap.add_argument("--corpus", required=True, nargs="+", help=".txt, .jsonl or .parquet files")
     cap.add_argument("--out", required=True, help="directory of the new store")
-    cap.add_argument("--k", type=int, default=64,
-                     help="ids stored per token (default 64); the cap in adaptive and sampled modes")
-    cap.add_argument("--mode", choices=["topk", "adaptive", "sampled"], default="topk",
-                     help="topk: the k most likely ids; adaptive: the fewest ids whose mass reaches --coverage; "
-                     "sampled: the distinct ids of --draws seeded draws, with counts")
-    cap.add_argument("--coverage", type=float, default=0.99, help="adaptive mode: T=1 mass to cover (default 0.99)")
-    cap.add_argument("--draws", type=int, default=50, help="sampled mode: draws per token, <= 255 (default 50)")
-    cap.add_argument("--seed", type=int, default=0, help="sampled mode: seed of the draws (default 0)")
-    cap.add_argument("--head", type=int, default=0,
-                     help="sampled mode: store the top HEAD ids exactly and draw from the rest (default 0)")
-    cap.add_argument("--counts-only", action="store_true",
-                     help="sampled mode with --temperatures 1: store ids and counts without log-probs "
-                     "(about half the bytes; the trainer's gradient is the same)")
-    cap.add_argument("--temperatures", default="1,2,4", help="comma-separated temperatures to store lse for")
-    cap.add_argument("--max-len", type=int, default=1024, help="longest sequence the teacher sees")
-    cap.add_argument("--packing", choices=["packed", "document"], default="packed")
-    cap.add_argument("--max-tokens", type=int, default=None, help="stop after this many corpus tokens")
-    cap.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
-    cap.add_argument("--unit-tokens", type=int, default=262_144, help="tokens per work unit (= segment)")
-    cap.add_argument("--batch-tokens", type=int, default=8192, help="padded tokens per teacher forward")
+    _add_spec_flags(cap)
+    cap.add_argument("--text-field", default="text",
+                     help="JSONL field / Parquet column holding the text (default: text)")
+    cap.add_argument("--unit-tokens", type=int, default=CaptureTuning.unit_tokens,
+                     help="tokens per work unit (= segment, = the step a resume restarts from) (default: %(default)s)")
+    cap.add_argument("--batch-tokens", type=int, default=CaptureTuning.batch_tokens,
+                     help="padded tokens per teacher forward, at least --max-len (default: %(default)s)")
     cap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     cap.add_argument("--gpus", type=int, default=1,
                      help="processes to run (one per GPU, or CPU processes without CUDA); >1 launches torchrun")
@@ -71,52 +59,48 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(run=_capture)
 
+    token_help = "API key for a store served by logitstore-server (http(s)://HOST/v1/stores/ID/zarr)"
     info = sub.add_parser("info", help="describe a store")
     info.add_argument("store")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--token", help=token_help)
     info.set_defaults(run=_info)
 
-    ver = sub.add_parser("verify", help="read every chunk, check checksums and invariants, print a digest")
+    ver = sub.add_parser("verify", help="read every chunk, check checksums and invariants, print a digest",
+                         description="Exit status: 0 ok, 1 damaged (or unreadable), 2 intact but INCOMPLETE "
+                         "(not every planned segment is committed: resume the capture).")
     ver.add_argument("store")
     ver.add_argument("--json", action="store_true")
+    ver.add_argument("--token", help=token_help)
     ver.set_defaults(run=_verify)
     return parser
 
 
 def _capture(args: argparse.Namespace) -> int:
+    if args.no_progress:
+        # No bars at all, the teacher's loading and GGUF de-quantization included. tqdm reads
+        # TQDM_* once, on import, which happens just below (our own bar passes `disable` itself).
+        os.environ.setdefault("TQDM_DISABLE", "1")
     # torch and transformers load only for the command that needs them.
     from tqdm import tqdm
 
     from logitstore.capture import distributed
-    from logitstore.capture.engine import CaptureConfig, CaptureProgress, capture
+    from logitstore.capture.engine import CaptureProgress, capture, check_inputs
     from logitstore.capture.teacher import load_teacher
 
     if args.gpus < 1:
         raise LogitStoreError(f"--gpus {args.gpus} must be >= 1")
     rank, _ = distributed.rank_and_world()
-    if args.gpus > 1 and "RANK" not in os.environ:  # not yet under torchrun: become its launcher
-        return distributed.launch(args.gpus, _without_gpus(args.argv[args.argv.index("capture") + 1:]))
-
+    spec = _spec_from_flags(args)
     try:
-        temperatures = tuple(float(t) for t in args.temperatures.split(","))
-    except ValueError:
-        raise LogitStoreError(f"--temperatures {args.temperatures!r}: expected numbers such as 1,2,4") from None
-    config = CaptureConfig(
-        k=args.k,
-        temperatures=temperatures,
-        max_len=args.max_len,
-        packing=args.packing,
-        max_tokens=args.max_tokens,
-        text_field=args.text_field,
-        unit_tokens=args.unit_tokens,
-        batch_tokens=max(args.batch_tokens, args.max_len),
-        mode=args.mode,
-        coverage=args.coverage,
-        draws=args.draws,
-        head=args.head,
-        counts_only=args.counts_only,
-        seed=args.seed,
-    )
+        tuning = CaptureTuning(unit_tokens=args.unit_tokens, batch_tokens=args.batch_tokens)
+    except ValueError as e:
+        raise LogitStoreError(str(e).replace("CaptureTuning.", "--").replace("_", "-")) from None
+    if "RANK" not in os.environ:  # under torchrun the launcher (this branch) has checked already
+        # Seconds now rather than after the teacher has loaded.
+        check_inputs(args.corpus, args.out, text_field=args.text_field, resume=args.resume)
+        if args.gpus > 1:  # become torchrun's launcher
+            return distributed.launch(args.gpus, _without_gpus(args.argv[args.argv.index("capture") + 1:]))
     if args.no_progress or rank != 0:
         from transformers.utils import logging as hf_logging
 
@@ -129,11 +113,56 @@ def _capture(args: argparse.Namespace) -> int:
             bar.total = p.tokens_total
             bar.update(p.tokens_done - bar.n)
 
-        store = capture(teacher, args.corpus, args.out, config, resume=args.resume, progress=progress)
+        store = capture(teacher, args.corpus, args.out, spec, tuning=tuning, text_field=args.text_field,
+                        resume=args.resume, progress=progress)
     if rank == 0:
         print(f"{store.url}: {store.num_tokens} tokens, {store.num_sequences} sequences, "
               f"{store.meta.capture.mode} k={store.meta.capture.k}")
     return 0
+
+
+def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per CaptureSpec field (`max_len` -> `--max-len`), with its default and description."""
+    for name, info in CaptureSpec.model_fields.items():
+        flag, kind = _flag(name), info.annotation
+        shown = ",".join(f"{t:g}" for t in info.default) if name == "temperatures" else info.default
+        help_text = info.description if shown is None else f"{info.description} (default: {shown})"
+        if kind is bool:
+            parser.add_argument(flag, action="store_true", help=info.description)
+        elif get_origin(kind) is Literal:
+            parser.add_argument(flag, choices=get_args(kind), default=info.default, help=help_text)
+        elif name == "temperatures":
+            parser.add_argument(flag, type=_numbers, default=info.default, help=f"comma-separated; {help_text}")
+        else:
+            number = int if int in (kind, *get_args(kind)) else float
+            parser.add_argument(flag, type=number, default=info.default, help=help_text)
+
+
+def _spec_from_flags(args: argparse.Namespace) -> CaptureSpec:
+    """The spec, or the spec's own error re-phrased with the flags that set each field."""
+    try:
+        return CaptureSpec.parse({name: getattr(args, name) for name in CaptureSpec.model_fields})
+    except SpecError as e:
+        raise LogitStoreError("; ".join(f"{_flag_with_value(args, name)}: {msg}" for name, msg in e.problems)) from None
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _flag_with_value(args: argparse.Namespace, name: str) -> str:
+    """`--k 0`, `--temperatures 1,1`, `--counts-only`: the flag as the user typed it."""
+    value = getattr(args, name, None)
+    if isinstance(value, bool) or value is None:
+        return _flag(name)
+    return f"{_flag(name)} {','.join(f'{v:g}' for v in value) if name == 'temperatures' else value}"
+
+
+def _numbers(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers such as 1,2,4") from None
 
 
 def _without_gpus(argv: list[str]) -> list[str]:
@@ -149,27 +178,8 @@ def _without_gpus(argv: list[str]) -> list[str]:
     return out
 
 
-def describe(url: str, storage_options: dict[str, Any] | None = None) -> dict:
-    """What `info --json` prints: the metadata plus sizes (`disk_bytes` where the store can be listed)."""
-    store = open_store(url, storage_options=storage_options)
-    out = {
-        "url": store.url,
-        "tokens": store.num_tokens,
-        "sequences": store.num_sequences,
-        "segments_committed": len(store.segments),
-        "segments_planned": store.meta.num_segments,
-        "complete": store.complete,
-        "meta": store.meta.model_dump(mode="json"),
-    }
-    disk = storage.tree_bytes(url, storage_options)
-    if disk is not None:
-        out["disk_bytes"] = disk
-        out["bytes_per_token"] = disk / store.num_tokens if store.num_tokens else None
-    return out
-
-
 def _info(args: argparse.Namespace) -> int:
-    d = describe(args.store)
+    d = describe(args.store, token=args.token)
     if args.json:
         print(json.dumps(d, indent=2))
         return 0
@@ -204,17 +214,24 @@ def _mode(cap: dict) -> str:
     return cap["mode"]
 
 
+# verify's exit status: damage outranks incompleteness, so 2 means "intact so far, resume the capture".
+VERIFY_EXIT = {"ok": 0, "FAILED": 1, "INCOMPLETE": 2}
+
+
 def _verify(args: argparse.Namespace) -> int:
-    report = verify(args.store)
+    report = verify(args.store, token=args.token)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
         for err in report.errors:
             print(f"error: {err}", file=sys.stderr)
-        status = "ok" if report.ok else f"FAILED ({len(report.errors)} problem(s))"
+        for note in report.notes:
+            print(f"note: {note}", file=sys.stderr)
+        status = {"FAILED": f"FAILED ({len(report.errors)} problem(s))",
+                  "INCOMPLETE": "INCOMPLETE (resume the capture)"}.get(report.status, report.status)
         print(f"{report.url}: {status}, {report.tokens} tokens, {report.sequences} sequences, "
               f"{report.segments_committed}/{report.segments_planned} segments, digest {report.digest}")
-    return 0 if report.ok else 1
+    return VERIFY_EXIT[report.status]
 
 
 if __name__ == "__main__":

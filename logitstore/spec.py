@@ -95,7 +95,9 @@ class CaptureSpec(BaseModel):
         description="packed: documents concatenated and cut every max_len tokens; document: every document "
         "starts a new sequence (long ones are split)",
     )
-    max_tokens: int | None = Field(None, ge=1, description="stop after this many corpus tokens (default: the whole corpus)")
+    max_tokens: int | None = Field(
+        None, ge=1, description="stop after this many corpus tokens (default: the whole corpus)"
+    )
 
     @field_validator("temperatures")
     @classmethod

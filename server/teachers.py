@@ -30,12 +30,14 @@ def teacher_source(teachers: dict[str, str], name: str) -> str:
 
 
 def teacher_fingerprint(source: str) -> str:
-    """sha256 over the files of the teacher at `source` (a hub id hashes as its name)."""
-    from logitstore.capture.teacher import resolve_teacher_source  # imports torch: only when a capture is asked
+    """sha256 over the files of the teacher at `source`; for a hub id, over the id and the
+    commit its default branch resolves to now (a new upload under the same name is another
+    teacher, and must not be answered with the old one's stores)."""
+    from logitstore.hf import resolve_teacher_source
 
     src = resolve_teacher_source(source)
     if src.kind == "hub":
-        return hashlib.sha256(f"hub:{src.path_or_id}".encode()).hexdigest()
+        return hashlib.sha256(f"hub:{src.path_or_id}@{hub_revision(src.path_or_id)}".encode()).hexdigest()
     root = Path(src.location)
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     stats = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
@@ -53,3 +55,22 @@ def teacher_fingerprint(source: str) -> str:
     with _lock:
         _cache[stats] = digest
     return digest
+
+
+def hub_revision(repo_id: str) -> str:
+    """The commit sha that `repo_id`'s default branch resolves to: asked of the hub, or, when it
+    cannot be reached (offline, HF_HUB_OFFLINE=1), read from the local Hugging Face cache."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return HfApi().model_info(repo_id).sha
+    except Exception as e:  # unreachable, offline mode, refused: whatever the HTTP client raised
+        hub_error = e
+    try:  # the snapshot folder of the cached revision is named by its commit sha
+        return Path(snapshot_download(repo_id, local_files_only=True)).name
+    except LocalEntryNotFoundError:
+        raise TeacherError(
+            f"{repo_id}: cannot resolve its revision: the hub did not answer ({type(hub_error).__name__}) and "
+            "it is not in the local Hugging Face cache; download it once, or serve a local directory"
+        ) from None

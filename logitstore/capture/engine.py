@@ -16,28 +16,27 @@ torchrun, rank r of W computes units r, r+W, ... (see `capture`).
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from logitstore import __version__
+from logitstore import __version__, storage
 from logitstore.capture import distributed
 from logitstore.capture.corpus import PackedCorpus, PackedSequence, read_documents, tokenize_and_pack
 from logitstore.capture.reduce import Reduction
 from logitstore.capture.teacher import Teacher
-from logitstore.codecs import LogProbCodec
-from logitstore.errors import LogitStoreError
+from logitstore.errors import LogitStoreError, MetadataError, StoreExistsError
 from logitstore.layout import PIECES_SCHEMA
 from logitstore.reader import Store, open_store
-from logitstore.schema import CaptureSettings, CorpusInfo, StoreMeta
+from logitstore.schema import CorpusInfo, StoreMeta
+from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.writer import SegmentData, StoreWriter, now_iso
 
 log = logging.getLogger(__name__)
@@ -46,11 +45,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CaptureProgress:
-    """A capture's progress, reported at the start and after the teacher finishes each work unit.
+    """A capture's progress, reported at the start and after each teacher forward (batch).
 
-    `tokens_done` counts tokens already committed by an earlier run too (a resumed capture
-    starts where it stopped); `tokens_per_s` counts only this run's work, so the ETA of a
-    resumed capture is not inflated by tokens it did not compute.
+    `tokens_done` counts the tokens the teacher has processed, including those committed by an
+    earlier run (a resumed capture starts where it stopped); the ones of a work unit not yet
+    committed are recomputed if the capture dies. `tokens_per_s` counts only this run's work,
+    so the ETA of a resumed capture is not inflated by tokens it did not compute.
     """
 
     tokens_done: int
@@ -71,68 +71,13 @@ class CaptureProgress:
         return (self.tokens_total - self.tokens_done) / rate if rate > 0 else None
 
 
-# Called from the capture's thread. An exception raised by the callback stops the capture
-# (committed units stay committed, so `resume=True` continues): this is how a job is cancelled.
+# Called from the capture's thread, once per batch. An exception raised by the callback stops the
+# capture (committed units stay committed, so `resume=True` continues): this is how a job is cancelled.
 ProgressCallback = Callable[[CaptureProgress], None]
 
 
-@dataclass(frozen=True)
-class CaptureConfig:
-    """What to capture and how to cut the work.
-
-    `mode` (see logitstore/capture/reduce.py): "topk" stores the k most likely ids;
-    "adaptive" the fewest ids (at most k) whose T=1 mass reaches `coverage`; "sampled" the
-    distinct ids of `draws` seeded draws (at most min(k, draws) slots) with their counts; with
-    `head` after the top-`head` ids, drawn from the rest; with `counts_only` (T=1 only) without
-    their log-probs.
-    """
-
-    k: int = 64
-    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
-    max_len: int = 1024
-    packing: Literal["packed", "document"] = "packed"
-    max_tokens: int | None = None
-    text_field: str = "text"
-    unit_tokens: int = 262_144  # tokens per work unit = per segment (one shard per array)
-    chunk_tokens: int = 4096  # rows per Zarr chunk inside a shard
-    batch_tokens: int = 8192  # tokens (padded) per teacher forward
-    # Logit rows materialized at once: one fp32 [row_chunk, V] block plus the reduction's ~3 buffers
-    # (of as many rows on CUDA, of CPU_REDUCE_ROWS on CPU), well under the bare forward's
-    # [batch_tokens, V] logits (measured: benchmarks/capture.py).
-    row_chunk: int = 512
-    # One mantissa bit less from 4 nats on: -16% bytes for topk_logp, KL still < 1e-4 (codecs.py).
-    logp_codec: LogProbCodec = field(default_factory=lambda: LogProbCodec(tail_mantissa_bits=6))
-    mode: Literal["topk", "adaptive", "sampled"] = "topk"
-    coverage: float = 0.99  # adaptive mode
-    draws: int = 50  # sampled mode
-    seed: int = 0  # sampled mode
-    head: int = 0  # sampled mode: the top-`head` ids exactly, the draws from the rest
-    counts_only: bool = False  # sampled mode at T=1: no log-probs stored
-
-    @property
-    def width(self) -> int:
-        """Stored slots per token: k, or head + min(k, draws) in sampled mode (more draws cannot be distinct)."""
-        return self.head + min(self.k, self.draws) if self.mode == "sampled" else self.k
-
-    def settings(self) -> CaptureSettings:
-        return CaptureSettings(
-            mode=self.mode,
-            k=self.width,
-            coverage=self.coverage if self.mode == "adaptive" else None,
-            draws=self.draws if self.mode == "sampled" else None,
-            seed=self.seed if self.mode == "sampled" else None,
-            head=self.head,
-            counts_only=self.counts_only,
-            temperatures=tuple(self.temperatures),
-            max_len=self.max_len,
-            packing=self.packing,
-            logp_codec=self.logp_codec.to_dict(),
-            chunk_tokens=self.chunk_tokens,
-        )
-
-    def reduction(self) -> Reduction:
-        return Reduction(self.mode, self.width, tuple(self.temperatures), self.coverage, self.draws, self.seed,
-                         self.head)
+def _reduction(spec: CaptureSpec) -> Reduction:
+    return Reduction(spec.mode, spec.slots, spec.temperatures, spec.coverage, spec.draws, spec.seed, spec.head)
 
 
 def plan_units(seq_lengths: Sequence[int], unit_tokens: int) -> list[range]:
@@ -154,8 +99,10 @@ def capture(
     teacher: Teacher,
     corpus: Sequence[str | Path],
     out: str,
-    config: CaptureConfig = CaptureConfig(),
+    spec: CaptureSpec = CaptureSpec(),
     *,
+    tuning: CaptureTuning = CaptureTuning(),
+    text_field: str = "text",
     resume: bool = False,
     progress: ProgressCallback | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -170,19 +117,19 @@ def capture(
     `out` is a local directory or an fsspec URL (`s3://bucket/prefix/store`); `storage_options`
     go to fsspec as they are (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
     """
-    _check_config(config, teacher)
+    spec.check_teacher(teacher.tokenizer_info.logits_width)
     packed = tokenize_and_pack(
-        read_documents(corpus, text_field=config.text_field),
+        read_documents(corpus, text_field=text_field),
         teacher.tokenizer,
-        max_len=config.max_len,
-        packing=config.packing,
-        max_tokens=config.max_tokens,
+        max_len=spec.max_len,
+        packing=spec.packing,
+        max_tokens=spec.max_tokens,
     )
     lengths = [len(s.input_ids) for s in packed.sequences]
-    units = plan_units(lengths, config.unit_tokens)
+    units = plan_units(lengths, tuning.unit_tokens)
     unit_tokens = [sum(lengths[j] for j in unit) for unit in units]
     unit_starts = np.concatenate([[0], np.cumsum(unit_tokens)]).astype(np.int64)
-    meta = _store_meta(teacher, packed, config, len(units))
+    meta = _store_meta(teacher, packed, spec, tuning, len(units))
     rank, world = distributed.rank_and_world()
     writer = _open_writer(out, meta, resume, rank, storage_options)
     done = writer.committed()
@@ -192,7 +139,9 @@ def capture(
     tokens_before = sum(unit_tokens[i] for i in mine if i in done)
     tokens_done, started = tokens_before, time.perf_counter()
 
-    def report() -> None:
+    def report(batch_tokens: int = 0) -> None:
+        nonlocal tokens_done
+        tokens_done += batch_tokens
         if progress:
             progress(CaptureProgress(tokens_done, tokens_total, tokens_done - tokens_before,
                                      time.perf_counter() - started))
@@ -206,12 +155,10 @@ def capture(
             if i in done:
                 continue
             seqs = [packed.sequences[j] for j in units[i]]
-            data = capture_unit(teacher, seqs, config, token_start=int(unit_starts[i]))
+            data = capture_unit(teacher, seqs, spec, tuning, token_start=int(unit_starts[i]), on_batch=report)
             if pending is not None:
                 pending.result()
             pending = pool.submit(writer.write_segment, i, data)
-            tokens_done += len(data.input_ids)
-            report()
         if pending is not None:
             pending.result()
     distributed.barrier()  # every rank's units are committed
@@ -219,6 +166,26 @@ def capture(
         writer.finalize()
     distributed.barrier()  # nobody opens the store before index.json exists
     return open_store(out, storage_options=storage_options)
+
+
+def check_inputs(
+    corpus: Sequence[str | Path],
+    out: str,
+    *,
+    text_field: str = "text",
+    resume: bool = False,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """What can be wrong with a capture's inputs, checked in seconds, before a teacher loads:
+    the corpus files exist, have a known suffix and hold a document (up to the first one), and
+    `out` holds a store exactly when resuming. The CLI calls it before loading the teacher (and
+    before launching torchrun); `capture` finds the same problems later, rank-safely."""
+    next(iter(read_documents(corpus, text_field=text_field)))
+    exists = storage.key_exists(storage.open_kv(out, read_only=True, storage_options=storage_options), "zarr.json")
+    if exists and not resume:
+        raise StoreExistsError(f"{out} already holds a store; pick a new --out, or pass --resume to continue it")
+    if resume and not exists:
+        raise MetadataError(f"{out} holds no store to resume; run the capture without --resume")
 
 
 def _open_writer(
@@ -244,18 +211,25 @@ def _open_writer(
 
 
 def capture_unit(
-    teacher: Teacher, seqs: list[PackedSequence], config: CaptureConfig, *, token_start: int = 0
+    teacher: Teacher,
+    seqs: list[PackedSequence],
+    spec: CaptureSpec,
+    tuning: CaptureTuning = CaptureTuning(),
+    *,
+    token_start: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> SegmentData:
     """The teacher's soft labels for one work unit, in sequence order. `token_start` is the
-    unit's first global token position (it keys the sampled mode's draws)."""
+    unit's first global token position (it keys the sampled mode's draws); `on_batch(tokens)`
+    is called after each teacher forward (progress between commits)."""
     lengths = np.array([len(s.input_ids) for s in seqs], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    n, k = int(offsets[-1]), config.width
+    n, k = int(offsets[-1]), spec.slots
     topk_ids = np.empty((n, k), dtype=np.int32)
     topk_logp = np.empty((n, k), dtype=np.float32)
-    lse = np.empty((n, len(config.temperatures)), dtype=np.float32)
-    counts = np.empty((n, k), dtype=np.uint8) if config.mode == "sampled" else None
-    reduction = config.reduction()
+    lse = np.empty((n, len(spec.temperatures)), dtype=np.float32)
+    counts = np.empty((n, k), dtype=np.uint8) if spec.mode == "sampled" else None
+    reduction = _reduction(spec)
 
     def scatter(batch: list[int], result: _BatchResult) -> None:
         ids, logp, norm, cnt = result.numpy()
@@ -271,12 +245,14 @@ def capture_unit(
     # Software pipeline: batch i's results are copied to the host without blocking, and read
     # only after batch i+1 is queued, so an accelerator never idles waiting for the host.
     pending: tuple[list[int], _BatchResult] | None = None
-    for batch in _batches(lengths, config.batch_tokens):
+    for batch in _batches(lengths, max(tuning.batch_tokens, spec.max_len)):
         keys = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in batch]) + token_start
-        result = _forward_batch(teacher, [seqs[j].input_ids for j in batch], keys, reduction, config.row_chunk)
+        result = _forward_batch(teacher, [seqs[j].input_ids for j in batch], keys, reduction, tuning.row_chunk)
         if pending is not None:
             scatter(*pending)
         pending = (batch, result)
+        if on_batch is not None:
+            on_batch(len(keys))
     if pending is not None:
         scatter(*pending)
     return SegmentData(
@@ -406,13 +382,15 @@ def _pieces_table(seqs: list[PackedSequence]) -> pa.Table:
     )
 
 
-def _store_meta(teacher: Teacher, packed: PackedCorpus, config: CaptureConfig, num_units: int) -> StoreMeta:
+def _store_meta(
+    teacher: Teacher, packed: PackedCorpus, spec: CaptureSpec, tuning: CaptureTuning, num_units: int
+) -> StoreMeta:
     return StoreMeta(
         producer=f"logitstore {__version__}",
         created_at=now_iso(),
         teacher=teacher.info,
         tokenizer=teacher.tokenizer_info,
-        capture=config.settings(),
+        capture=spec.stored(logp_codec=tuning.logp_codec.to_dict(), chunk_tokens=tuning.chunk_tokens),
         corpus=CorpusInfo(
             fingerprint=packed.fingerprint,
             sources=packed.sources,
@@ -422,33 +400,3 @@ def _store_meta(teacher: Teacher, packed: PackedCorpus, config: CaptureConfig, n
         ),
         num_segments=num_units,
     )
-
-
-def _check_config(config: CaptureConfig, teacher: Teacher) -> None:
-    width = teacher.tokenizer_info.logits_width
-    if not 0 < config.k <= min(width, 4096):
-        raise LogitStoreError(f"--k {config.k} must be between 1 and min(4096, the teacher's logits width {width})")
-    if config.mode not in ("topk", "adaptive", "sampled"):
-        raise LogitStoreError(f"--mode {config.mode!r}: expected topk, adaptive or sampled")
-    if config.mode == "adaptive" and not 0 < config.coverage <= 1:
-        raise LogitStoreError(f"--coverage {config.coverage} must be in (0, 1]")
-    if config.mode == "sampled" and not 0 < config.draws <= 255:
-        raise LogitStoreError(f"--draws {config.draws} must be in [1, 255] (counts are stored as uint8)")
-    if config.mode == "sampled" and config.seed < 0:
-        raise LogitStoreError(f"--seed {config.seed} must be >= 0")
-    if config.head < 0 or (config.head and config.mode != "sampled"):
-        raise LogitStoreError(f"--head {config.head} needs --mode sampled (and must be >= 0)")
-    if config.width > min(width, 4096):  # only a head can take a sampled capture past --k
-        raise LogitStoreError(f"--head {config.head} + min(--k, --draws) = {config.width} slots must be at most "
-                              f"min(4096, the teacher's logits width {width})")
-    if config.head and config.counts_only:
-        raise LogitStoreError("--counts-only needs --head 0: the head's ids are weighted by their log-probs")
-    if config.counts_only and (config.mode != "sampled" or tuple(config.temperatures) != (1.0,)):
-        raise LogitStoreError("--counts-only needs --mode sampled and --temperatures 1: without log-probs the "
-                              "T=1 draws cannot be re-weighted to another temperature")
-    if 1.0 not in config.temperatures:
-        raise LogitStoreError("--temperatures must include 1 (stored log-probs are decoded at T=1)")
-    if any(t <= 0 or not math.isfinite(t) for t in config.temperatures):
-        raise LogitStoreError(f"--temperatures must be positive, got {list(config.temperatures)}")
-    if config.max_len < 1 or config.batch_tokens < config.max_len:
-        raise LogitStoreError(f"--max-len {config.max_len} must be in [1, batch_tokens={config.batch_tokens}]")

@@ -2,26 +2,31 @@
 
 The teacher runs once: a request whose corpus, teacher fingerprint and normalized
 settings match an existing job gets that job back (200) while it is queued, running or
-succeeded (a pending cancel request is withdrawn); a failed or cancelled twin is queued
-again and resumes from its committed segments (201). When the twin belongs to another
-team, the caller is granted read access to its store: it holds the same corpus and asked
-for the same computation.
+succeeded; a failed or cancelled twin is queued again and resumes from its committed
+segments (201). When the twin belongs to another team, the caller is granted read access
+to its store: it holds the same corpus and asked for the same computation.
+
+Only the team that owns a job (its first requester) or an admin may cancel it. While a
+cancel is pending, the owner's identical request withdraws it; another team's gets a 409
+(it may not undo the owner's decision), and once the job has stopped, anyone's identical
+request queues it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from datetime import UTC, datetime
 from typing import Literal
 
 from fastapi import APIRouter, HTTPException, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from logitstore.spec import SpecError
+from server.capture_settings import CaptureRequest, job_capture
 from server.db import Corpus, CorpusOwner, Grant, Job, StoreRow, now
 from server.deps import PrincipalDep, SessionDep, SettingsDep, TeamPrincipalDep, can_read_store, visible_job
 from server.teachers import UnknownTeacherError, teacher_fingerprint, teacher_source
@@ -32,70 +37,14 @@ router = APIRouter(tags=["captures"])
 _NOT_IN_DEDUP_KEY = ("unit_tokens",)
 
 
-class CaptureRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    corpus_id: str = Field(min_length=1, max_length=64)
-    teacher: str = Field("smollm2-135m", min_length=1, max_length=128, description="a name from GET /v1/teachers")
-    k: int = Field(64, ge=1, le=4096, description="top-k ids stored per token")
-    temperatures: list[float] = Field([1.0, 2.0, 4.0], min_length=1, max_length=16,
-                                      description="temperatures whose lse is stored; must include 1")
-    mode: Literal["topk", "adaptive", "sampled"] = Field(
-        "topk", description="topk: the k likeliest ids; adaptive: the fewest (at most k) reaching `coverage`; "
-        "sampled: `draws` seeded draws from the teacher, ids with counts"
-    )
-    coverage: float = Field(0.99, gt=0, le=1, description="adaptive mode: T=1 probability mass to reach")
-    draws: int = Field(50, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="sampled mode: seed of the draws")
-    head: int = Field(0, ge=0, le=4095, description="sampled mode: the top `head` ids kept exactly, the draws "
-                      "taken from the rest of the distribution")
-    counts_only: bool = Field(False, description="sampled mode with temperatures [1]: ids and counts without "
-                              "log-probs (about half the bytes, the same training gradient)")
-    max_len: int = Field(1024, ge=1, le=131_072, description="longest sequence the teacher sees")
-    packing: Literal["packed", "document"] = "packed"
-    max_tokens: int | None = Field(None, ge=1, description="stop after this many corpus tokens")
-    text_field: str = Field("text", min_length=1, max_length=255, description="JSONL field / Parquet column")
-    unit_tokens: int = Field(262_144, ge=1, le=1 << 30, description="tokens per work unit (= segment, = resume step)")
-    batch_tokens: int = Field(8192, ge=1, le=1 << 24, description="padded tokens per teacher forward")
-
-    @field_validator("temperatures")
-    @classmethod
-    def _temperatures(cls, temps: list[float]) -> list[float]:
-        if any(not math.isfinite(t) or t <= 0 for t in temps):
-            raise ValueError("temperatures must be positive finite numbers")
-        if 1.0 not in temps:
-            raise ValueError("temperatures must include 1 (stored log-probs are decoded at T=1)")
-        if len(set(temps)) != len(temps):
-            raise ValueError("temperatures must be distinct")
-        return sorted(temps)
-
-    @model_validator(mode="after")
-    def _sampled_options(self) -> CaptureRequest:
-        if self.counts_only and (self.mode != "sampled" or self.temperatures != [1.0]):
-            raise ValueError("counts_only needs mode 'sampled' and temperatures [1] (without log-probs the T=1 "
-                             "draws cannot be re-weighted to another temperature)")
-        if self.mode == "sampled" and self.head and self.counts_only:
-            raise ValueError("counts_only needs head 0: the head's ids are weighted by their log-probs")
-        return self
-
-    def settings(self) -> dict:
-        """The capture settings as the worker uses them (batch_tokens at least max_len, as the CLI does)."""
-        unused = {"adaptive": {"draws", "seed", "head"}, "sampled": {"coverage"}}.get(
-            self.mode, {"coverage", "draws", "seed", "head"})
-        # Left out at their defaults too: absent from the settings of jobs requested before they existed.
-        unused |= {name for name in ("head", "counts_only") if not getattr(self, name)}
-        # Settings a mode ignores are dropped so that they cannot split identical captures in the dedup key.
-        out = self.model_dump(exclude={"corpus_id", "teacher", *unused})
-        out["batch_tokens"] = max(self.batch_tokens, self.max_len)
-        return out
-
-
 class JobOut(BaseModel):
     id: str
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     corpus_id: str
     teacher: str
     settings: dict
+    slots: int | None = Field(description="ids stored per token: the store's `k` (head + min(k, draws) when "
+                              "sampled with a head); null for a job whose settings the current rules refuse")
     store_id: str
     tokens_done: int
     tokens_total: int | None
@@ -118,8 +67,12 @@ def iso(t: float | None) -> str | None:
 
 
 def job_out(job: Job) -> JobOut:
+    try:
+        slots = job_capture(job.settings)[0].slots
+    except (SpecError, TypeError):  # a row from an older version that today's rules refuse
+        slots = None
     return JobOut(
-        id=job.id, state=job.state, corpus_id=job.corpus_id, teacher=job.teacher, settings=job.settings,
+        id=job.id, state=job.state, corpus_id=job.corpus_id, teacher=job.teacher, settings=job.settings, slots=slots,
         store_id=job.store_id, tokens_done=job.tokens_done, tokens_total=job.tokens_total,
         tokens_per_s=job.tokens_per_s, eta_s=job.eta_s, error=job.error, cancel_requested=job.cancel_requested,
         attempts=job.attempts, created_at=iso(job.created_at), started_at=iso(job.started_at),
@@ -147,9 +100,12 @@ def create_capture(
         raise HTTPException(422, str(e)) from None
     session.commit()  # hashing a teacher's files the first time takes a while: do not hold the database
     fingerprint = teacher_fingerprint(source)
+    # Locked until the job row is in: a concurrent DELETE /v1/corpora by the last uploader would
+    # otherwise remove the file under a job that is about to be queued.
+    session.get(Corpus, body.corpus_id, with_for_update=True)
     if session.get(CorpusOwner, (body.corpus_id, principal.team_id)) is None:
         raise HTTPException(404, f"no corpus {body.corpus_id!r} uploaded by your team; upload it with POST /v1/corpora")
-    job_settings = body.settings()
+    job_settings = body.job_settings()
     keyed = {k: v for k, v in job_settings.items() if k not in _NOT_IN_DEDUP_KEY}
     dedup_key = hashlib.sha256(
         json.dumps([body.corpus_id, fingerprint, keyed], sort_keys=True).encode()
@@ -167,8 +123,13 @@ def create_capture(
         job.finished_at, job.attempts = None, 0  # a new run: max_attempts more claims
         session.flush()
         return job_out(job)
-    if job.cancel_requested:  # asked for again while being cancelled: it is wanted after all
-        job.cancel_requested = False
+    if job.cancel_requested:
+        if job.team_id != principal.team_id:
+            # Only the owner may cancel, so only the owner may take its cancel back.
+            raise HTTPException(409, f"job {job.id!r} is being cancelled by the team that owns it; request the "
+                                "capture again once it has stopped (GET /v1/jobs/{id} says cancelled): it then "
+                                "resumes from its committed segments")
+        job.cancel_requested = False  # the owner asked for it again while cancelling: wanted after all
         session.flush()
     response.status_code = 200
     return job_out(job)

@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from logitstore import open_store
-from logitstore.capture.engine import CaptureConfig, CaptureProgress, capture, plan_units
+from logitstore.capture.engine import CaptureProgress, capture, plan_units
 from logitstore.capture.teacher import load_teacher
 from logitstore.cli import main as cli_main
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError, StoreExistsError
+from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
@@ -65,16 +66,14 @@ def assert_matches_reference(store, model, codec: LogProbCodec, lse_atol: float 
 
 @pytest.mark.parametrize("packing", ["packed", "document"])
 def test_capture_equals_full_softmax(tiny_teacher, tmp_path, packing):
-    config = CaptureConfig(
-        k=16, temperatures=(1.0, 2.0, 4.0), max_len=96, packing=packing, max_tokens=700,
-        unit_tokens=250, chunk_tokens=64, batch_tokens=200, row_chunk=37,
-    )
-    store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config)
+    spec = CaptureSpec(k=16, temperatures=(1.0, 2.0, 4.0), max_len=96, packing=packing, max_tokens=700)
+    tuning = CaptureTuning(unit_tokens=250, chunk_tokens=64, batch_tokens=200, row_chunk=37)
+    store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=tuning)
     assert store.complete and store.meta.num_segments > 1
     assert store.num_tokens == 700 == store.meta.corpus.tokens
     assert store.meta.teacher.weights_sha256 == tiny_teacher.info.weights_sha256
     assert store.meta.tokenizer.fingerprint == tiny_teacher.tokenizer_info.fingerprint
-    assert_matches_reference(store, tiny_teacher.model, config.logp_codec)
+    assert_matches_reference(store, tiny_teacher.model, tuning.logp_codec)
     # The manifest's pieces tile the token axis exactly, in order.
     m = store.manifest()
     starts, counts = m.column("token_start").to_numpy(), m.column("num_tokens").to_numpy()
@@ -84,10 +83,10 @@ def test_capture_equals_full_softmax(tiny_teacher, tmp_path, packing):
 
 def test_units_and_batches_do_not_change_content(tiny_teacher, tmp_path):
     """Segment and batch boundaries are bookkeeping: the digest depends on content only."""
-    base = dict(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300, packing="document")
-    a = capture(tiny_teacher, [CORPUS], str(tmp_path / "a"), CaptureConfig(**base, unit_tokens=10_000))
-    b = capture(tiny_teacher, [CORPUS], str(tmp_path / "b"),
-                CaptureConfig(**base, unit_tokens=90, batch_tokens=64, row_chunk=5))
+    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300, packing="document")
+    a = capture(tiny_teacher, [CORPUS], str(tmp_path / "a"), spec, tuning=CaptureTuning(unit_tokens=10_000))
+    b = capture(tiny_teacher, [CORPUS], str(tmp_path / "b"), spec,
+                tuning=CaptureTuning(unit_tokens=90, batch_tokens=64, row_chunk=5))
     assert len(a.segments) == 1 and len(b.segments) > 2
     da, db = verify(a.url), verify(b.url)
     assert da.ok and db.ok
@@ -103,37 +102,39 @@ def test_plan_units_is_a_partition():
     assert plan_units([50], unit_tokens=10) == [range(0, 1)]
 
 
-def test_capture_refuses_bad_settings_and_existing_store(tiny_teacher, tmp_path):
-    with pytest.raises(LogitStoreError, match="logits width"):
-        capture(tiny_teacher, [CORPUS], str(tmp_path / "x"), CaptureConfig(k=10**6, max_tokens=50))
-    capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), CaptureConfig(k=4, max_len=32, max_tokens=50))
+def test_capture_refuses_an_existing_store(tiny_teacher, tmp_path):
+    spec = CaptureSpec(k=4, max_len=32, max_tokens=50)
+    capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec)
     with pytest.raises(StoreExistsError, match="--resume"):
-        capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), CaptureConfig(k=4, max_len=32, max_tokens=50))
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec)
 
 
 def test_resume_after_losing_a_unit_gives_the_same_digest(tiny_teacher, tmp_path):
-    config = CaptureConfig(k=8, max_len=64, max_tokens=400, unit_tokens=100)
-    full = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config)
+    spec, tuning = CaptureSpec(k=8, max_len=64, max_tokens=400), CaptureTuning(unit_tokens=100)
+    full = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=tuning)
     digest = verify(full.url).digest
     # Un-commit two units (as if the writer died before their commit records), then resume.
     for i in (1, 3):
         (tmp_path / "s" / "commits" / f"{i:06d}.json").unlink()
     (tmp_path / "s" / "index.json").unlink()
     assert not open_store(full.url).complete
-    resumed = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config, resume=True)
+    resumed = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=tuning, resume=True)
     assert resumed.complete and verify(resumed.url).digest == digest
     with pytest.raises(LogitStoreError, match=r"capture\.k"):
-        capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), CaptureConfig(k=9, max_len=64, max_tokens=400,
-                                                                            unit_tokens=100), resume=True)
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec.model_copy(update={"k": 9}), tuning=tuning,
+                resume=True)
 
 
-def test_progress_reports_every_unit_and_a_raising_observer_stops_the_capture(tiny_teacher, tmp_path):
-    config = CaptureConfig(k=8, max_len=64, max_tokens=400, unit_tokens=100)
+def test_progress_reports_every_batch_and_a_raising_observer_stops_the_capture(tiny_teacher, tmp_path):
+    spec, tuning = CaptureSpec(k=8, max_len=64, max_tokens=400), CaptureTuning(unit_tokens=200, batch_tokens=64)
     seen: list[CaptureProgress] = []
-    store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), config, progress=seen.append)
+    store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=tuning, progress=seen.append)
     sizes = [b - a for a, b in store.segment_spans()]
-    # One report before the first unit, then one per unit with the running token count.
-    assert [p.tokens_done for p in seen] == np.cumsum([0, *sizes]).tolist()
+    # One report before the first batch, then one per teacher batch (several per unit) with the
+    # running token count, which passes every unit boundary.
+    done = [p.tokens_done for p in seen]
+    assert done[0] == 0 and done[-1] == store.num_tokens and done == sorted(set(done))
+    assert set(np.cumsum(sizes).tolist()) <= set(done) and len(done) > 2 * len(sizes)
     assert all(p.tokens_total == store.num_tokens for p in seen)
     assert seen[-1].eta_s == 0 and seen[-1].tokens_per_s > 0
 
@@ -146,9 +147,10 @@ def test_progress_reports_every_unit_and_a_raising_observer_stops_the_capture(ti
             raise Cancelled
 
     with pytest.raises(Cancelled):
-        capture(tiny_teacher, [CORPUS], str(tmp_path / "c"), config, progress=cancel_after_two)
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "c"), spec, tuning=tuning, progress=cancel_after_two)
     resumed: list[CaptureProgress] = []
-    store_c = capture(tiny_teacher, [CORPUS], str(tmp_path / "c"), config, resume=True, progress=resumed.append)
+    store_c = capture(tiny_teacher, [CORPUS], str(tmp_path / "c"), spec, tuning=tuning, resume=True,
+                      progress=resumed.append)
     assert resumed[0].tokens_done >= sizes[0] and resumed[0].tokens_this_run == 0
     assert verify(store_c.url).digest == verify(store.url).digest
 
@@ -173,12 +175,43 @@ def test_cli_counts_only_capture(tiny_teacher_dir, tmp_path, capsys):
             "--mode", "sampled", "--draws", "9", "--counts-only", "--max-len", "64", "--max-tokens", "100",
             "--device", "cpu", "--no-progress"]
     assert cli_main(args) == 1  # the default temperatures 1,2,4 need log-probs
-    assert "--counts-only needs --mode sampled and --temperatures 1" in capsys.readouterr().err
+    assert "--counts-only: needs temperatures [1]" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert cli_main([*args, "--temperatures", "1"]) == 0
     capsys.readouterr()
     assert cli_main(["info", str(tmp_path / "c")]) == 0
     assert "sampled (9 draws, seed 0, counts only) k=9" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--temperatures", "1,1"], "--temperatures 1,1: must be distinct"),
+        (["--temperatures", "1,1e-300"], "--temperatures 1,1e-300: each must be in [0.01, 100]"),
+        (["--head", "4"], "--head 4: applies to mode 'sampled' only"),
+        (["--mode", "sampled", "--head", "4090"], "--head 4090: head + min(k, draws) = 4140 slots"),
+        (["--corpus", "missing.txt"], "missing.txt: corpus file not found"),
+        (["--corpus", "notes.md"], "unsupported corpus file type '.md'"),
+        (["--corpus", "empty.txt"], "the corpus is empty"),
+        (["--out", "existing"], "already holds a store"),
+        (["--out", "nothing", "--resume"], "holds no store to resume"),
+    ],
+)
+def test_cli_refuses_bad_input_before_loading_the_teacher(tmp_path, capsys, monkeypatch, flags, expected):
+    """The teacher path does not exist: each error must come from the checks that run before it loads."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.md").write_text("text")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "existing").mkdir()
+    (tmp_path / "existing" / "zarr.json").write_text("{}")
+    base = {"--teacher": "no-such-teacher-dir/", "--corpus": str(CORPUS), "--out": "new", "--device": "cpu"}
+    given = dict(zip(flags[::2], flags[1::2], strict=False))
+    argv = [a for flag, value in {**base, **given}.items() for a in (flag, value)]
+    argv += [f for f in flags if f == "--resume"]
+    assert cli_main(["capture", *argv, "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and expected in err and "teacher" not in err.split(expected)[0]
+    assert not (tmp_path / "new").exists()
 
 
 def test_cli_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):
@@ -195,10 +228,10 @@ def test_cli_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_capture_smollm2_gguf(smollm2_teacher, tmp_path):
     """The real teacher over a few hundred tokens of the example corpus."""
-    config = CaptureConfig(k=64, temperatures=(1.0, 2.0), max_len=160, max_tokens=320)
-    store = capture(smollm2_teacher, [CORPUS], str(tmp_path / "smol"), config)
+    spec = CaptureSpec(k=64, temperatures=(1.0, 2.0), max_len=160, max_tokens=320)
+    store = capture(smollm2_teacher, [CORPUS], str(tmp_path / "smol"), spec)
     assert store.num_tokens == 320 and store.meta.tokenizer.logits_width == 49152
-    assert_matches_reference(store, smollm2_teacher.model, config.logp_codec, lse_atol=1e-3)
+    assert_matches_reference(store, smollm2_teacher.model, CaptureTuning().logp_codec, lse_atol=1e-3)
     block = store.read(0, 320)
     # A real language model: its top-k holds most of the mass (DESIGN: ~0.93 at k=64).
     assert np.exp(block.topk_logp).sum(axis=1).mean() > 0.8

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from logitstore import open_store
-from logitstore.capture.engine import CaptureConfig, capture
+from logitstore.capture.engine import capture
 from logitstore.capture.teacher import load_teacher
+from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
-SETTINGS = dict(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=600, unit_tokens=100)
+SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=600), CaptureTuning(unit_tokens=100)
 
 
 def cli_capture(teacher_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -29,7 +30,7 @@ def cli_capture(teacher_dir: Path, out: Path, *extra: str) -> subprocess.Complet
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume(tiny_teacher_dir, tmp_path):
     one = capture(load_teacher(str(tiny_teacher_dir), device="cpu"), [CORPUS], str(tmp_path / "one"),
-                  CaptureConfig(**SETTINGS))
+                  SPEC, tuning=TUNING)
     want = verify(one.url).digest
     assert one.meta.num_segments >= 6  # enough units that both ranks write several
 

@@ -11,13 +11,16 @@ import torch
 import zarr
 from test_capture import assert_matches_reference, reference
 
-from logitstore.capture.engine import CaptureConfig, capture
+from logitstore.capture.engine import capture
 from logitstore.capture.reduce import Reduction, hashed_uniforms
 from logitstore.capture.teacher import load_teacher
 from logitstore.errors import LogitStoreError
+from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
+# Several units, batches and row chunks at odd sizes over 300 tokens.
+TUNING = CaptureTuning(unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +34,10 @@ def peaked_teacher(tiny_teacher_dir):
 
 
 def test_adaptive_keeps_the_fewest_ids_reaching_the_coverage(peaked_teacher, tmp_path):
-    config = CaptureConfig(mode="adaptive", coverage=0.8, k=32, temperatures=(1.0, 2.0), max_len=64, max_tokens=300,
-                           unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
-    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "a"), config)
+    spec = CaptureSpec(mode="adaptive", coverage=0.8, k=32, temperatures=(1.0, 2.0), max_len=64, max_tokens=300)
+    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "a"), spec, tuning=TUNING)
     assert store.meta.capture.mode == "adaptive" and store.meta.capture.coverage == 0.8
-    bound = config.logp_codec.topk_error_bound
+    bound = TUNING.logp_codec.topk_error_bound
     kept_counts = []
     for i in range(store.num_sequences):
         block = store.sequence(i)
@@ -67,9 +69,8 @@ def test_adaptive_keeps_the_fewest_ids_reaching_the_coverage(peaked_teacher, tmp
 
 
 def test_sampled_stores_distinct_draws_with_counts_and_exact_logprobs(peaked_teacher, tmp_path):
-    config = CaptureConfig(mode="sampled", draws=20, seed=7, k=16, temperatures=(1.0, 2.0), max_len=64,
-                           max_tokens=300, unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
-    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "s"), config)
+    spec = CaptureSpec(mode="sampled", draws=20, seed=7, k=16, temperatures=(1.0, 2.0), max_len=64, max_tokens=300)
+    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=TUNING)
     meta = store.meta.capture
     assert (meta.mode, meta.draws, meta.seed, meta.k) == ("sampled", 20, 7, 16)
     block = store.read(0, store.num_tokens)
@@ -84,7 +85,7 @@ def test_sampled_stores_distinct_draws_with_counts_and_exact_logprobs(peaked_tea
         logp_ref, lse_ref = reference(peaked_teacher.model, seq.input_ids, store.temperatures)
         ok = seq.topk_ids >= 0
         got = np.take_along_axis(logp_ref, np.maximum(seq.topk_ids, 0).astype(np.int64), axis=1)
-        bound = config.logp_codec.topk_error_bound(np.where(ok, got, -np.inf)) + 2e-4
+        bound = TUNING.logp_codec.topk_error_bound(np.where(ok, got, -np.inf)) + 2e-4
         assert np.all(np.abs(seq.topk_logp - got)[ok] <= bound[ok])
         np.testing.assert_allclose(seq.lse, lse_ref, atol=2e-4)
         # Most likely first, ids distinct within a row.
@@ -98,23 +99,24 @@ def test_sampled_stores_distinct_draws_with_counts_and_exact_logprobs(peaked_tea
     for i in range(store.meta.num_segments - 1):
         (tmp_path / "s" / "commits" / f"{i:06d}.json").unlink()
     (tmp_path / "s" / "index.json").unlink()
-    resumed = capture(peaked_teacher, [CORPUS], str(tmp_path / "s"), config, resume=True)
+    resumed = capture(peaked_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=TUNING, resume=True)
     assert verify(resumed.url).digest == digest
     # ... and other unit and batch cuts draw the same ids, except where float rounding of a
     # differently batched forward moves a CDF boundary across a draw.
-    other = capture(peaked_teacher, [CORPUS], str(tmp_path / "t"),
-                    CaptureConfig(**{**config.__dict__, "unit_tokens": 10_000, "batch_tokens": 64, "row_chunk": 7}))
+    other = capture(peaked_teacher, [CORPUS], str(tmp_path / "t"), spec,
+                    tuning=CaptureTuning(unit_tokens=10_000, batch_tokens=64, row_chunk=7))
     again = other.read(0, other.num_tokens)
     assert np.mean(again.topk_ids == block.topk_ids) > 0.99 and np.mean(again.counts == block.counts) > 0.99
-    reseeded = capture(peaked_teacher, [CORPUS], str(tmp_path / "u"), CaptureConfig(**{**config.__dict__, "seed": 8}))
+    reseeded = capture(peaked_teacher, [CORPUS], str(tmp_path / "u"), spec.model_copy(update={"seed": 8}),
+                       tuning=TUNING)
     assert np.mean(reseeded.read(0, store.num_tokens).counts == block.counts) < 0.9
 
 
 def test_counts_only_keeps_the_same_draws_without_logprobs(peaked_teacher, tmp_path):
-    base = dict(mode="sampled", draws=20, seed=7, k=16, temperatures=(1.0,), max_len=64, max_tokens=300,
-                unit_tokens=150, chunk_tokens=64, batch_tokens=128, row_chunk=29)
-    full = capture(peaked_teacher, [CORPUS], str(tmp_path / "full"), CaptureConfig(**base))
-    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "counts"), CaptureConfig(**base, counts_only=True))
+    base = dict(mode="sampled", draws=20, seed=7, k=16, temperatures=(1.0,), max_len=64, max_tokens=300)
+    full = capture(peaked_teacher, [CORPUS], str(tmp_path / "full"), CaptureSpec(**base), tuning=TUNING)
+    store = capture(peaked_teacher, [CORPUS], str(tmp_path / "counts"), CaptureSpec(**base, counts_only=True),
+                    tuning=TUNING)
     assert store.meta.capture.counts_only and not (tmp_path / "counts" / "segments" / "000000" / "topk_logp").exists()
     want, got = full.read(0, full.num_tokens), store.read(0, store.num_tokens)
     assert got.topk_logp is None
@@ -133,14 +135,6 @@ def test_counts_only_keeps_the_same_draws_without_logprobs(peaked_teacher, tmp_p
     assert all(np.all(np.diff([rank[int(i)] for i in row[row >= 0]]) > 0) for row in seg0)
     with pytest.raises(LogitStoreError, match="counts_only sampled store"):
         store.teacher_logprobs(got, 1.0)
-
-
-@pytest.mark.parametrize("change", [{"temperatures": (1.0, 2.0)}, {"mode": "topk"}])
-def test_counts_only_refuses_what_needs_logprobs(peaked_teacher, tmp_path, change):
-    config = CaptureConfig(**{"mode": "sampled", "temperatures": (1.0,), "counts_only": True, **change})
-    with pytest.raises(LogitStoreError, match="--counts-only needs --mode sampled and --temperatures 1"):
-        capture(peaked_teacher, [CORPUS], str(tmp_path / "x"), config)
-    assert not (tmp_path / "x").exists()
 
 
 def test_sampled_draw_frequencies_follow_the_distribution():
@@ -217,11 +211,11 @@ def test_draws_never_land_on_ids_without_mass(last):
 
 
 def test_capture_with_a_head_matches_topk_then_draws(peaked_teacher, tmp_path):
-    common = dict(temperatures=(1.0, 2.0), max_len=64, max_tokens=300, unit_tokens=150, chunk_tokens=64,
-                  batch_tokens=128, row_chunk=29)
-    top = capture(peaked_teacher, [CORPUS], str(tmp_path / "top"), CaptureConfig(mode="topk", k=6, **common))
+    common = dict(temperatures=(1.0, 2.0), max_len=64, max_tokens=300)
+    top = capture(peaked_teacher, [CORPUS], str(tmp_path / "top"), CaptureSpec(mode="topk", k=6, **common),
+                  tuning=TUNING)
     store = capture(peaked_teacher, [CORPUS], str(tmp_path / "h"),
-                    CaptureConfig(mode="sampled", head=6, draws=12, seed=2, **common))
+                    CaptureSpec(mode="sampled", head=6, draws=12, seed=2, **common), tuning=TUNING)
     assert (store.meta.capture.head, store.meta.capture.k) == (6, 18)
     want, got = top.read(0, top.num_tokens), store.read(0, store.num_tokens)
     np.testing.assert_array_equal(got.topk_ids[:, :6], want.topk_ids)
@@ -233,16 +227,6 @@ def test_capture_with_a_head_matches_topk_then_draws(peaked_teacher, tmp_path):
     assert verify(store.url).ok
     _, tail = store.teacher_logprobs(got, 2.0)  # the stored ids are exact: a K+1-bucket view still works
     assert np.all(np.isfinite(tail))
-
-
-@pytest.mark.parametrize(("config", "message"), [
-    (dict(mode="topk", head=4), "--head 4 needs --mode sampled"),
-    (dict(mode="sampled", head=4, counts_only=True, temperatures=(1.0,)), "--counts-only needs --head 0"),
-])
-def test_a_head_is_refused_where_it_cannot_be_used(peaked_teacher, tmp_path, config, message):
-    with pytest.raises(LogitStoreError, match=message):
-        capture(peaked_teacher, [CORPUS], str(tmp_path / "x"), CaptureConfig(**config))
-    assert not (tmp_path / "x").exists()
 
 
 def test_hashed_uniforms_are_uniform_and_position_keyed():
@@ -277,11 +261,11 @@ def wide_teacher_dir(smollm2_tokenizer, tmp_path_factory) -> Path:
 def test_vocab_262144_ids_round_trip_exactly(wide_teacher_dir, tmp_path):
     teacher = load_teacher(str(wide_teacher_dir), device="cpu")
     assert teacher.tokenizer_info.logits_width == 262_144
-    config = CaptureConfig(k=16, temperatures=(1.0, 2.0), max_len=48, max_tokens=150, unit_tokens=100,
-                           chunk_tokens=32, batch_tokens=96, row_chunk=40)
-    store = capture(teacher, [CORPUS], str(tmp_path / "w"), config)
+    tuning = CaptureTuning(unit_tokens=100, chunk_tokens=32, batch_tokens=96, row_chunk=40)
+    store = capture(teacher, [CORPUS], str(tmp_path / "w"), CaptureSpec(k=16, temperatures=(1.0, 2.0), max_len=48,
+                                                                         max_tokens=150), tuning=tuning)
     assert store.meta.tokenizer.logits_width == 262_144
-    assert_matches_reference(store, teacher.model, config.logp_codec)
+    assert_matches_reference(store, teacher.model, tuning.logp_codec)
     ids = store.read(0, store.num_tokens).topk_ids
     assert ids.max() > 200_000 and (ids > 65_535).mean() > 0.5  # far beyond uint16, stored exactly
     assert verify(store.url).ok

@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 
 from logitstore import open_store
-from logitstore.capture.engine import CaptureConfig, capture
+from logitstore.capture.engine import capture
 from logitstore.capture.teacher import load_teacher
 from logitstore.cli import main as cli_main
 from logitstore.errors import LogitStoreError
+from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
-CONFIG = CaptureConfig(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=768, unit_tokens=64)
+SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=768), CaptureTuning(unit_tokens=64)
 CLI_ARGS = ["--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "768", "--unit-tokens", "64",
             "--device", "cpu", "--no-progress"]
 
@@ -33,7 +34,7 @@ def tiny_teacher(tiny_teacher_dir):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_teacher, tmp_path_factory) -> tuple[str, int]:
-    store = capture(tiny_teacher, [CORPUS], str(tmp_path_factory.mktemp("ref") / "s"), CONFIG)
+    store = capture(tiny_teacher, [CORPUS], str(tmp_path_factory.mktemp("ref") / "s"), SPEC, tuning=TUNING)
     return verify(store.url).digest, store.meta.num_segments
 
 
@@ -72,7 +73,7 @@ def test_sigkilled_capture_resumes_to_the_same_digest(tiny_teacher_dir, tiny_tea
     killed = open_store(str(out))
     assert not killed.complete and len(killed.segments) == committed
     assert verify(str(out)).ok  # what is visible after a kill is valid
-    resumed = capture(tiny_teacher, [CORPUS], str(out), CONFIG, resume=True)
+    resumed = capture(tiny_teacher, [CORPUS], str(out), SPEC, tuning=TUNING, resume=True)
     assert resumed.complete and verify(resumed.url).digest == digest
     assert not any(p.name.endswith(".tmp") for p in (out / "commits").iterdir())
 
@@ -88,11 +89,11 @@ def test_sigkilled_capture_resumes_to_the_same_digest(tiny_teacher_dir, tiny_tea
 )
 def test_resume_refuses_different_settings(tiny_teacher, tmp_path, change, field):
     out = str(tmp_path / "s")
-    base = dict(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=200, unit_tokens=1000)
-    capture(tiny_teacher, [CORPUS], out, CaptureConfig(**base))
-    settings = base | change
+    base = dict(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=200)
+    tuning = CaptureTuning(unit_tokens=1000)
+    capture(tiny_teacher, [CORPUS], out, CaptureSpec(**base), tuning=tuning)
     with pytest.raises(LogitStoreError, match=rf"refusing to mix them: .*{field}"):
-        capture(tiny_teacher, [CORPUS], out, CaptureConfig(**settings), resume=True)
+        capture(tiny_teacher, [CORPUS], out, CaptureSpec(**base | change), tuning=tuning, resume=True)
 
 
 def test_resume_refuses_another_teacher_or_corpus(tiny_teacher_dir, tiny_teacher_dir_factory, tmp_path, capsys):

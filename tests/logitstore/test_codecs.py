@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from logitstore.capture.engine import CaptureConfig
 from logitstore.codecs import LogProbCodec, build_id_table
+from logitstore.spec import CaptureTuning
 
 # Every valid corner of the config space we care about: the default, coarse, fine, and
 # the finest mantissas that still leave >= 1e4 nats of range.
@@ -239,7 +239,7 @@ def test_configuration_from_before_the_tail_option_is_uniform() -> None:
     old = LogProbCodec.from_dict({"name": LogProbCodec.name, "configuration": {"mantissa_bits": 7,
                                                                                "min_exponent": -24}})
     assert old == LogProbCodec(mantissa_bits=7, min_exponent=-24, tail_mantissa_bits=None)
-    assert CaptureConfig().logp_codec == LogProbCodec(tail_mantissa_bits=6)  # what new captures write
+    assert CaptureTuning().logp_codec == LogProbCodec(tail_mantissa_bits=6)  # what new captures write
 
 
 def test_from_dict_refuses_unknown_name() -> None:

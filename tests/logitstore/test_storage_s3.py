@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 
 from logitstore import layout, storage
-from logitstore.capture.engine import CaptureConfig, capture
+from logitstore.capture.engine import capture
 from logitstore.capture.teacher import load_teacher
-from logitstore.cli import describe
-from logitstore.reader import open_store
+from logitstore.reader import describe, open_store
+from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
 from logitstore.writer import StoreWriter
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
-CONFIG = CaptureConfig(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=512, unit_tokens=64)
+SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=512), CaptureTuning(unit_tokens=64)
 
 
 @pytest.fixture
@@ -59,9 +59,9 @@ def test_capture_into_s3_equals_local_and_resumes(
     s3_server: dict[str, Any], bucket: str, tiny_teacher_dir: Path, tmp_path: Path
 ) -> None:
     teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
-    local = capture(teacher, [CORPUS], str(tmp_path / "local"), CONFIG)
+    local = capture(teacher, [CORPUS], str(tmp_path / "local"), SPEC, tuning=TUNING)
     url = f"{bucket}/prefix/store"
-    remote = capture(teacher, [CORPUS], url, CONFIG, storage_options=s3_server)
+    remote = capture(teacher, [CORPUS], url, SPEC, tuning=TUNING, storage_options=s3_server)
     planned = remote.meta.num_segments
     assert remote.complete and planned >= 6
     digest = verify(str(tmp_path / "local")).digest
@@ -84,7 +84,7 @@ def test_capture_into_s3_equals_local_and_resumes(
     writer = StoreWriter.resume(url, killed.meta, storage_options=s3_server)
     assert writer.collect_garbage() == [3, 4]
     assert [n for n in storage.list_dir(kv, "segments") if n.isdigit()] == ["000000", "000001", "000002"]
-    resumed = capture(teacher, [CORPUS], url, CONFIG, resume=True, storage_options=s3_server)
+    resumed = capture(teacher, [CORPUS], url, SPEC, tuning=TUNING, resume=True, storage_options=s3_server)
     assert resumed.complete and verify(url, storage_options=s3_server).digest == digest
 
     storage.remove_tree(url, s3_server)

@@ -171,11 +171,12 @@ def corpus_slice(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def reference_store(tiny_teacher_dir: Path, corpus_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local capture of `corpus_slice` with the `CAPTURE` settings, uninterrupted, one segment."""
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec
 
     out = tmp_path_factory.mktemp("reference") / "store"
-    config = CaptureConfig(k=CAPTURE["k"], temperatures=tuple(CAPTURE["temperatures"]), max_len=CAPTURE["max_len"],
-                           max_tokens=CAPTURE["max_tokens"], batch_tokens=8192)
-    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(out), config)
+    spec = CaptureSpec(k=CAPTURE["k"], temperatures=CAPTURE["temperatures"], max_len=CAPTURE["max_len"],
+                       max_tokens=CAPTURE["max_tokens"])
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(out), spec)
     return out

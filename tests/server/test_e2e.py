@@ -154,16 +154,18 @@ def test_trainer_streams_and_trains_from_the_server(
     import torch
     from transformers import LlamaConfig
 
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec, CaptureTuning
     from trainer.data import StoreDataset, make_loader
     from trainer.train import TrainConfig, train
 
     # The data order follows the segments (reads are chunk-aligned runs inside one), so the
     # local twin is cut into the same units as the server's.
     local_store = tmp_path / "local"
-    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(local_store),
-            CaptureConfig(**{**CAPTURE, "temperatures": tuple(CAPTURE["temperatures"])}))
+    spec = CaptureSpec.parse({name: value for name, value in CAPTURE.items() if name != "unit_tokens"})
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(local_store), spec,
+            tuning=CaptureTuning(unit_tokens=CAPTURE["unit_tokens"]))
 
     key = make_team(live, "trainers")
     corpus = upload(live, key, corpus_slice)
@@ -268,8 +270,9 @@ def capture_and_kill_worker(
 
 @pytest.mark.slow
 def test_sigkilled_worker_job_is_resumed_by_a_new_worker(tmp_path: Path, tiny_teacher_dir: Path) -> None:
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec, CaptureTuning
 
     corpus = ROOT / "examples" / "data" / "tinyshakespeare.txt"
     settings = {"k": 8, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 6000, "unit_tokens": 256}
@@ -284,15 +287,16 @@ def test_sigkilled_worker_job_is_resumed_by_a_new_worker(tmp_path: Path, tiny_te
         store = tmp_path / "data" / "stores" / job["store_id"]
 
     reference = tmp_path / "uninterrupted"
-    config = CaptureConfig(k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=6000, unit_tokens=256)
-    capture(load_teacher(str(tiny_teacher_dir)), [corpus], str(reference), config)
+    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=6000)
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus], str(reference), spec, tuning=CaptureTuning(unit_tokens=256))
     resumed = verify(str(store))
     assert resumed.ok and resumed.digest == verify(str(reference)).digest
 
 
 @pytest.mark.slow
 def test_smollm2_capture_through_the_server(tmp_path: Path, smollm2_teacher, corpus_slice: Path) -> None:
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
+    from logitstore.spec import CaptureSpec
 
     settings = {"k": 16, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 200}
     with serve(tmp_path, ["smollm2-135m=smollm2-135m"]) as client:
@@ -304,6 +308,6 @@ def test_smollm2_capture_through_the_server(tmp_path: Path, smollm2_teacher, cor
         url = f"{str(client.base_url).rstrip('/')}/v1/stores/{job['store_id']}/zarr"
         remote = verify(url, storage_options={"headers": auth(key)})
     local = tmp_path / "local"
-    capture(smollm2_teacher, [corpus_slice], str(local), CaptureConfig(k=16, temperatures=(1.0, 2.0), max_len=128,
-                                                                       max_tokens=200))
+    capture(smollm2_teacher, [corpus_slice], str(local), CaptureSpec(k=16, temperatures=(1.0, 2.0), max_len=128,
+                                                                     max_tokens=200))
     assert remote.ok and remote.tokens == 200 and remote.digest == verify(str(local)).digest

@@ -170,8 +170,9 @@ def test_serve_with_s3_storage_root(
 def test_sigkilled_worker_resumes_in_the_bucket(
     tmp_path: Path, tiny_teacher_dir: Path, s3_root: str, s3_server: dict[str, Any], fs: Any
 ) -> None:
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec, CaptureTuning
 
     corpus = ROOT / "examples" / "data" / "tinyshakespeare.txt"
     settings = {"k": 8, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 2000, "unit_tokens": 256}
@@ -190,7 +191,7 @@ def test_sigkilled_worker_resumes_in_the_bucket(
         assert detail["info"]["complete"] and detail["info"]["tokens"] == 2000
 
     reference = tmp_path / "uninterrupted"
-    config = CaptureConfig(k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=2000, unit_tokens=256)
-    capture(load_teacher(str(tiny_teacher_dir)), [corpus], str(reference), config)
+    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=2000)
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus], str(reference), spec, tuning=CaptureTuning(unit_tokens=256))
     resumed = verify(store_url, storage_options=s3_server)
     assert resumed.ok and resumed.digest == verify(str(reference)).digest

@@ -33,12 +33,13 @@ def peaked_teacher_dir(tiny_teacher_dir, tmp_path_factory) -> Path:
 def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
     """Capture (once per settings) the peaked tiny teacher over tinyshakespeare; returns the store path.
 
-    Arguments are CaptureConfig fields, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`,
+    Arguments are CaptureSpec fields and `unit_tokens`, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`,
     and `corpus` (a text file; default the start of tinyshakespeare).
     Defaults: k=8, temperatures (1, 2), max_len 64, 4000 tokens, 1000-token units (several segments).
     """
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec, CaptureTuning
 
     teacher = load_teacher(str(peaked_teacher_dir), device="cpu")
     built: dict[tuple, str] = {}
@@ -49,7 +50,8 @@ def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
         key = (str(corpus), *sorted(settings.items()))
         if key not in built:
             out = tmp_path_factory.mktemp("tiny_store") / "store"
-            capture(teacher, [corpus], str(out), CaptureConfig(**settings))
+            unit_tokens = settings.pop("unit_tokens")
+            capture(teacher, [corpus], str(out), CaptureSpec(**settings), tuning=CaptureTuning(unit_tokens=unit_tokens))
             built[key] = str(out)
         return built[key]
 
