@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from server.app import create_app, prepare, start_worker_process, stop_worker_process
+    from server.app import EmbeddedWorker, create_app, prepare
     from server.db import Database
 
     if args.http_workers == 1:
@@ -58,14 +58,16 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.db_url)
     prepare(settings, db)
     db.dispose()
-    worker = start_worker_process(settings) if settings.embedded_worker else None
+    worker = EmbeddedWorker(settings) if settings.embedded_worker else None
+    if worker is not None:
+        worker.start()  # restarted here when it dies; the API processes' /healthz do not see it
     os.environ.update(settings.model_copy(update={"embedded_worker": False}).to_env())
     try:
         uvicorn.run("server.app:create_app", factory=True, workers=args.http_workers, host=args.host,
                     port=args.port, log_level="info")
     finally:
         if worker is not None:
-            stop_worker_process(worker)
+            worker.stop()
     return 0
 
 

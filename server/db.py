@@ -2,7 +2,8 @@
 
 SQLAlchemy 2 models that run unchanged on SQLite (one box; WAL mode) and PostgreSQL
 (many workers). Timestamps are Unix seconds (floats) so that heartbeat arithmetic is
-the same on every backend.
+the same on every backend. The schema is made and upgraded by the Alembic revisions in
+`server/migrations` (`Database.migrate()`); a change to a model needs a revision there.
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
+    Connection,
     Engine,
     Float,
     ForeignKey,
@@ -24,12 +30,22 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    inspect,
 )
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 ACTIVE_STATES = ("queued", "running")
+
+# A count of bytes or tokens: PostgreSQL's INTEGER is 4 bytes and overflows at 2^31 (the default
+# upload limit); SQLite's INTEGER already holds 8 bytes, and declaring it so keeps SQLite's
+# schema as `create_all` made it before migrations existed.
+Count = BigInteger().with_variant(Integer(), "sqlite")
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+BASELINE_REVISION = "0001"  # the schema `create_all` made before migrations existed
+# Any constant: the PostgreSQL advisory lock that lets one process at a time migrate.
+_MIGRATION_LOCK_KEY = 0x6C6F676974  # "logit"
 
 
 def now() -> float:
@@ -66,13 +82,17 @@ class ApiKey(Base):
 
 
 class Corpus(Base):
-    """An uploaded corpus file; its id is the sha256 of its bytes (content-addressed)."""
+    """An uploaded corpus file, read as its suffix says with `text_field` (JSONL field or Parquet
+    column; "text" for .txt). Its id is a sha256 over its bytes, suffix and text_field
+    (`server.routers.corpora.corpus_key`); rows from before revision 0002 keep the sha256 of
+    their bytes alone."""
 
     __tablename__ = "corpora"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     suffix: Mapped[str] = mapped_column(String(16))
-    size_bytes: Mapped[int] = mapped_column(Integer)
-    documents: Mapped[int] = mapped_column(Integer)
+    text_field: Mapped[str] = mapped_column(String(255), default="text", server_default="text")
+    size_bytes: Mapped[int] = mapped_column(Count)
+    documents: Mapped[int] = mapped_column(Count)
     created_at: Mapped[float] = mapped_column(Float, default=now)
 
 
@@ -117,8 +137,8 @@ class Job(Base):
     dedup_key: Mapped[str] = mapped_column(String(64), unique=True)
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    tokens_done: Mapped[int] = mapped_column(Integer, default=0)
-    tokens_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_done: Mapped[int] = mapped_column(Count, default=0)
+    tokens_total: Mapped[int | None] = mapped_column(Count, nullable=True)
     tokens_per_s: Mapped[float] = mapped_column(Float, default=0.0)
     eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -155,7 +175,7 @@ def make_engine(url: str) -> Engine:
 
 
 class Database:
-    """An engine, its session factory, and table creation."""
+    """An engine, its session factory, and schema migrations."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -166,17 +186,22 @@ class Database:
     def is_postgresql(self) -> bool:
         return self.engine.dialect.name == "postgresql"
 
-    def create_tables(self) -> None:
-        """Create missing tables. The API and workers on other machines may start at once:
-        on PostgreSQL two concurrent CREATE TABLEs can collide, and the loser just retries."""
-        for attempt in range(5):
-            try:
-                Base.metadata.create_all(self.engine)
-                return
-            except DBAPIError:
-                if attempt == 4:
-                    raise
-                time.sleep(0.2 * (attempt + 1))
+    def migrate(self) -> None:
+        """Create the schema or upgrade it to the newest revision, in one transaction.
+
+        A database made by `create_all` before migrations existed has the tables but no
+        `alembic_version`: it is stamped at the baseline first. The API processes and workers
+        on other machines may start at once, so one migrates at a time: on PostgreSQL under an
+        advisory lock held until the commit, on SQLite under the write lock that the
+        transaction's `BEGIN IMMEDIATE` takes. The others wait, then find the schema current."""
+        with self.engine.begin() as conn:
+            if self.is_postgresql:
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+            config = alembic_config(conn)
+            tables = set(inspect(conn).get_table_names())
+            if "teams" in tables and "alembic_version" not in tables:
+                command.stamp(config, BASELINE_REVISION)
+            command.upgrade(config, "head")
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -186,3 +211,12 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def alembic_config(connection: Connection) -> Config:
+    """Alembic's configuration without an ini file (so it works from an installed package):
+    the revisions in `server/migrations`, run on `connection`."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config

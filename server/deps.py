@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +18,12 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers
 
 from server.db import ApiKey, Database, Grant, Job, StoreRow, Team, hash_key
 from server.settings import Settings
@@ -62,6 +67,39 @@ class ReadAccessCache:
     def clear(self) -> None:
         with self._lock:
             self._until.clear()
+
+
+async def refuse_non_finite_json(request: Request) -> None:
+    """422 for a JSON body holding `NaN`, `Infinity`, `-Infinity` or a number too large for a float
+    (`1e400`): Python's parser reads them as floats, but they are not JSON (RFC 8259), and no setting
+    of this API means them. Checked once FastAPI has read and parsed the body, for every route that
+    takes a JSON body (app-wide dependency); routes that stream their body (uploads) are left alone."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or route.body_field is None or not _is_json(request.headers):
+        return
+    try:
+        json.loads(await request.body(), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise RequestValidationError(
+            [{"type": "json_invalid", "loc": ("body",), "msg": f"JSON decode error: {e.msg}", "input": {}}]
+        ) from None
+
+
+def _is_json(headers: Headers) -> bool:
+    # The content types for which FastAPI parses the body as JSON.
+    media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+    return media_type == "application/json" or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def _refuse_constant(name: str) -> float:
+    raise json.JSONDecodeError(f"{name} is not a JSON number", name, 0)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise json.JSONDecodeError(f"{text[:32]} is too large for a float", text, 0)
+    return value
 
 
 def get_settings(request: Request) -> Settings:

@@ -2,12 +2,13 @@
 
 Job counts and capture totals are read from the database at scrape time, so they are
 right whatever worker process (or machine) did the work; request latency is measured in
-this process by a middleware.
+this process by a middleware; the embedded worker's liveness and restarts come from the
+process that runs it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,8 +34,24 @@ class _JobCollector:
         yield GaugeMetricFamily("logitstore_capture_tokens_per_second", "summed rate of running captures", value=rate)
 
 
+class _EmbeddedWorkerCollector:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        if self.metrics.embedded_worker is None:  # this process runs no worker
+            return
+        status = self.metrics.embedded_worker()
+        yield GaugeMetricFamily("logitstore_embedded_worker_alive", "1 while the embedded worker process runs",
+                                value=int(status["alive"]))
+        yield CounterMetricFamily("logitstore_embedded_worker_restarts", "restarts of the embedded worker after "
+                                  "it died", value=status["restarts"])
+
+
 class Metrics:
     def __init__(self, db: Database) -> None:
+        # The embedded worker's status ({"alive", "restarts", ...}), set while this process runs one.
+        self.embedded_worker: Callable[[], dict] | None = None
         self.registry = CollectorRegistry()
         self.request_seconds = Histogram(
             "logitstore_request_seconds",
@@ -43,6 +60,7 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_JobCollector(db))
+        self.registry.register(_EmbeddedWorkerCollector(self))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

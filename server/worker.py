@@ -18,10 +18,13 @@ error neither kills the heartbeat nor the worker: both log it and try again.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -32,11 +35,15 @@ from sqlalchemy import and_, or_, select, update
 
 from logitstore import storage
 from logitstore.errors import LogitStoreError
+from server.capture_settings import job_capture
 from server.db import Corpus, Database, Job, now
 from server.settings import Settings
 from server.teachers import teacher_fingerprint, teacher_source
 
 log = logging.getLogger(__name__)
+
+# Progress (tokens done, rate, ETA) and the cancel flag go through the job row at most this often.
+PROGRESS_WRITE_S = 1.0
 
 
 class JobCancelled(Exception):
@@ -59,6 +66,7 @@ class ClaimedJob:
     teacher_fingerprint: str
     settings: dict
     store_id: str
+    text_field: str  # the corpus's, given at upload
 
 
 class Worker:
@@ -73,7 +81,7 @@ class Worker:
         self._lease_until = 0.0  # time.monotonic() until which the running job is surely still ours
 
     def run(self) -> None:
-        self.db.create_tables()
+        self.db.migrate()
         log.info("worker %s polling %s", self.id, self.settings.db_url.split("@")[-1])
         while not self.stop.is_set():
             try:
@@ -131,6 +139,7 @@ class Worker:
                 teacher_fingerprint=job.teacher_fingerprint,
                 settings=dict(job.settings),
                 store_id=job.store_id,
+                text_field=corpus.text_field,
             )
         log.info("worker %s claimed job %s", self.id, claimed.id)
         return claimed
@@ -160,9 +169,16 @@ class Worker:
             heart.join()
 
     def _capture(self, job: ClaimedJob) -> None:
+        # No progress bars in worker logs (teacher loading, GGUF de-quantization: the job row has
+        # the progress). tqdm reads TQDM_* once, on import, which the first capture triggers here.
+        os.environ.setdefault("TQDM_DISABLE", "1")
         # torch loads only in the process that captures.
-        from logitstore.capture.engine import CaptureConfig, CaptureProgress, capture
+        from transformers.utils import logging as hf_logging
+
+        from logitstore.capture.engine import CaptureProgress, capture
         from logitstore.capture.teacher import load_teacher
+
+        hf_logging.disable_progress_bar()
 
         source = teacher_source(self.settings.teachers, job.teacher)
         if teacher_fingerprint(source) != job.teacher_fingerprint:
@@ -170,13 +186,8 @@ class Worker:
                 f"worker {self.id} has a different teacher {job.teacher!r} ({source}) than the one the job was "
                 "requested for; give every worker the same teacher files"
             )
-        cfg = job.settings
-        config = CaptureConfig(
-            k=cfg["k"], temperatures=tuple(cfg["temperatures"]), max_len=cfg["max_len"], packing=cfg["packing"],
-            max_tokens=cfg["max_tokens"], text_field=cfg["text_field"], unit_tokens=cfg["unit_tokens"],
-            batch_tokens=cfg["batch_tokens"], mode=cfg.get("mode", "topk"),
-            **{name: cfg[name] for name in ("coverage", "draws", "seed", "head", "counts_only") if name in cfg},
-        )
+        # A job row older than corpora keeping their text_field carries its own.
+        spec, tuning, legacy_text_field = job_capture(job.settings)
         if source not in self._teachers:
             self._teachers[source] = load_teacher(source, device=self.settings.device)
         out, options = self.settings.store_url(job.store_id), self.settings.storage_options
@@ -184,11 +195,19 @@ class Worker:
         if not resume:
             storage.remove_tree(out, options)  # killed before the store existed: nothing to keep
 
-        def progress(p: CaptureProgress) -> None:
+        written_at = -math.inf
+
+        def progress(p: CaptureProgress) -> None:  # after every teacher forward
+            nonlocal written_at
             if time.monotonic() > self._lease_until:
                 log.warning("job %s: no heartbeat reached the database for %.3g s; stopping before another "
                             "worker takes it over", job.id, self.settings.stale_after_s / 2)
                 raise JobLost(job.id)
+            if self.stop.is_set():
+                raise WorkerStopping(job.id)
+            if time.monotonic() - written_at < PROGRESS_WRITE_S and p.tokens_done < p.tokens_total:
+                return  # a fast teacher would otherwise write the row many times a second
+            written_at = time.monotonic()
             with self.db.session() as s:
                 row = s.get(Job, job.id)
                 if row.worker_id != self.id or row.state != "running":
@@ -197,10 +216,9 @@ class Worker:
                     raise JobCancelled(job.id)
                 row.tokens_done, row.tokens_total = p.tokens_done, p.tokens_total
                 row.tokens_per_s, row.eta_s = p.tokens_per_s, p.eta_s
-            if self.stop.is_set():
-                raise WorkerStopping(job.id)
 
-        capture(self._teachers[source], [job.corpus_path], out, config, resume=resume, progress=progress,
+        capture(self._teachers[source], [job.corpus_path], out, spec, tuning=tuning,
+                text_field=legacy_text_field or job.text_field, resume=resume, progress=progress,
                 storage_options=options)
 
     def _heartbeat(self, job_id: str, done: threading.Event) -> None:
@@ -222,8 +240,8 @@ class Worker:
     def _finish(self, job_id: str, state: str, error: str | None) -> None:
         with self.db.session() as s:
             values = {"state": state, "error": error, "finished_at": now(), "cancel_requested": False}
-            if state == "succeeded":
-                values["eta_s"] = 0.0
+            if state == "succeeded":  # the last progress report may have been skipped (PROGRESS_WRITE_S)
+                values["eta_s"], values["tokens_done"] = 0.0, Job.tokens_total
             s.execute(update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(**values))
         log.info("job %s %s%s", job_id, state, f": {error}" if error else "")
 
@@ -236,7 +254,7 @@ class Worker:
 
 
 def run_worker(settings: Settings) -> None:
-    """The `logitstore-server worker` process: SIGTERM/SIGINT finish the current work unit, requeue, exit."""
+    """The `logitstore-server worker` process: SIGTERM/SIGINT finish the current teacher batch, requeue, exit."""
     worker = Worker(settings)
 
     def _stop(signum, _frame) -> None:
@@ -245,4 +263,33 @@ def run_worker(settings: Settings) -> None:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    parent = os.environ.get(PARENT_PID_ENV)
+    if parent:  # an embedded worker: it must not outlive its server, or a restarted server runs two
+        stop_with_parent(int(parent), worker.stop)
     worker.run()
+
+
+# Set by the server in the environment of the embedded worker it starts: the server's process id.
+PARENT_PID_ENV = "LOGITSTORE_WORKER_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def stop_with_parent(parent_pid: int, stop: threading.Event, poll_s: float = 1.0) -> None:
+    """Stop this worker (as SIGTERM does) when process `parent_pid`, the server that started it, dies,
+    even by SIGKILL. On Linux the kernel sends SIGTERM at once (PR_SET_PDEATHSIG); everywhere, a thread
+    notices within `poll_s` that this process was handed to another parent."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); watching the parent process instead",
+                        ctypes.get_errno())
+    threading.Thread(target=_watch_parent, args=(parent_pid, stop, poll_s), daemon=True, name="parent").start()
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event, poll_s: float) -> None:
+    # Also covers a parent that died before prctl above took effect.
+    while os.getppid() == parent_pid:
+        if stop.wait(poll_s):
+            return
+    log.warning("the server process %d that started this worker is gone; stopping", parent_pid)
+    stop.set()

@@ -1,40 +1,51 @@
-"""Corpus uploads: streamed to disk under a size limit, validated, stored by content hash.
+"""Corpus uploads: streamed to disk under a size limit, validated, stored by content and format.
 
 The request body is the file itself (`application/octet-stream`), named by the `filename`
 query parameter whose suffix says the format. The body is hashed and written chunk by
 chunk as it arrives, so an upload never sits in memory whole, and it is refused with 413
-as soon as it passes the limit.
+as soon as it passes the limit. A corpus is its bytes read one way: the id is a sha256 over
+the bytes, the suffix and the `text_field` (`corpus_key`), so the same bytes as .txt and as
+.jsonl, or read by another field, are two corpora. A team that uploaded a corpus may delete
+its upload; the file goes when no team holds it and no job waits for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
+import time
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import exists, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from logitstore.capture.corpus import SUPPORTED_SUFFIXES, read_documents
+from logitstore.capture.corpus import SUPPORTED_SUFFIXES, TEXT_SUFFIXES, read_documents
 from logitstore.errors import CorpusError
-from server.db import Corpus, CorpusOwner
+from server.db import ACTIVE_STATES, Corpus, CorpusOwner, Job
 from server.deps import SessionDep, SettingsDep, TeamPrincipalDep
 from server.settings import Settings
 
 router = APIRouter(prefix="/v1/corpora", tags=["corpora"])
+
+# At startup `prepare()` removes temporary upload files older than this. Not all of them: another
+# server process on the same data dir may be receiving one right now, and a live upload's file
+# is written to as its bytes arrive (its mtime stays fresh), or at most read once to count documents.
+STALE_UPLOAD_S = 3600.0
 
 
 class CorpusOut(BaseModel):
     id: str
     filename: str
     format: str
+    text_field: str
     bytes: int
     documents: int
 
@@ -71,6 +82,8 @@ async def upload_corpus(
     await run_in_threadpool(session.commit)
     name = _clean_filename(filename)
     suffix = Path(name).suffix.lower()
+    if suffix in TEXT_SUFFIXES:  # paragraphs have no fields: any text_field would only split the same corpus in two
+        text_field = "text"
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise HTTPException(413, f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes} bytes")
@@ -89,14 +102,14 @@ async def upload_corpus(
                 sha.update(chunk)
                 f.write(chunk)
         documents = await run_in_threadpool(_count_documents, tmp, name, text_field)
-        corpus_id = sha.hexdigest()
-        created = await run_in_threadpool(_register, session, settings, principal.team_id, corpus_id, tmp, name,
-                                          suffix, size, documents)
+        corpus = Corpus(id=corpus_key(sha.hexdigest(), suffix, text_field), suffix=suffix, text_field=text_field,
+                        size_bytes=size, documents=documents)
+        created = await run_in_threadpool(_register, session, settings, principal.team_id, corpus, tmp, name)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     response.status_code = 201 if created else 200
-    return CorpusOut(id=corpus_id, filename=name, format=suffix.lstrip("."), bytes=size, documents=documents)
+    return _out(corpus, name)
 
 
 @router.get("", response_model=list[CorpusOut], summary="Corpora your team uploaded")
@@ -118,12 +131,64 @@ def get_corpus(corpus_id: str, principal: TeamPrincipalDep, session: SessionDep)
     return _out(session.get(Corpus, corpus_id), owner.filename)
 
 
+@router.delete(
+    "/{corpus_id}",
+    status_code=204,
+    summary="Remove your team's upload of a corpus; its file goes once no team holds it and no job needs it",
+    responses={409: {"description": "a queued or running job needs the corpus"}},
+)
+def delete_corpus(corpus_id: str, principal: TeamPrincipalDep, session: SessionDep, settings: SettingsDep) -> None:
+    # Locked (PostgreSQL; SQLite transactions hold the write lock anyway): an upload of the same corpus,
+    # which puts the file back, waits for this decision instead of losing its file to it.
+    corpus = session.get(Corpus, corpus_id, with_for_update=True)
+    owner = session.get(CorpusOwner, (corpus_id, principal.team_id))
+    if corpus is None or owner is None:
+        raise HTTPException(404, f"no corpus {corpus_id!r} uploaded by your team")
+    others = session.scalar(select(exists().where(CorpusOwner.corpus_id == corpus_id,
+                                                  CorpusOwner.team_id != principal.team_id)))
+    for job in session.scalars(select(Job).where(Job.corpus_id == corpus_id, Job.state.in_(ACTIVE_STATES))):
+        # The team's own job reads this upload; the last uploader's departure would take the file from any job.
+        if job.team_id == principal.team_id or not others:
+            raise HTTPException(409, f"job {job.id} is {job.state} on corpus {corpus_id!r}; cancel it "
+                                     f"(DELETE /v1/jobs/{job.id}) or wait for it to finish, then delete the corpus")
+    session.delete(owner)
+    if not others:
+        # Finished jobs keep their corpus id (a foreign key): the row stays, without a file, while one does.
+        if not session.scalar(select(exists().where(Job.corpus_id == corpus_id))):
+            session.delete(corpus)
+        session.flush()
+        # Before the commit, while the row is locked: after it, an upload could put the file back first.
+        with contextlib.suppress(FileNotFoundError):
+            corpus_path(settings, corpus).unlink()
+    session.commit()
+
+
+def corpus_key(content_sha256: str, suffix: str, text_field: str) -> str:
+    """A corpus id: sha256 over the sha256 of the bytes, the suffix (the format) and the field read."""
+    return hashlib.sha256(json.dumps([content_sha256, suffix, text_field]).encode()).hexdigest()
+
+
 def corpus_path(settings: Settings, corpus: Corpus) -> Path:
     return settings.corpora_dir / f"{corpus.id}{corpus.suffix}"
 
 
+def remove_stale_uploads(settings: Settings, older_than_s: float = STALE_UPLOAD_S) -> int:
+    """Remove the temporary files of uploads that a killed server left in `corpora/.incoming`; how many."""
+    incoming = settings.corpora_dir / ".incoming"
+    if not incoming.is_dir():
+        return 0
+    cutoff, removed = time.time() - older_than_s, 0
+    for path in incoming.iterdir():
+        with contextlib.suppress(FileNotFoundError):  # another process's cleanup may remove it first
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    return removed
+
+
 def _out(c: Corpus, filename: str) -> CorpusOut:
-    return CorpusOut(id=c.id, filename=filename, format=c.suffix.lstrip("."), bytes=c.size_bytes, documents=c.documents)
+    return CorpusOut(id=c.id, filename=filename, format=c.suffix.lstrip("."), text_field=c.text_field,
+                     bytes=c.size_bytes, documents=c.documents)
 
 
 def _clean_filename(filename: str) -> str:
@@ -144,24 +209,20 @@ def _count_documents(path: Path, name: str, text_field: str) -> int:
         raise HTTPException(422, str(e).replace(str(path), name)) from None
 
 
-def _register(
-    session: Session, settings: Settings, team_id: str, corpus_id: str, tmp: Path, name: str, suffix: str,
-    size: int, documents: int,
-) -> bool:
-    """Keep the file under its hash and record the team as an uploader; True if new to this team."""
-    corpus = session.get(Corpus, corpus_id)
-    if corpus is not None and corpus.suffix != suffix:
-        raise HTTPException(409, f"this content was already uploaded as a {corpus.suffix} file (corpus {corpus_id})")
-    if corpus is None:
-        corpus = Corpus(id=corpus_id, suffix=suffix, size_bytes=size, documents=documents)
-        os.replace(tmp, corpus_path(settings, corpus))  # same bytes under the same name: a racing twin is harmless
+def _register(session: Session, settings: Settings, team_id: str, corpus: Corpus, tmp: Path, name: str) -> bool:
+    """Keep the file under the corpus id and record the team as an uploader; True if new to this team."""
+    # Locked, as in delete_corpus: the file put back here is not removed by a concurrent delete.
+    if session.get(Corpus, corpus.id, with_for_update=True) is None:
         try:
             with session.begin_nested():
                 session.add(corpus)
-        except IntegrityError:  # another upload of the same bytes registered it first
-            pass
-    if session.get(CorpusOwner, (corpus_id, team_id)) is not None:
+        except IntegrityError:  # another upload of the same corpus registered it first
+            session.get(Corpus, corpus.id, with_for_update=True)
+    # Also when the row exists: its file is gone once every uploader deleted it (the row stays for old jobs).
+    # The same corpus under the same name: replacing a racing twin's file, or one a job reads, is harmless.
+    os.replace(tmp, corpus_path(settings, corpus))
+    if session.get(CorpusOwner, (corpus.id, team_id)) is not None:
         return False
-    session.add(CorpusOwner(corpus_id=corpus_id, team_id=team_id, filename=name))
+    session.add(CorpusOwner(corpus_id=corpus.id, team_id=team_id, filename=name))
     session.commit()
     return True

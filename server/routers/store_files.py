@@ -28,6 +28,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from fsspec.asyn import AsyncFileSystem
+from starlette.responses import MalformedRangeHeader, RangeNotSatisfiable
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.db import Database
@@ -68,9 +69,30 @@ async def store_file(
         answer = _one_read(request.headers.get("range"), st, etag)
     if answer is None:  # HEAD, multipart or If-Range requests, big bodies: Starlette streams them
         headers = {"ETag": etag, "Accept-Ranges": "bytes"}
-        return FileResponse(path, stat_result=st, headers=headers, media_type=_OCTETS)
+        return _FileResponse(path, stat_result=st, headers=headers, media_type=_OCTETS)
     start, length, status, headers = answer
-    return Response(await _read(path, start, length), status_code=status, headers=headers, media_type=_OCTETS)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = await _read(fd, start, length)
+    finally:
+        os.close(fd)
+    return Response(data, status_code=status, headers=headers, media_type=_OCTETS)
+
+
+class _FileResponse(FileResponse):
+    """Starlette's FileResponse, with its Range errors in the API's JSON shape: it answers a malformed or
+    unsatisfiable Range in plain text itself. Raised before the response starts, the HTTPException reaches
+    the app's exception handlers like one from the route."""
+
+    @classmethod
+    def _parse_range_header(cls, http_range: str, file_size: int) -> list[tuple[int, int]]:
+        try:
+            return super()._parse_range_header(http_range, file_size)
+        except MalformedRangeHeader as e:
+            raise HTTPException(400, f"invalid Range header {http_range[:64]!r}: {e.content}") from None
+        except RangeNotSatisfiable:
+            raise HTTPException(416, f"range {http_range[:64]!r} is outside the {file_size} bytes",
+                                {"Content-Range": f"bytes */{file_size}"}) from None
 
 
 _GET_ROUTE = next(r for r in router.routes if isinstance(r, APIRoute) and r.name == "store_file")
@@ -94,28 +116,30 @@ class StoreFileFastPath:
 
     def __init__(self, app: ASGIApp, settings: Settings, cache: ReadAccessCache) -> None:
         self.app, self.settings, self.cache = app, settings, cache
-        # Where each key resolves to (a realpath of every component was an eighth of the
-        # server's time). Stores hold no links of their own, so a key's resolution does not change.
-        self._paths: dict[tuple[str, str], Path] = {}
+        # Where each key resolves to, and its store's real directory with a trailing separator (a
+        # realpath of every component was an eighth of the server's time). The file that a remembered
+        # path opens is checked to lie in that directory on every read (`_open`): a link swapped into
+        # the store later cannot lead out of it.
+        self._paths: dict[tuple[str, str], tuple[Path, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         answer = self._answer(scope) if scope["type"] == "http" and scope["method"] == "GET" else None
-        if answer is not None:
-            path, start, length, status, headers = answer
-            try:
-                data = await _read(path, start, length)
-            except OSError:  # replaced or removed since the stat: the route says what it is now
-                answer = None
         if answer is None:
             await self.app(scope, receive, send)
             return
+        fd, start, length, status, headers = answer
+        try:
+            data = await _read(fd, start, length)
+        finally:
+            os.close(fd)
         scope["route"] = _GET_ROUTE  # the latency metric's label, as for the route
         headers += [(b"content-length", str(len(data)).encode()), (b"content-type", _OCTETS.encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
 
-    def _answer(self, scope: Scope) -> tuple[Path, int, int, int, list[tuple[bytes, bytes]]] | None:
-        """(file, start, length, status, headers) of a request this path answers, None for the route's."""
+    def _answer(self, scope: Scope) -> tuple[int, int, int, int, list[tuple[bytes, bytes]]] | None:
+        """(open file descriptor, start, length, status, headers) of a request this path answers, None
+        for the route's."""
         if not self.settings.stores_local:
             return None
         m = _FAST_PATH.match(scope["path"])
@@ -133,20 +157,40 @@ class StoreFileFastPath:
         rng = headers.get(b"range")
         rng = None if rng is None else rng.decode("latin-1")
         try:
-            path = self._paths.get((store_id, key))
-            if path is None:
-                if len(self._paths) > 100_000:  # bounded: forget everything rather than grow
-                    self._paths.clear()
-                path = self._paths[store_id, key] = _resolve_key(self.settings.stores_dir / store_id, key)
-            st = _stat_file(path, store_id, key)
             _check_range_positions(rng)
-            answer = _one_read(rng, st, _etag(st))
-        except HTTPException:
+            fd = self._open(store_id, key)
+        except (HTTPException, OSError):  # a refused key, nothing there: the route's answer
             return None
+        if fd is None:
+            return None
+        try:  # the stat of the open file: the bytes read below are of this version
+            st = os.fstat(fd)
+            answer = _one_read(rng, st, _etag(st)) if stat.S_ISREG(st.st_mode) else None
+        except HTTPException:
+            answer = None
         if answer is None:
+            os.close(fd)
             return None
         start, length, status, out = answer
-        return path, start, length, status, [(k.lower().encode(), v.encode()) for k, v in out.items()]
+        return fd, start, length, status, [(k.lower().encode(), v.encode()) for k, v in out.items()]
+
+    def _open(self, store_id: str, key: str) -> int | None:
+        """A read-only descriptor of the file `key` names, or None when that file lies outside the store
+        (the route resolves the key again and refuses it). HTTPException for a key refused by its
+        spelling, OSError when nothing can be opened there."""
+        remembered = self._paths.get((store_id, key))
+        if remembered is None:
+            if len(self._paths) > 100_000:  # bounded: forget everything rather than grow
+                self._paths.clear()
+            store = self.settings.stores_dir / store_id
+            remembered = self._paths[store_id, key] = (_resolve_key(store, key), f"{store.resolve()}{os.sep}")
+        path, inside = remembered
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: a FIFO put there cannot hang the loop
+        if _real_path(fd, path).startswith(inside):
+            return fd
+        os.close(fd)
+        del self._paths[store_id, key]
+        return None
 
 
 def _local_file(settings: Settings, store_id: str, key: str) -> tuple[Path, os.stat_result]:
@@ -223,18 +267,18 @@ def _single_range(value: str, size: int) -> tuple[int, int] | None:
     return start, stop
 
 
-async def _read(path: Path, start: int, length: int) -> bytes:
+async def _read(fd: int, start: int, length: int) -> bytes:
     if length <= _INLINE_READ:
-        return _pread(path, start, length)
-    return await run_in_threadpool(_pread, path, start, length)
-
-
-def _pread(path: Path, start: int, length: int) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
         return os.pread(fd, length, start)
-    finally:
-        os.close(fd)
+    return await run_in_threadpool(os.pread, fd, length, start)
+
+
+def _real_path(fd: int, path: Path) -> str:
+    """Where the file open as `fd` really is: Linux names it in /proc; elsewhere `path` is resolved again."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(path)
 
 
 async def _remote_file(request: Request, fs: AsyncFileSystem, path: str, store_id: str, key: str) -> Response:

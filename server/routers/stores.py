@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import PurePath
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import select
 
 from logitstore import storage
-from logitstore.cli import describe
+from logitstore.reader import describe
 from server.db import Grant, Job, StoreRow, Team
 from server.deps import (
     PrincipalDep,
@@ -65,8 +67,7 @@ def get_store(
     url, options = settings.store_url(store.id), settings.storage_options
     info = None
     if storage.key_exists(storage.open_kv(url, read_only=True, storage_options=options), "zarr.json"):
-        info = describe(url, options)
-        info.pop("url", None)  # a path on the server's disk (or its bucket) means nothing to the caller
+        info = _without_server_paths(describe(url, options))
     return StoreDetail(
         **summary.model_dump(), zarr_url=str(request.url_for("store_file", store_id=store.id, key="")).rstrip("/"),
         shared_with=shared, info=info,
@@ -112,6 +113,20 @@ def delete_grant(store_id: str, team: str, principal: PrincipalDep, session: Ses
     session.delete(grant)
     session.commit()
     cache.clear()
+
+
+def _without_server_paths(info: dict) -> dict:
+    """`info` without the server's own paths, which mean nothing to the caller and tell them how the
+    server's disk is laid out: no store url; the teacher and corpus files by file name only (hub ids stay)."""
+    info.pop("url", None)
+    meta = info["meta"]
+    meta["teacher"]["source"] = _file_name(meta["teacher"]["source"])
+    meta["corpus"]["sources"] = [_file_name(s) for s in meta["corpus"]["sources"]]
+    return info
+
+
+def _file_name(source: str) -> str:
+    return PurePath(source).name if os.path.isabs(source) else source
 
 
 def _summary(session: SessionDep, store: StoreRow) -> StoreSummary:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from server.db import ApiKey, Team, hash_key
 from server.deps import PrincipalDep, ReadCacheDep, SessionDep, find_team
+from server.routers.captures import iso
 
 router = APIRouter(prefix="/v1/teams", tags=["teams"])
 
@@ -27,6 +28,12 @@ class KeyOut(BaseModel):
     id: str
     team: str
     key: str = Field(description="the API key; shown only in this response")
+
+
+class KeyInfo(BaseModel):
+    id: str = Field(description="pass to DELETE /v1/teams/{team}/keys/{key_id} to revoke the key")
+    created_at: str
+    revoked: bool
 
 
 @router.post("", status_code=201, response_model=TeamOut, summary="Create a team (admin)")
@@ -57,6 +64,14 @@ def create_key(team: str, principal: PrincipalDep, session: SessionDep) -> KeyOu
     session.add(api_key)
     session.flush()
     return KeyOut(id=api_key.id, team=row.name, key=key)
+
+
+@router.get("/{team}/keys", response_model=list[KeyInfo], summary="The team's API keys, no secrets (admin or the team)")
+def list_keys(team: str, principal: PrincipalDep, session: SessionDep) -> list[KeyInfo]:
+    # Ids and dates only: a key is shown once, at creation, and stored as its hash, which is not shown either.
+    row = _team_for(principal, session, team)
+    keys = session.scalars(select(ApiKey).where(ApiKey.team_id == row.id).order_by(ApiKey.created_at))
+    return [KeyInfo(id=k.id, created_at=iso(k.created_at), revoked=k.revoked) for k in keys]
 
 
 @router.delete("/{team}/keys/{key_id}", status_code=204, summary="Revoke an API key (admin or the team)")

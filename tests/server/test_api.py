@@ -16,6 +16,7 @@ import pytest
 
 from logitstore import open_store
 from logitstore.verify import verify
+from server.routers.corpora import corpus_key
 from server.worker import Worker
 from tests.server.conftest import ADMIN_KEY, Api
 
@@ -55,7 +56,7 @@ def test_upload_is_content_addressed_and_validated(api: Api, corpus_slice: Path)
     body = first.json()
     import hashlib
 
-    assert body["id"] == hashlib.sha256(data).hexdigest()
+    assert body["id"] == corpus_key(hashlib.sha256(data).hexdigest(), ".txt", "text")
     assert body["documents"] == 40 and body["bytes"] == len(data)
     again = api.upload(key, data, filename="renamed.txt")
     assert again.status_code == 200 and again.json()["id"] == body["id"]
@@ -186,26 +187,34 @@ CAPTURE_TOKENS = 640
 
 
 def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teacher_dir: Path, tmp_path: Path) -> None:
-    from logitstore.capture.engine import CaptureConfig, capture
+    from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec
     from tests.server.conftest import CAPTURE
 
     key = api.team("alpha")
     corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
     topk = api.capture(key, corpus).json()
-    # A setting the mode ignores does not make another capture; one it uses does.
-    assert api.capture(key, corpus, coverage=0.5, draws=7).json()["id"] == topk["id"]
+    # A setting the mode ignores is refused unless it is at its default (then it changes nothing).
+    for ignored in ({"coverage": 0.5}, {"draws": 7}, {"head": 8}):  # head: the API used to drop it silently
+        refused = api.capture(key, corpus, **ignored)
+        name = next(iter(ignored))
+        assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", name]
+        assert "applies to mode" in refused.json()["detail"][0]["msg"]
+    assert api.capture(key, corpus, coverage=0.99, draws=50).json()["id"] == topk["id"]
     assert api.capture(key, corpus, mode="sampled", draws=300).status_code == 422
-    sampled = api.capture(key, corpus, mode="sampled", draws=12, seed=3, coverage=0.5)
+    sampled = api.capture(key, corpus, mode="sampled", draws=12, seed=3)
     assert sampled.status_code == 201 and sampled.json()["settings"]["draws"] == 12
     assert "coverage" not in sampled.json()["settings"]
     assert api.capture(key, corpus, mode="sampled", draws=12, seed=4).json()["id"] != sampled.json()["id"]
     assert not {"counts_only", "head"} & topk["settings"].keys()
-    assert api.capture(key, corpus, head=8).json()["id"] == topk["id"]  # topk mode has no head
     headed = api.capture(key, corpus, mode="sampled", draws=12, seed=3, head=4)
     assert headed.status_code == 201 and headed.json()["settings"]["head"] == 4
+    # The job says what the store will: 4 exact ids + min(k, 12 draws) slots, the store's k (below).
+    assert (headed.json()["settings"]["k"], headed.json()["slots"]) == (CAPTURE["k"], 4 + min(CAPTURE["k"], 12))
     refused = api.capture(key, corpus, mode="sampled", counts_only=True)  # needs temperatures [1]
-    assert refused.status_code == 422 and "counts_only needs" in refused.text
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "counts_only"]
+    assert "needs temperatures [1]" in refused.text
     counts = api.capture(key, corpus, mode="sampled", draws=12, seed=3, temperatures=[1.0], counts_only=True)
     assert counts.status_code == 201 and counts.json()["settings"]["counts_only"] is True
     worker = Worker(api.settings)
@@ -213,20 +222,20 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
         pass
 
     reference = tmp_path / "reference"
-    config = CaptureConfig(k=CAPTURE["k"], temperatures=tuple(CAPTURE["temperatures"]), max_len=CAPTURE["max_len"],
-                           max_tokens=CAPTURE["max_tokens"], batch_tokens=8192, mode="sampled", draws=12, seed=3)
-    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(reference), config)
+    spec = CaptureSpec(k=CAPTURE["k"], temperatures=CAPTURE["temperatures"], max_len=CAPTURE["max_len"],
+                       max_tokens=CAPTURE["max_tokens"], mode="sampled", draws=12, seed=3)
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(reference), spec)
     served = api.settings.stores_dir / sampled.json()["store_id"]
     assert verify(str(served)).digest == verify(str(reference)).digest
     info = api.client.get(f"/v1/stores/{sampled.json()['store_id']}", headers=api.auth(key)).json()["info"]
     assert info["meta"]["capture"]["mode"] == "sampled" and info["meta"]["capture"]["draws"] == 12
-    config = CaptureConfig(**{**config.__dict__, "temperatures": (1.0,), "counts_only": True})
-    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(tmp_path / "counts"), config)
+    spec = spec.model_copy(update={"temperatures": (1.0,), "counts_only": True})
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(tmp_path / "counts"), spec)
     served = api.settings.stores_dir / counts.json()["store_id"]
     # Other unit cuts (the server's test settings: 128 tokens) order a token's slots differently; same content.
     assert verify(str(served)).digest == verify(str(tmp_path / "counts")).digest
     headed_store = open_store(str(api.settings.stores_dir / headed.json()["store_id"]))
-    assert (headed_store.meta.capture.head, headed_store.meta.capture.k) == (4, 12)
+    assert (headed_store.meta.capture.head, headed_store.meta.capture.k) == (4, headed.json()["slots"])
 
 
 @pytest.mark.parametrize(
@@ -286,16 +295,33 @@ def test_cancel_queued_job_and_requeue(api: Api, corpus_slice: Path) -> None:
     assert again.status_code == 201 and again.json()["id"] == job["id"] and again.json()["state"] == "queued"
 
 
-def test_failed_capture_reports_the_error(api: Api) -> None:
+def test_the_corpus_text_field_is_used_and_a_failed_capture_reports_the_error(api: Api) -> None:
     key = api.team("alpha")
-    corpus = api.upload(key, b'{"body": "hello"}\n{"body": "again"}\n', filename="c.jsonl",
+    corpus = api.upload(key, b'{"body": "hello there"}\n{"body": "and again"}\n', filename="c.jsonl",
                         text_field="body").json()["id"]
-    # Validated with text_field=body at upload, captured with a field the records lack.
-    job = api.capture(key, corpus, text_field="missing").json()
-    Worker(api.settings).run_once()
+    # The capture request has no text_field: the one given at upload is the corpus's.
+    assert api.capture(key, corpus, text_field="missing").status_code == 422
+    job = api.capture(key, corpus, max_tokens=None).json()
+    assert Worker(api.settings).run_once() == job["id"]
     done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
-    assert done["state"] == "failed"
-    assert "missing field 'missing'" in done["error"] and str(api.settings.data_dir) not in done["error"]
+    assert done["state"] == "succeeded", done["error"]
+
+    # A job row written by the old API, which accepted temperatures [1, 1e-300] and then marked
+    # the job succeeded on a store that verify rejects: it loads, and fails with the spec's words.
+    from server.db import Database, Job
+
+    legacy = api.capture(key, corpus, k=4).json()
+    db = Database(api.settings.db_url)
+    with db.session() as s:
+        row = s.get(Job, legacy["id"])
+        row.settings = {"k": 4, "temperatures": [1e-300, 1.0], "mode": "topk", "max_len": 64, "packing": "packed",
+                        "max_tokens": None, "text_field": "body", "unit_tokens": 128, "batch_tokens": 8192}
+    db.dispose()
+    assert api.client.get(f"/v1/jobs/{legacy['id']}", headers=api.auth(key)).json()["slots"] is None
+    assert Worker(api.settings).run_once() == legacy["id"]
+    done = api.client.get(f"/v1/jobs/{legacy['id']}", headers=api.auth(key)).json()
+    assert done["state"] == "failed" and done["error"].startswith("temperatures: each must be in [0.01, 100]")
+    assert str(api.settings.data_dir) not in done["error"]
 
 
 def test_metrics_and_health(api: Api, corpus_slice: Path) -> None:
@@ -311,3 +337,98 @@ def test_metrics_and_health(api: Api, corpus_slice: Path) -> None:
     assert f"logitstore_tokens_captured_total {float(CAPTURE_TOKENS)}" in text
     assert 'logitstore_request_seconds_count{method="POST",route="/v1/captures",status="201"} 2.0' in text
     np.testing.assert_equal(json.loads(api.client.get("/openapi.json").text)["info"]["title"], "logitstore")
+
+
+def test_only_the_owner_may_take_back_a_pending_cancel(api: Api, corpus_slice: Path) -> None:
+    alpha, beta = api.team("alpha"), api.team("beta")
+    corpus = api.upload(alpha, corpus_slice.read_bytes()).json()["id"]
+    assert api.upload(beta, corpus_slice.read_bytes()).status_code in (200, 201)
+    job = api.capture(alpha, corpus).json()
+    assert Worker(api.settings).claim().id == job["id"]  # running, as far as the database knows
+    cancel = api.client.delete(f"/v1/jobs/{job['id']}", headers=api.auth(alpha)).json()
+    assert cancel["state"] == "running" and cancel["cancel_requested"]
+    # Before: beta's identical request silently withdrew alpha's cancel.
+    twin = api.capture(beta, corpus)
+    assert twin.status_code == 409 and "being cancelled by the team that owns it" in twin.json()["detail"]
+    assert api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(alpha)).json()["cancel_requested"]
+    # The refused request granted beta nothing: the job stays invisible to it.
+    assert api.client.delete(f"/v1/jobs/{job['id']}", headers=api.auth(beta)).status_code == 404
+    again = api.capture(alpha, corpus)
+    assert again.status_code == 200 and not again.json()["cancel_requested"]
+
+
+def test_a_team_lists_its_keys_without_secrets(api: Api) -> None:
+    c = api.client
+    alpha, beta = api.team("alpha"), api.team("beta")
+    second = c.post("/v1/teams/alpha/keys", headers=api.auth(alpha)).json()
+    assert c.delete(f"/v1/teams/alpha/keys/{second['id']}", headers=api.auth(alpha)).status_code == 204
+    listed = c.get("/v1/teams/alpha/keys", headers=api.auth(alpha))
+    assert listed.status_code == 200, listed.text
+    keys = listed.json()
+    assert [k["revoked"] for k in keys] == [False, True] and keys[1]["id"] == second["id"]
+    assert all(set(k) == {"id", "created_at", "revoked"} for k in keys) and keys[0]["created_at"].startswith("20")
+    assert alpha not in listed.text and second["key"] not in listed.text
+    # The admin sees any team's keys; another team sees none of them; the key just revoked sees nothing.
+    assert [k["id"] for k in c.get("/v1/teams/alpha/keys", headers=api.auth(ADMIN_KEY)).json()] == [
+        k["id"] for k in keys]
+    assert c.get("/v1/teams/alpha/keys", headers=api.auth(beta)).status_code == 403
+    assert c.get("/v1/teams/alpha/keys", headers=api.auth(second["key"])).status_code == 401
+    assert c.get("/v1/teams/nobody/keys", headers=api.auth(ADMIN_KEY)).status_code == 404
+    assert c.get("/v1/teams/alpha/keys").status_code == 401
+
+
+def test_store_info_shows_no_server_paths(api: Api, corpus_slice: Path, tiny_teacher_dir: Path) -> None:
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    job = api.capture(key, corpus).json()
+    assert Worker(api.settings).run_once() == job["id"]
+    detail = api.client.get(f"/v1/stores/{job['store_id']}", headers=api.auth(key)).json()
+    meta = detail["info"]["meta"]
+    assert meta["teacher"]["source"] == tiny_teacher_dir.name
+    assert meta["corpus"]["sources"] == [f"{corpus}.txt"]
+    assert "url" not in detail["info"]
+
+    def strings(value) -> list[str]:
+        if isinstance(value, dict):
+            return [s for k, v in value.items() for s in (k, *strings(v))]
+        if isinstance(value, list):
+            return [s for v in value for s in strings(v)]
+        return [value] if isinstance(value, str) else []
+
+    server_paths = (str(api.settings.data_dir.resolve()), str(tiny_teacher_dir.resolve()))
+    assert not [s for s in strings(detail) if any(p in s for p in server_paths)]
+
+
+def test_hub_teacher_ids_are_kept() -> None:
+    from server.routers.stores import _file_name
+
+    assert _file_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert _file_name("/srv/models/SmolLM2-135M.Q8_0.gguf") == "SmolLM2-135M.Q8_0.gguf"
+
+
+def test_a_hub_teacher_is_fingerprinted_by_its_resolved_revision(tmp_path: Path, monkeypatch) -> None:
+    """Offline, the revision comes from the Hugging Face cache: a new commit under the same id is
+    another teacher. (Before: the fingerprint hashed the id alone.)"""
+    import huggingface_hub.constants
+
+    from logitstore.errors import TeacherError
+    from server.teachers import teacher_fingerprint
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = cache / "models--acme--teacher-7b"
+
+    def publish(commit: str) -> None:  # what a download leaves in the cache
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    with pytest.raises(TeacherError, match="not in the local Hugging Face cache"):
+        teacher_fingerprint("acme/teacher-7b")
+    publish("a" * 40)
+    first = teacher_fingerprint("acme/teacher-7b")
+    assert first == teacher_fingerprint("acme/teacher-7b")
+    publish("b" * 40)
+    assert teacher_fingerprint("acme/teacher-7b") != first

@@ -115,3 +115,45 @@ def test_fast_path_answers_only_checked_local_reads(api: Api) -> None:
     remote = api.settings.model_copy(update={"storage_root": "s3://bucket/stores"})
     assert TestClient(StoreFileFastPath(route, remote, cache)).get(url, headers=auth).status_code == 599
     assert len(passed_on) == len(PASSED_ON) + 5
+
+
+@pytest.mark.parametrize("swap", ["file", "directory"])
+def test_a_link_swapped_in_after_a_read_cannot_lead_out_of_the_store(
+    api: Api, make_settings: Callable[..., Settings], swap: str
+) -> None:
+    key, store_id = _prepare(api)
+    root = api.settings.stores_dir / store_id
+    outside = api.settings.data_dir / "outside"
+    (outside / "segments").mkdir(parents=True)
+    (outside / "segments" / "blob").write_bytes(b"secret" * 100)
+    url, auth = f"/v1/stores/{store_id}/zarr/segments/blob", api.auth(key)
+    # An access check that outlives the test: every read after the first is the fast path's.
+    with TestClient(create_app(make_settings(read_cache_s=600))) as client:
+        for _ in range(3):  # the route checks access; then the fast path remembers where the key resolves to
+            assert client.get(url, headers=auth).content == DATA
+        (root / "segments" / "blob").unlink()
+        if swap == "file":
+            (root / "segments" / "blob").symlink_to(outside / "segments" / "blob")
+        else:
+            (root / "segments").rmdir()
+            (root / "segments").symlink_to(outside / "segments", target_is_directory=True)
+        for headers in ({}, {"Range": "bytes=0-5"}):
+            r = client.get(url, headers={**auth, **headers})
+            assert r.status_code == 400 and b"secret" not in r.content, (r.status_code, r.content[:40])
+            assert "outside the store" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_range_errors_are_json(api: Api) -> None:
+    key, store_id = _prepare(api)
+    url = f"/v1/stores/{store_id}/zarr/segments/blob"
+    # (Range, status): malformed ones that Starlette's FileResponse parses, and one it finds past the end.
+    for rng, status in [("items=0-1", 400), ("bytes=9-3", 400), ("bytes", 400), ("bytes=x-y", 400),
+                        ("bytes=5-6,99999-", 416)]:
+        for method in ("GET", "HEAD"):
+            r = api.client.request(method, url, headers={**api.auth(key), "Range": rng})
+            assert r.status_code == status and r.headers["content-type"] == "application/json", (method, rng, r)
+            if method == "GET":
+                assert rng in r.json()["detail"], r.text
+    assert api.client.get(url, headers={**api.auth(key), "Range": "bytes=99999-"}).headers["content-range"] == (
+        f"bytes */{len(DATA)}")
