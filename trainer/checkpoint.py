@@ -30,10 +30,10 @@ _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 def save_checkpoint(out: Path, step: int, model: torch.nn.Module, trainer_state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint `step` atomically; keep only the newest `keep` checkpoints."""
-    root = out / "checkpoints"
+    final = checkpoint_dir(out, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f"step_{step:08d}.{uuid.uuid4().hex[:8]}.partial"
+    tmp = root / f"{final.name}.{uuid.uuid4().hex[:8]}.partial"
     tmp.mkdir()
     save_model(model, str(tmp / "model.safetensors"))
     torch.save({**trainer_state, "step": step, "rng": _rng_state()}, tmp / "trainer_state.pt")
@@ -49,6 +49,11 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, trainer_state:
     for partial in root.glob("*.partial"):
         shutil.rmtree(partial, ignore_errors=True)
     return final
+
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    """Where checkpoint `step` of the run in `out` lies."""
+    return out / "checkpoints" / f"step_{step:08d}"
 
 
 def checkpoints(out: Path) -> list[Path]:

@@ -2,7 +2,8 @@
 
 Every `TrainConfig` field is a flag (`--seq-len`, `--eval-store`, ...). `--config FILE`
 (TOML or JSON, keys are the field names) gives defaults that flags override, so a run can
-be described by one file and varied from the command line.
+be described by one file and varied from the command line. Torch is imported only when a
+run starts, so `--help` and a mistyped flag answer at once.
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from logitstore.errors import LogitStoreError
+from trainer.config import TrainConfig
 
 HELP = {
     "store": "the store to train from: a path, s3://..., or http(s)://HOST/v1/stores/ID/zarr",
     "student": "a config.json (fresh weights) or a model directory / .gguf / hub id (pretrained)",
     "out": "run directory: metrics.jsonl, checkpoints/, final/",
     "tokenizer": "the student's tokenizer (default: its own, else the store's teacher's)",
-    "token": "API key for a store served by logitstore-server",
-    "storage_options": "fsspec options as JSON, e.g. '{\"endpoint_url\": \"http://...\"}' for S3",
+    "token": "API key for a store served by logitstore-server (http(s)://... only)",
+    "storage_options": "fsspec options as a JSON object, e.g. '{\"endpoint_url\": \"http://...\"}' for S3",
     "loss": "kd (soft labels from the store), ce (hard labels only: the baseline) or online (the teacher "
     "in the loop, full vocabulary: the comparison; the store gives only the tokens)",
     "topk_renormalize": "kd without the tail: teacher and student renormalized over the stored ids "
@@ -50,20 +52,20 @@ HELP = {
     "seed": "seed of the student's initial weights and of the data order",
     "log_every": "steps between metrics records",
     "eval_every": "steps between evaluations (0: at the end only)",
-    "eval_text": "held-out text file: perplexity",
+    "eval_text": "held-out text file (.txt, .jsonl, .parquet; checked before training starts): perplexity",
     "eval_store": "held-out store: KL to the teacher, top-1 agreement, perplexity",
     "eval_tokens": "tokens evaluated per eval source",
-    "save_every": "steps between checkpoints (0: at the end only)",
+    "save_every": "steps between checkpoints (0, or more than --steps: at the end only); Ctrl-C also writes one",
     "num_workers": "DataLoader worker processes per rank",
     "device": "auto, cpu, cuda or cuda:N",
     "resume": "continue from the newest checkpoint in --out",
 }
 REQUIRED = ("store", "student", "out")
+# What a --config value must be, by the TrainConfig field's type (a string: postponed annotations).
+KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "dict[str, Any]": "a table (object)"}
 
 
 def _train_parser() -> argparse.ArgumentParser:
-    from trainer.train import TrainConfig
-
     p = argparse.ArgumentParser(
         prog="logitstore-train",
         description="Train a student from a logitstore store (plot a run: logitstore-train plot DIR).",
@@ -71,19 +73,36 @@ def _train_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="TOML or JSON file of defaults (field names as keys)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    required = p.add_argument_group("required (on the command line or in --config)")
+    options = p.add_argument_group("training options (also keys of --config)")
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
+        group = required if f.name in REQUIRED else options
+        # The parser's defaults stay None, so that a flag not given leaves --config's value;
+        # the help shows TrainConfig's default. argparse %-formats help texts.
+        text = (HELP[f.name] + _default_note(f)).replace("%", "%%")
         if f.type == "bool":
-            p.add_argument(flag, action="store_true", default=None, help=HELP[f.name])
+            group.add_argument(flag, action="store_true", default=None, help=text)
         else:
-            kind = {"int": int, "float": float, "dict[str, Any]": json.loads}.get(f.type, str)
-            p.add_argument(flag, type=kind, default=None, help=HELP[f.name])
+            kind = {"int": int, "float": float}.get(f.type, str)  # a JSON object (dict) is parsed in _config
+            group.add_argument(flag, type=kind, default=None, help=text)
     return p
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from trainer.train import TrainConfig
+def _default_note(f: dataclasses.Field) -> str:
+    """' (default: X)' for --help; nothing for a required field, an off switch or a None default
+    (whose help says what it means)."""
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return ""
+    return "" if value is None or value is False else f" (default: {value})"
 
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     values: dict[str, Any] = {}
     if args.config:
         path = Path(args.config)
@@ -92,16 +111,49 @@ def _config(args: argparse.Namespace) -> Any:
             loaded = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
         except (OSError, ValueError) as e:
             raise LogitStoreError(f"--config {path}: {e}") from None
+        if not isinstance(loaded, dict):
+            raise LogitStoreError(f"--config {path}: expected an object of settings, got {type(loaded).__name__}")
         values = {k.replace("-", "_"): v for k, v in loaded.items()}
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise LogitStoreError(f"--config {args.config}: unknown keys {', '.join(unknown)}")
-    values |= {k: v for k, v in vars(args).items() if k in names and v is not None}
+        unknown = sorted(set(values) - set(types))
+        if unknown:
+            raise LogitStoreError(f"--config {path}: unknown keys {', '.join(unknown)}")
+        for key, value in values.items():
+            _check_type(f"--config {path}: {key}", value, types[key])
+    for name, value in vars(args).items():
+        if name in types and value is not None:
+            is_object = types[name] == "dict[str, Any]"
+            values[name] = _json_object("--" + name.replace("_", "-"), value) if is_object else value
     missing = [f"--{k}" for k in REQUIRED if k not in values]
     if missing:
         raise LogitStoreError(f"missing {', '.join(missing)} (on the command line or in --config)")
     return TrainConfig(**values)
+
+
+def _check_type(what: str, value: Any, hint: str) -> None:
+    """Refuse a --config value of the wrong type (`steps = "ten"`) before it fails deep inside."""
+    if hint == "bool":
+        ok = isinstance(value, bool)
+    elif hint == "int":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint == "float":
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif hint == "dict[str, Any]":
+        ok = isinstance(value, dict)
+    else:  # str, str | None, a Literal of strings
+        ok = isinstance(value, str) or (value is None and "None" in hint)
+    if not ok:
+        raise LogitStoreError(f"{what} must be {KINDS.get(hint, 'a string')}, got {value!r}")
+
+
+def _json_object(flag: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise LogitStoreError(f"{flag}: not valid JSON ({e}): {text}") from None
+    if not isinstance(value, dict):
+        raise LogitStoreError(f"{flag} must be a JSON object such as '{{\"endpoint_url\": \"http://...\"}}', "
+                              f"got {type(value).__name__} {text}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -131,8 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LogitStoreError as e:
         print(f"logitstore-train: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("logitstore-train: interrupted; continue with the same command plus --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        checkpoint = getattr(e, "checkpoint", None)  # trainer.train.TrainingInterrupted: Ctrl-C during the loop
+        if checkpoint is not None:
+            print(f"logitstore-train: interrupted; wrote {checkpoint}: continue with the same command plus --resume",
+                  file=sys.stderr)
+        else:
+            print("logitstore-train: interrupted; --resume continues from the newest checkpoint in --out, if any",
+                  file=sys.stderr)
         return 130
 
 

@@ -30,6 +30,7 @@ Resume. The position is one number, the rank's local batches delivered to the tr
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -320,7 +321,7 @@ class StoreLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.dataset.start_batch = self.delivered
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=_ignore_sigint)
         for batch in loader:
             self.delivered += 1
             yield batch
@@ -339,6 +340,12 @@ class StoreLoader:
             what = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             raise LogitStoreError(f"cannot resume the data stream exactly: {what}; resume with the same settings")
         self.delivered = int(state["batches"])
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """A terminal's Ctrl-C reaches the workers too; the trainer finishes its step and checkpoints,
+    so they must keep serving it rather than exit on KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset: StoreDataset, *, num_workers: int = 0, pin_memory: bool = False) -> StoreLoader:

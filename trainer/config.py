@@ -1,0 +1,106 @@
+"""`TrainConfig`: every setting of a training run, and its checks.
+
+Torch-free, so that `logitstore-train --help` (which builds its flags from these fields) and a
+bad flag are answered without importing torch; the checks run before the store or the
+student is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from logitstore.errors import CorpusError, LogitStoreError
+
+DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as `OUT/config.json` and in every checkpoint."""
+
+    store: str
+    student: str
+    out: str
+    tokenizer: str | None = None  # default: the student's own, else the store's teacher's
+    token: str | None = None  # API key, for a store served by logitstore-server
+    storage_options: dict[str, Any] = field(default_factory=dict)  # fsspec options (S3 endpoint, ...)
+    loss: Literal["kd", "ce", "online"] = "kd"
+    topk_renormalize: bool = False  # kd: drop the tail and renormalize over the top-k (DistillKit's way)
+    teacher: str | None = None  # online: the teacher (default: the store's); must share its tokenizer
+    temperature: float = 1.0
+    divergence: str = "fkl"
+    alpha: float = 0.0  # weight of the hard-label CE in "kd" mode
+    materialize_logits: bool = False  # kd: the loss on [N, V] logits instead of from hidden states
+    loss_backend: str = "auto"  # kd: auto (the Triton kernel on CUDA, torch on CPU), triton or torch
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 512
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0: evaluate at the end only
+    eval_text: str | None = None
+    eval_store: str | None = None
+    eval_tokens: int = 65_536
+    save_every: int = 500  # 0: checkpoint at the end only
+    num_workers: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+    def check(self) -> None:
+        if self.loss not in ("kd", "ce", "online"):
+            raise LogitStoreError(f"--loss must be 'kd', 'ce' or 'online', got {self.loss!r}")
+        if self.divergence not in DIVERGENCES:
+            raise LogitStoreError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        if self.topk_renormalize and self.loss != "kd":
+            raise LogitStoreError("--topk-renormalize applies to --loss kd only")
+        if (self.topk_renormalize or self.loss == "online") and self.divergence != "fkl":
+            raise LogitStoreError(
+                "--topk-renormalize and --loss online compute the forward KL only: use --divergence fkl"
+            )
+        if self.materialize_logits and (self.loss != "kd" or self.topk_renormalize):
+            raise LogitStoreError("--materialize-logits applies to --loss kd (the store's own signal) only")
+        if self.loss_backend not in ("auto", "triton", "torch"):
+            raise LogitStoreError(f"--loss-backend must be auto, triton or torch, got {self.loss_backend!r}")
+        if self.teacher and self.loss != "online":
+            raise LogitStoreError("--teacher is the online teacher: it needs --loss online")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise LogitStoreError(f"--alpha must be in [0, 1], got {self.alpha}")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise LogitStoreError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise LogitStoreError(f"--lr must be > 0, got {self.lr}")
+        for name in ("warmup_steps", "eval_every", "save_every", "num_workers"):
+            if getattr(self, name) < 0:
+                raise LogitStoreError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.token and not self.store.startswith(("http://", "https://")):
+            raise LogitStoreError(
+                f"--token is the API key of a store served by logitstore-server (http(s)://...); "
+                f"--store {self.store} is not one: drop --token"
+            )
+        if self.eval_text:
+            _check_eval_text(self.eval_text)
+
+
+def _check_eval_text(path: str) -> None:
+    """Read the --eval-text file up to its first document, so that a missing, unreadable, empty
+    or wrongly suffixed file fails before training instead of at the first evaluation."""
+    from logitstore.capture.corpus import read_documents  # imports numpy: not for --help
+
+    documents = read_documents([path])
+    try:
+        next(documents)
+    except CorpusError as e:
+        raise LogitStoreError(f"--eval-text: {e}") from None
+    except OSError as e:  # permission denied, an I/O error
+        raise LogitStoreError(f"--eval-text: {path}: cannot read it: {e.strerror or e}") from None
+    finally:
+        documents.close()
