@@ -19,7 +19,7 @@ KL error (after all timings, from a float64 full-softmax reference forward):
 - `kl_buckets`: KL over the K+1 buckets the top-k trainer loss sees (stored ids + tail):
   the quantization error alone.
 A counts-only store keeps no probabilities, so it has neither (null); its trainer gets the
-same gradient as from the sampled store with log-probs (trainer/targets.py).
+same gradient as from the sampled store with log-probs (trainer/losses/targets.py).
 """
 
 from __future__ import annotations

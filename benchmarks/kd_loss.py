@@ -4,7 +4,7 @@ Measured in one run, per (V, K), all on the same student logits:
 
   ours             kd_loss (fused Triton kernel on CUDA; the torch reference on CPU)
   ours_inplace     the same, writing the gradient into the logits buffer (CUDA only)
-  torch_eager      the torch reference (trainer.kd_loss_reference), eager
+  torch_eager      the torch reference (trainer.losses.reference), eager
   torch_compile    the torch reference under torch.compile
   liger_ce         Liger's LigerCrossEntropyLoss on hard labels: the floor a fused loss over
                    V can reach (it has no teacher at all)
@@ -62,9 +62,10 @@ import torch
 import torch.nn.functional as F
 from peak_memory import cpu_peak_extra_mib, cuda_peak_extra_mib
 
-from trainer.kd_loss import kd_loss
-from trainer.kd_loss_from_hidden import default_chunk_size, kd_loss_from_hidden
-from trainer.kd_loss_reference import kd_loss_reference
+from trainer.losses.config import LossConfig
+from trainer.losses.from_hidden import default_chunk_size, kd_loss_from_hidden
+from trainer.losses.kd_loss import kd_loss
+from trainer.losses.reference import kd_loss_reference
 
 
 def teacher_topk(n: int, v: int, k: int, device: str, temperature: float, g: torch.Generator):
@@ -150,16 +151,16 @@ def peers(args, logits, topk_ids, topk_logp, labels, device) -> dict[str, Callab
     """name -> closure, or a string saying why the peer is unavailable."""
     n, v = logits.shape
     t = args.temperature
-    kw = dict(temperature=t, divergence=args.divergence)
+    loss = LossConfig(temperature=t, divergence=args.divergence)
     out: dict[str, Callable[[], None] | str] = {}
-    out["ours"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, **kw), logits)
+    out["ours"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, loss), logits)
     if device == "cuda":
         inplace_buf = logits.clone()  # overwritten with gradients every call; fine for timing
-        out["ours_inplace"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, inplace_grad=True, **kw), inplace_buf)
-    out["torch_eager"] = fwd_bwd(lambda x: kd_loss_reference(x, topk_ids, topk_logp, **kw), logits)
+        out["ours_inplace"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, loss, inplace_grad=True), inplace_buf)
+    out["torch_eager"] = fwd_bwd(lambda x: kd_loss_reference(x, topk_ids, topk_logp, loss), logits)
     try:
         compiled = torch.compile(kd_loss_reference, dynamic=False)
-        out["torch_compile"] = fwd_bwd(lambda x: compiled(x, topk_ids, topk_logp, **kw), logits)
+        out["torch_compile"] = fwd_bwd(lambda x: compiled(x, topk_ids, topk_logp, loss), logits)
     except Exception as e:  # pragma: no cover - depends on the toolchain
         out["torch_compile"] = f"unavailable: {type(e).__name__}: {e}"[:200]
 
@@ -246,7 +247,7 @@ def hidden_inputs(n: int, h: int, v: int, k: int, dtype: torch.dtype, device: st
 
 
 def from_hidden_peers(args, hidden, weight, topk_ids, topk_logp, device) -> dict[str, Callable[[], None]]:
-    kw = dict(temperature=args.temperature, divergence=args.divergence)
+    loss = LossConfig(temperature=args.temperature, divergence=args.divergence)
 
     def fwd_bwd_linear(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
         def run() -> None:
@@ -255,15 +256,15 @@ def from_hidden_peers(args, hidden, weight, topk_ids, topk_logp, device) -> dict
 
         return run
 
-    out = {"materialized": fwd_bwd_linear(lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, **kw))}
+    out = {"materialized": fwd_bwd_linear(lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, loss))}
     if device == "cuda":
         out["materialized_inplace"] = fwd_bwd_linear(
-            lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, inplace_grad=True, **kw)
+            lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, loss, inplace_grad=True)
         )
-    out["from_hidden"] = fwd_bwd_linear(lambda x, w: kd_loss_from_hidden(x, w, topk_ids, topk_logp, **kw))
+    out["from_hidden"] = fwd_bwd_linear(lambda x, w: kd_loss_from_hidden(x, w, topk_ids, topk_logp, loss))
     for c in args.chunk_sizes or []:
         out[f"from_hidden_c{c}"] = fwd_bwd_linear(
-            lambda x, w, c=c: kd_loss_from_hidden(x, w, topk_ids, topk_logp, chunk_size=c, **kw)
+            lambda x, w, c=c: kd_loss_from_hidden(x, w, topk_ids, topk_logp, loss, chunk_size=c)
         )
     return out
 

@@ -28,7 +28,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from logitstore import open_store
 from logitstore.capture.teacher import resolve_device
 from trainer.data import StoreDataset, make_loader
-from trainer.train import Targets, TrainConfig, _micro_step
+from trainer.losses.config import LossConfig
+from trainer.train import HiddenStates, Targets, TrainConfig, _micro_step
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"
 
@@ -46,9 +47,12 @@ def student_for(vocab: int, size: str, seq_len: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config)
 
 
-def time_steps(model, batches, cfg: TrainConfig, targets: Targets, steps: int, warmup: int) -> dict:
+def time_steps(
+    model, batches, cfg: TrainConfig, loss_config: LossConfig, targets: Targets, steps: int, warmup: int
+) -> dict:
     """Tokens/s and steps/s of forward + KD loss + backward + AdamW over `steps` steps after `warmup`."""
     device = targets.device
+    runner = HiddenStates(model)  # the trainer's default: the KD loss from the final hidden states
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     tokens = 0
     for i, batch in enumerate(islice(batches, warmup + steps)):
@@ -56,7 +60,7 @@ def time_steps(model, batches, cfg: TrainConfig, targets: Targets, steps: int, w
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, tokens = time.perf_counter(), 0
-        loss, _, _ = _micro_step(model, batch, cfg, targets, measure=False)
+        loss, _, _ = _micro_step(model, runner, batch, cfg, loss_config, targets, measure=False)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -115,7 +119,7 @@ def main() -> None:
         results = {}
         for arm, batches in (("in_memory", cycle(cached)), ("streamed", iter(loader())),
                              ("in_memory_again", cycle(cached))):
-            results[arm] = time_steps(model, batches, cfg, targets, args.steps, args.warmup)
+            results[arm] = time_steps(model, batches, cfg, cfg.loss_config(), targets, args.steps, args.warmup)
             print(json.dumps({"bench": "train", "arm": arm, **common,
                               **{k: round(v, 2) for k, v in results[arm].items()}}))
         bound = max(results["in_memory"]["tokens_per_s"], results["in_memory_again"]["tokens_per_s"])

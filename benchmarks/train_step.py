@@ -20,7 +20,7 @@ way trainer/train.py `_micro_step` runs it:
                      logits chunk by chunk) and JSD, not our sparse fkl target
 
 Store modes (targets synthesized from a random teacher, log_softmax(randn * 3) per token,
-through trainer.targets like the trainer's `_target`):
+through trainer.losses.targets like the trainer's `_target`):
 
   topk          top-64 ids with exact log-probs + the tail bucket (topk_target; K = 64)
   head_draws    top-64 exact + 16 draws from the tail (sampled_target, head=64; K = 80 slots)
@@ -97,9 +97,10 @@ from dataclasses import asdict, dataclass
 import torch
 from peak_memory import MIB, cpu_peak_extra_mib, cuda_peak_extra_mib
 
-from trainer.kd_loss import kd_loss
-from trainer.kd_loss_from_hidden import default_chunk_size, kd_loss_from_hidden
-from trainer.targets import SparseTarget, sampled_target, topk_target
+from trainer.losses.config import LossConfig
+from trainer.losses.from_hidden import default_chunk_size, kd_loss_from_hidden
+from trainer.losses.kd_loss import kd_loss
+from trainer.losses.targets import SparseTarget, sampled_target, topk_target
 
 MODES = ("topk", "head_draws", "counts_only")
 ALPHAS = (0.0, 0.5)
@@ -248,8 +249,8 @@ def make_steps(
     cuda = device.type == "cuda"
     v = model.config.vocab_size
     labels = next_tokens if alpha > 0 else None
-    kw = dict(weights=target.weights, temperature=temperature, divergence="fkl", alpha=alpha, labels=labels,
-              return_parts=True)  # fmt: skip
+    loss_config = LossConfig(temperature=temperature, divergence="fkl", alpha=alpha)
+    kw = dict(weights=target.weights, labels=labels, return_parts=True)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -278,12 +279,12 @@ def make_steps(
         z = logits.reshape(-1, logits.shape[-1])[:, :v]
         del logits
         # inplace_grad on CUDA: the kernel writes dL/dz over the logits (the trainer does too).
-        finish(kd_loss(z, target.ids, target.logp, inplace_grad=cuda, **kw)[0])
+        finish(kd_loss(z, target.ids, target.logp, loss_config, inplace_grad=cuda, **kw)[0])
 
     def from_hidden(chunk: int | None) -> Callable[[], None]:
         def step() -> None:
             hidden, weight = head_inputs()
-            finish(kd_loss_from_hidden(hidden, weight, target.ids, target.logp, chunk_size=chunk, **kw)[0])
+            finish(kd_loss_from_hidden(hidden, weight, target.ids, target.logp, loss_config, chunk_size=chunk, **kw)[0])
 
         return step
 
@@ -593,6 +594,7 @@ def kernel_line(args, n: int = 8192, v: int = GPU_PRESET.vocab, device: torch.de
     g = torch.Generator(device=device).manual_seed(args.seed + 2)
     logits = (torch.randn(n, v, generator=g, device=device) * 2).to(torch.bfloat16)
     buf, out = torch.empty_like(logits), torch.empty_like(logits)
+    loss_config = LossConfig(temperature=args.temperature, backend="triton")
 
     def kernel(backward: bool) -> Callable[[], float]:
         def timed() -> float:
@@ -601,8 +603,7 @@ def kernel_line(args, n: int = 8192, v: int = GPU_PRESET.vocab, device: torch.de
             _sync(device)
 
             def step() -> None:
-                loss = kd_loss(x, target.ids, target.logp, temperature=args.temperature, backend="triton",
-                               inplace_grad=True)  # fmt: skip
+                loss = kd_loss(x, target.ids, target.logp, loss_config, inplace_grad=True)
                 if backward:  # autograd.grad: the gradient is returned, not accumulated into x.grad
                     torch.autograd.grad(loss, x)
 

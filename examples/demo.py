@@ -97,7 +97,7 @@ def run(args: argparse.Namespace, out: Path) -> Path:
         print(f"demo: uploaded {train_txt.name} and {heldout_txt.name}")
 
         t0 = time.perf_counter()
-        # Small work units: the job reports progress (and a killed worker resumes) per unit.
+        # Small work units: a killed worker resumes from the last committed unit.
         common = {"teacher": "demo", "k": 64, "temperatures": [1.0, 2.0], "max_len": args.max_len,
                   "unit_tokens": 4096}
         jobs = {

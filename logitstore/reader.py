@@ -249,8 +249,8 @@ class Store:
         p_T(tail) = 1 − Σ_S p_T(i). The tail is -inf where the top-k holds all the mass.
         """
         if block.topk_logp is None:
-            raise LogitStoreError(f"{self.url} is a counts_only sampled store: it keeps draw counts, not the "
-                                  "teacher's log-probs; train on it with the sampled estimator (trainer.targets)")
+            raise LogitStoreError(f"{self.url} is a counts_only sampled store: it keeps draw counts, not the teacher's "
+                                  "log-probs; train on it with the sampled estimator (trainer.losses.targets)")
         col = self.temperature_index(temperature)
         one = self.temperature_index(1.0)
         logp_t = (block.topk_logp + block.lse[:, one, None]) / np.float32(temperature) - block.lse[:, col, None]

@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from logitstore.errors import CorpusError, LogitStoreError
+from trainer.losses.config import LossConfig
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
+# The flag of each LossConfig field that TrainConfig sets, for its error messages.
+_LOSS_FLAGS = {"temperature": "--temperature", "divergence": "--divergence", "alpha": "--alpha",
+               "backend": "--loss-backend"}  # fmt: skip
 
 
 @dataclass
@@ -54,11 +57,22 @@ class TrainConfig:
     device: str = "auto"
     resume: bool = False
 
+    def loss_config(self) -> LossConfig:
+        """The KD loss's settings (raises ValueError naming the LossConfig field when one is invalid)."""
+        return LossConfig(
+            temperature=self.temperature, divergence=self.divergence, alpha=self.alpha, backend=self.loss_backend
+        )
+
     def check(self) -> None:
         if self.loss not in ("kd", "ce", "online"):
             raise LogitStoreError(f"--loss must be 'kd', 'ce' or 'online', got {self.loss!r}")
-        if self.divergence not in DIVERGENCES:
-            raise LogitStoreError(f"--divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
+        try:
+            self.loss_config()
+        except ValueError as e:  # it names the LossConfig field; the user gave the flag or --config key
+            message = str(e)
+            for name, flag in _LOSS_FLAGS.items():
+                message = message.replace(f"LossConfig.{name} ", f"{flag} ")
+            raise LogitStoreError(message) from None
         if self.topk_renormalize and self.loss != "kd":
             raise LogitStoreError("--topk-renormalize applies to --loss kd only")
         if (self.topk_renormalize or self.loss == "online") and self.divergence != "fkl":
@@ -67,12 +81,8 @@ class TrainConfig:
             )
         if self.materialize_logits and (self.loss != "kd" or self.topk_renormalize):
             raise LogitStoreError("--materialize-logits applies to --loss kd (the store's own signal) only")
-        if self.loss_backend not in ("auto", "triton", "torch"):
-            raise LogitStoreError(f"--loss-backend must be auto, triton or torch, got {self.loss_backend!r}")
         if self.teacher and self.loss != "online":
             raise LogitStoreError("--teacher is the online teacher: it needs --loss online")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise LogitStoreError(f"--alpha must be in [0, 1], got {self.alpha}")
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise LogitStoreError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -5,14 +5,14 @@ rank. The loss per micro-batch is
 
     loss = alpha * CE(student, next token) + (1 - alpha) * T^2 * D(teacher_T || student_T)
 
-against the store's sparse target (`trainer.targets`): the K+1 buckets of a top-k store, or the
+against the store's sparse target (`trainer.losses.targets`): the K+1 buckets of a top-k store, or the
 unbiased estimator on a sampled store's draws, or plain CE with `loss="ce"` (the baseline every
 KD run should beat). The teacher at the training temperature T is rebuilt on the device from
 the stored T=1 log-probs and the full-vocabulary normalizers, so T is any temperature the store
 captured. The loss runs from the student's final hidden states (`kd_loss_from_hidden`: the
 fused kernel on CUDA, the torch reference on CPU, both in row chunks), so the batch's [N, V]
 logits never exist; `materialize_logits` keeps the old path for comparison. For comparisons
-(`benchmarks/quality.py`), the same loop runs the losses others use (`trainer.kd_baselines`):
+(`benchmarks/quality.py`), the same loop runs the losses others use (`trainer.losses.baselines`):
 top-k renormalized without the tail (`topk_renormalize`), and online KD with the teacher in the
 loop over the full vocabulary (`loss="online"`, the store gives only the tokens).
 
@@ -46,11 +46,12 @@ from trainer.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, sav
 from trainer.config import TrainConfig
 from trainer.data import StoreDataset, make_loader
 from trainer.evaluate import eval_store, eval_text
-from trainer.kd_baselines import full_vocab_kl, renormalized_topk_kl
-from trainer.kd_loss import kd_loss
-from trainer.kd_loss_from_hidden import kd_loss_from_hidden
+from trainer.losses.baselines import full_vocab_kl, renormalized_topk_kl
+from trainer.losses.config import LossConfig
+from trainer.losses.from_hidden import kd_loss_from_hidden
+from trainer.losses.kd_loss import kd_loss
+from trainer.losses.targets import SparseTarget, sampled_target, topk_target
 from trainer.student import load_student
-from trainer.targets import SparseTarget, sampled_target, topk_target
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +123,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> Path:
     rank, world, device = _setup_distributed(cfg.device)
     out = Path(cfg.out)
     try:
-        return _train(cfg, out, rank, world, device, progress)
+        return _train(cfg, cfg.loss_config(), out, rank, world, device, progress)
     finally:
         if world > 1:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.device, progress: bool) -> Path:
+def _train(
+    cfg: TrainConfig, loss_config: LossConfig, out: Path, rank: int, world: int, device: torch.device, progress: bool
+) -> Path:
     found = checkpoints(out)
     # Before anything is loaded or written: a --resume with nothing to resume would start afresh
     # and truncate metrics.jsonl, and a run without --resume would mix with an earlier one.
@@ -196,7 +199,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
                 batch = next(batches)
                 sync = ddp is None or micro == cfg.grad_accum - 1
                 with nullcontext() if sync else ddp.no_sync():
-                    loss, kd, ce = _micro_step(model, ddp or body, batch, cfg, targets,
+                    loss, kd, ce = _micro_step(model, ddp or body, batch, cfg, loss_config, targets,
                                                measure=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
                     (loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss.detach(), kd, ce]) / cfg.grad_accum
@@ -279,7 +282,7 @@ class HiddenStates(torch.nn.Module):
 
 def _micro_step(
     model: torch.nn.Module, runner: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
-    targets: Targets, *, measure: bool,
+    loss_config: LossConfig, targets: Targets, *, measure: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(loss to backpropagate, kd part, ce part) of one micro-batch. `runner` is what the forward
     goes through (the DDP wrapper, or the model / its body). The part that is not in the loss is
@@ -291,23 +294,21 @@ def _micro_step(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.loss == "kd" and not cfg.topk_renormalize:
         target = _target(batch, cfg, targets)
-        kw = dict(weights=target.weights, temperature=cfg.temperature, divergence=cfg.divergence, alpha=cfg.alpha,
-                  labels=labels if cfg.alpha > 0 or measure else None, backend=cfg.loss_backend,
-                  return_parts=True)  # fmt: skip
+        kw = dict(weights=target.weights, labels=labels if cfg.alpha > 0 or measure else None, return_parts=True)
         if cfg.materialize_logits:
             with autocast:
                 logits = runner(input_ids=ids).logits
             z = logits.reshape(-1, logits.shape[-1])[:, : targets.vocab]  # padded output columns are not tokens
             # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the
             # logits for backward: the head's backward uses its input and weight).
-            return kd_loss(z, target.ids, target.logp, inplace_grad=z.is_cuda, **kw)
+            return kd_loss(z, target.ids, target.logp, loss_config, inplace_grad=z.is_cuda, **kw)
         with autocast:
             hidden = runner(ids)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = model.get_output_embeddings().weight[: targets.vocab]  # padded rows are not tokens
         if device.type == "cuda":  # what autocast would have run the head in
             hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-        return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target.ids, target.logp, **kw)
+        return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target.ids, target.logp, loss_config, **kw)
 
     with autocast:
         logits = runner(input_ids=ids).logits
@@ -315,7 +316,7 @@ def _micro_step(
     nan = torch.full((), float("nan"), device=device)
     if cfg.loss == "ce":
         ce = F.cross_entropy(z.float(), labels, ignore_index=-100)
-        kd = _stored_kd(z.detach(), batch, cfg, targets) if measure else nan
+        kd = _stored_kd(z.detach(), batch, cfg, loss_config, targets) if measure else nan
         return ce, kd, ce.detach()
 
     # The renormalized top-k and online KD: plain torch losses (baselines), CE mixed in here.
@@ -356,13 +357,14 @@ def _target(batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) 
                           lse_1=lse_1, lse_t=lse_t, head=targets.head)  # fmt: skip
 
 
-def _stored_kd(z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> torch.Tensor:
+def _stored_kd(
+    z: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig, loss_config: LossConfig, targets: Targets
+) -> torch.Tensor:
     """The store's KD value for the student (for the log, when it is not the loss): the K+1-bucket
-    divergence of a top-k store, the draws' estimate of a sampled one."""
+    divergence of a top-k store, the draws' estimate of a sampled one. The KD part alone (alpha 0)."""
     target = _target(batch, cfg, targets)
     with torch.no_grad():
-        return kd_loss(z, target.ids, target.logp, weights=target.weights, temperature=cfg.temperature,
-                       divergence=cfg.divergence)  # fmt: skip
+        return kd_loss(z, target.ids, target.logp, replace(loss_config, alpha=0.0), weights=target.weights)
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, vocab: int, cfg: TrainConfig, eval_stores: Store | None) -> dict:

@@ -69,7 +69,7 @@ def iso(t: float | None) -> str | None:
 def job_out(job: Job) -> JobOut:
     try:
         slots = job_capture(job.settings)[0].slots
-    except (SpecError, TypeError):  # a row from an older version that today's rules refuse
+    except (SpecError, TypeError, ValueError):  # a row from an older version that today's rules refuse
         slots = None
     return JobOut(
         id=job.id, state=job.state, corpus_id=job.corpus_id, teacher=job.teacher, settings=job.settings, slots=slots,

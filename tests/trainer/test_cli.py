@@ -138,6 +138,11 @@ def test_a_failing_final_evaluation_keeps_final(tiny_store, student_config, tmp_
         ([], ("run.toml", "resume = 1\n"), "resume must be true or false, got 1"),
         ([], ("run.json", '{"storage_options": ["a"]}'), "storage_options must be a table"),
         ([], ("run.json", "[1, 2]"), "expected an object of settings, got list"),
+        # The loss settings: LossConfig checks them, the message names the flag (or --config key).
+        (["--divergence", "kl"], None, "--divergence must be one of fkl, rkl, jsd, tvd, got 'kl'"),
+        (["--temperature", "0"], None, "--temperature must be a finite number > 0, got 0.0"),
+        (["--loss-backend", "cuda"], None, "--loss-backend must be one of auto, triton, torch, got 'cuda'"),
+        ([], ("run.toml", "alpha = 1.5\n"), "--alpha must be in [0, 1], got 1.5"),
     ],
 )
 def test_bad_values_get_one_line_errors_naming_the_flag(
@@ -164,9 +169,10 @@ def test_help_is_fast_shows_defaults_and_marks_required_flags_without_importing_
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
         "print(buf.getvalue())\n"
         # The package's lazy exports are still the functions, also after their modules loaded.
-        "import trainer.kd_loss\n"
-        "from trainer import kd_loss, kd_loss_from_hidden\n"
-        "assert kd_loss.__module__ == 'trainer.kd_loss' and callable(kd_loss_from_hidden)\n"
+        "import trainer.losses.kd_loss\n"
+        "from trainer import LossConfig, kd_loss, kd_loss_from_hidden\n"
+        "assert kd_loss.__module__ == 'trainer.losses.kd_loss' and callable(kd_loss_from_hidden)\n"
+        "assert trainer.kd_loss is kd_loss and LossConfig().temperature == 1.0\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

@@ -18,9 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import kd_loss, teacher_logprobs_at_temperature
-from trainer.kd_loss import normalized_kw
-from trainer.kd_loss_reference import kd_loss_reference
+from trainer import LossConfig, kd_loss, teacher_logprobs_at_temperature
+from trainer.losses.reference import kd_loss_reference
 
 # The interpreter evaluates both sides of tl.where in numpy, so masked lanes (-inf - -inf,
 # log 0) raise numpy RuntimeWarnings that say nothing about the result.
@@ -131,10 +130,11 @@ def dense_oracle(z, ids, logp, *, temperature, divergence, beta=0.5, alpha=0.0, 
     return loss.detach(), z.grad
 
 
-def run(backend, z, ids, logp, *, grad_scale: float = 1.0, **kw):
-    """(loss, grad of grad_scale * loss) for one backend; z is not modified."""
+def run(backend, z, ids, logp, *, grad_scale: float = 1.0, labels=None, **settings):
+    """(loss, grad of grad_scale * loss) for one backend; z is not modified. `settings` are
+    LossConfig's fields (the dense oracle's keywords)."""
     zz = z.detach().clone().requires_grad_()
-    loss = kd_loss(zz, ids, logp, backend=backend, **kw)
+    loss = kd_loss(zz, ids, logp, LossConfig(backend=backend, **settings), labels=labels)
     (loss * grad_scale).backward()
     return loss.detach().cpu().double(), zz.grad.cpu().double()
 
@@ -218,17 +218,16 @@ def test_full_vocabulary_is_exact(backend, divergence, temperature):
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_triton_many_vocab_blocks(divergence):
     """Tiny vocabulary blocks: S spans many blocks, several ids share one, the last is partial."""
-    from trainer.kd_loss_triton import kd_loss_triton
+    from trainer.losses.triton_kernel import kd_loss_triton
 
     z, ids, logp, labels = make_case(v=129, k=40, temperature=2.0, seed=3)
     ids[4, :6] = torch.arange(16, 22)  # a run of ids inside one block
     ids[5, :3] = torch.tensor([0, 127, 128])  # the first and last vocabulary entries
-    kw = dict(temperature=2.0, divergence=divergence, alpha=0.3, labels=labels)
+    settings = dict(temperature=2.0, divergence=divergence, alpha=0.3)
     zz = z.clone().requires_grad_()
-    settings = normalized_kw(dict(kw, beta=0.5, ignore_index=IGNORE), with_kd=True) | {"labels": labels}
-    loss, _ = kd_loss_triton(zz, ids, logp, None, settings.pop("labels"), settings, block_v=16)
+    loss, _ = kd_loss_triton(zz, ids, logp, None, labels, LossConfig(**settings), block_v=16)
     loss.backward()
-    ref_loss, ref_grad = dense_oracle(z, ids, logp, **kw)
+    ref_loss, ref_grad = dense_oracle(z, ids, logp, labels=labels, **settings)
     assert_close_to_oracle(loss.detach().cpu().double(), zz.grad.cpu().double(), ref_loss, ref_grad)
 
 
@@ -322,12 +321,12 @@ def test_labels_none_counts_rows_with_teacher_ids(backend):
 @pytest.mark.parametrize("inplace", [False, True])
 def test_grad_output_and_inplace(inplace, dtype):
     z, ids, logp, labels = make_case(v=61, k=9, temperature=2.0, dtype=dtype, seed=9)
-    kw = dict(temperature=2.0, divergence="fkl", alpha=0.3, labels=labels)
+    settings = dict(temperature=2.0, divergence="fkl", alpha=0.3)
     leaf = z.clone().requires_grad_()
     logits = leaf * 1  # a non-leaf, like a model's output
-    loss = kd_loss(logits, ids, logp, backend="triton", inplace_grad=inplace, **kw)
+    loss = kd_loss(logits, ids, logp, LossConfig(backend="triton", **settings), labels=labels, inplace_grad=inplace)
     (loss * 2.5).backward()
-    ref_loss, ref_grad = dense_oracle(z, ids, logp, **kw)
+    ref_loss, ref_grad = dense_oracle(z, ids, logp, labels=labels, **settings)
     assert_close_to_oracle(loss.detach().cpu().double(), leaf.grad.cpu().double() / 2.5, ref_loss, ref_grad, dtype)
     if inplace:
         # the gradient was written into the logits buffer, which is then scaled by grad_output
@@ -341,7 +340,7 @@ def test_inplace_overwrite_is_detected_by_autograd():
     z, ids, logp, _ = make_case(seed=10)
     leaf = z.clone().requires_grad_()
     logits = leaf.exp()  # exp saves its output for backward
-    loss = kd_loss(logits, ids, logp, backend="triton", inplace_grad=True) + logits.sum()
+    loss = kd_loss(logits, ids, logp, LossConfig(backend="triton"), inplace_grad=True) + logits.sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
@@ -350,7 +349,8 @@ def test_without_grad_only_the_loss_is_computed():
     z, ids, logp, labels = make_case(seed=11)
     with_grad, _ = run("triton", z, ids, logp, divergence="rkl", alpha=0.3, labels=labels)
     before = z.clone()
-    loss = kd_loss(z, ids, logp, divergence="rkl", alpha=0.3, labels=labels, backend="triton", inplace_grad=True)
+    loss = kd_loss(z, ids, logp, LossConfig(divergence="rkl", alpha=0.3, backend="triton"), labels=labels,
+                   inplace_grad=True)
     assert torch.equal(loss.cpu().double(), with_grad)
     assert torch.equal(z, before), "nothing may be written when no gradient is needed"
 
@@ -360,7 +360,7 @@ def test_no_grad_mode_writes_nothing():
     with_grad, _ = run("triton", z, ids, logp, divergence="fkl", alpha=0.3, labels=labels)
     leaf = z.clone().requires_grad_()
     with torch.no_grad():
-        loss = kd_loss(leaf, ids, logp, alpha=0.3, labels=labels, backend="triton", inplace_grad=True)
+        loss = kd_loss(leaf, ids, logp, LossConfig(alpha=0.3, backend="triton"), labels=labels, inplace_grad=True)
     assert torch.equal(loss.cpu().double(), with_grad)
     assert torch.equal(leaf.detach(), z), "an eval pass under no_grad must not overwrite the logits"
 
@@ -368,9 +368,9 @@ def test_no_grad_mode_writes_nothing():
 def test_auto_backend_on_cpu_is_the_reference():
     z, ids, logp, labels = make_case(seed=12)
     z = z.cpu()
-    kw = dict(temperature=2.0, divergence="jsd", alpha=0.3, labels=labels.cpu())
-    auto = kd_loss(z, ids.cpu(), logp.cpu(), **kw)
-    ref = kd_loss_reference(z, ids.cpu(), logp.cpu(), **kw)
+    loss = LossConfig(temperature=2.0, divergence="jsd", alpha=0.3)
+    auto = kd_loss(z, ids.cpu(), logp.cpu(), loss, labels=labels.cpu())
+    ref = kd_loss_reference(z, ids.cpu(), logp.cpu(), loss, labels=labels.cpu())
     assert torch.equal(auto, ref)
 
 
@@ -390,12 +390,13 @@ import subprocess
 import sys
 {setup}
 import torch
-from trainer.kd_loss import kd_loss
+from trainer.losses.config import LossConfig
+from trainer.losses.kd_loss import kd_loss
 z = torch.randn(3, 50)
 ids = torch.topk(z, 5, dim=1).indices
 logp = torch.log_softmax(torch.randn(3, 50), 1).gather(1, ids)
 try:
-    kd_loss(z, ids, logp, backend="triton")
+    kd_loss(z, ids, logp, LossConfig(backend="triton"))
 except ValueError as e:
     print(e)
 """
@@ -464,6 +465,7 @@ def test_teacher_tail_when_topk_holds_all_mass():
 
 
 def _bad_args(case: str):
+    """Bad tensors, or tensors that do not fit the settings (bad settings: test_loss_config.py)."""
     z, ids, logp, labels = make_case(seed=15)
     kw: dict = {}
     if case == "3d_logits":
@@ -476,20 +478,14 @@ def _bad_args(case: str):
         ids = ids.float()
     elif case == "logp_shape":
         logp = logp[:, :-1]
-    elif case == "divergence":
-        kw["divergence"] = "kl"
-    elif case == "temperature":
-        kw["temperature"] = 0.0
-    elif case == "alpha_range":
-        kw["alpha"] = 1.5
     elif case == "alpha_without_labels":
-        kw["alpha"] = 0.3
+        kw["loss"] = LossConfig(alpha=0.3)
     elif case == "labels_shape":
         kw["labels"] = labels[:-1]
-    elif case == "jsd_beta":
-        kw.update(divergence="jsd", beta=1.0)
-    elif case == "backend":
-        kw["backend"] = "cuda"
+    elif case == "weights_with_rkl":
+        kw.update(loss=LossConfig(divergence="rkl"), weights=torch.ones_like(logp))
+    elif case == "not_a_config":
+        kw["loss"] = dict(temperature=2.0)
     elif case == "id_out_of_range":
         ids = ids.cpu().clone()
         ids[0, 0] = z.shape[1]
@@ -506,13 +502,10 @@ def _bad_args(case: str):
         ("ids_rows", r"topk_ids must be \[N=7, K\]"),
         ("ids_float", "int32 or int64"),
         ("logp_shape", "shape of topk_ids"),
-        ("divergence", "unknown divergence"),
-        ("temperature", "temperature"),
-        ("alpha_range", "alpha"),
         ("alpha_without_labels", "labels"),
         ("labels_shape", "labels must be"),
-        ("jsd_beta", "beta"),
-        ("backend", "unknown backend"),
+        ("weights_with_rkl", "only 'fkl'"),
+        ("not_a_config", "must be a trainer.losses.config.LossConfig"),
         ("id_out_of_range", "topk_ids must lie in"),
         ("label_out_of_range", "labels must lie in"),
     ],
@@ -543,12 +536,12 @@ def test_gpu_real_shapes_match_reference(n, v, k, divergence, alpha):
     ids[::7, k // 2 :] = -1
     labels = torch.randint(0, v, (n,), device="cuda", generator=g)
     labels[::5] = IGNORE
-    kw = dict(temperature=2.0, divergence=divergence, alpha=alpha, labels=labels)
+    settings = dict(temperature=2.0, divergence=divergence, alpha=alpha)
 
     out = {}
     for backend in BACKENDS:
         zz = z.clone().requires_grad_()
-        loss = kd_loss(zz, ids, logp, backend=backend, **kw)
+        loss = kd_loss(zz, ids, logp, LossConfig(backend=backend, **settings), labels=labels)
         loss.backward()
         out[backend] = (loss.detach(), zz.grad)
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-6)
@@ -556,6 +549,6 @@ def test_gpu_real_shapes_match_reference(n, v, k, divergence, alpha):
 
     zz = z.clone().requires_grad_()
     logits = zz * 1
-    loss = kd_loss(logits, ids, logp, backend="triton", inplace_grad=True, **kw)
+    loss = kd_loss(logits, ids, logp, LossConfig(backend="triton", **settings), labels=labels, inplace_grad=True)
     loss.backward()
     torch.testing.assert_close(zz.grad.float(), out["torch"][1].float(), rtol=1e-2, atol=1e-7)

@@ -1,7 +1,7 @@
 """Tests of kd_loss_from_hidden: the chunked linear + KD loss against materialized logits.
 
 The expectation materializes `logits = hidden @ W.T` (in the input dtype, as a model would)
-and differentiates `kd_loss(logits, ..., backend="torch")` with autograd through the matmul;
+and differentiates `kd_loss(logits, ..., LossConfig(backend="torch"))` with autograd through the matmul;
 it shares neither the chunking, the chunk weighting nor the hand-written chain rule with the
 code under test. The kernel itself is tested against a dense oracle in test_kd_loss.py; here
 the Triton path runs in the interpreter (tests/conftest.py), which costs ~0.05 s per row per
@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import kd_loss, kd_loss_from_hidden
-from trainer.kd_loss_from_hidden import CHUNK_LOGITS_ELEMENTS, default_chunk_size
+from trainer import LossConfig, kd_loss, kd_loss_from_hidden
+from trainer.losses.from_hidden import CHUNK_LOGITS_ELEMENTS, default_chunk_size
 
 # The interpreter evaluates both sides of tl.where in numpy (see test_kd_loss.py).
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -55,19 +55,21 @@ def make_case(n: int = N, *, dtype: torch.dtype = torch.float32, seed: int = 0):
     return hidden.to(DEVICE), weight.to(DEVICE), ids.to(DEVICE), logp.to(DEVICE), labels.to(DEVICE)
 
 
-def expected(hidden, weight, ids, logp, **kw):
-    """(loss, grad hidden, grad W) of GRAD_SCALE * kd_loss(hidden @ W.T) by autograd."""
+def expected(hidden, weight, ids, logp, *, labels=None, **settings):
+    """(loss, grad hidden, grad W) of GRAD_SCALE * kd_loss(hidden @ W.T) by autograd; `settings`
+    are LossConfig's fields."""
     x = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss = kd_loss(x @ w.T, ids, logp, backend="torch", **kw)
+    loss = kd_loss(x @ w.T, ids, logp, LossConfig(backend="torch", **settings), labels=labels)
     (loss * GRAD_SCALE).backward()
     return loss.detach(), x.grad, w.grad
 
 
-def chunked(backend, hidden, weight, ids, logp, **kw):
+def chunked(backend, hidden, weight, ids, logp, *, labels=None, chunk_size=None, **settings):
     x = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss = kd_loss_from_hidden(x, w, ids, logp, backend=backend, **kw)
+    loss = kd_loss_from_hidden(x, w, ids, logp, LossConfig(backend=backend, **settings), labels=labels,
+                               chunk_size=chunk_size)  # fmt: skip
     (loss * GRAD_SCALE).backward()
     return loss.detach(), x.grad, w.grad
 
@@ -148,14 +150,14 @@ def test_batch_without_counted_rows(backend, how):
 
 def test_frozen_weight_and_no_grad_mode():
     hidden, weight, ids, logp, labels = make_case(seed=6)
-    kw = dict(divergence="fkl", alpha=0.3, labels=labels, chunk_size=8)
-    want_loss, want_gx, _ = expected(hidden, weight, ids, logp, **{k: v for k, v in kw.items() if k != "chunk_size"})
+    want_loss, want_gx, _ = expected(hidden, weight, ids, logp, divergence="fkl", alpha=0.3, labels=labels)
+    kw = dict(labels=labels, chunk_size=8)
     x = hidden.clone().requires_grad_()
-    loss = kd_loss_from_hidden(x, weight, ids, logp, **kw)
+    loss = kd_loss_from_hidden(x, weight, ids, logp, LossConfig(divergence="fkl", alpha=0.3), **kw)
     (loss * GRAD_SCALE).backward()
     torch.testing.assert_close(x.grad, want_gx, **GRAD_TOL[torch.float32])
     with torch.no_grad():
-        assert torch.equal(kd_loss_from_hidden(x, weight, ids, logp, **kw), loss.detach())
+        assert torch.equal(kd_loss_from_hidden(x, weight, ids, logp, LossConfig(alpha=0.3), **kw), loss.detach())
     torch.testing.assert_close(loss.detach(), want_loss)
 
 
@@ -201,7 +203,7 @@ def _bad(case: str):
     elif case == "chunk_size":
         kw["chunk_size"] = 0
     elif case == "alpha_without_labels":
-        kw["alpha"] = 0.5
+        kw["loss"] = LossConfig(alpha=0.5)
     return hidden, weight, ids, logp, kw
 
 
@@ -249,7 +251,7 @@ def test_gpu_real_shapes_match_materialized(n, h, v, k):
     del teacher, top
     labels = torch.randint(0, v, (n,), device="cuda", generator=g)
     labels[::5] = IGNORE
-    kw = dict(temperature=2.0, divergence="fkl", alpha=0.1, labels=labels)
+    kw = dict(loss=LossConfig(temperature=2.0, divergence="fkl", alpha=0.1), labels=labels)
 
     def peak_extra(fn):
         torch.cuda.synchronize()

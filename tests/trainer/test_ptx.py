@@ -1,7 +1,7 @@
 """The fused KD-loss kernel is GPU-ready: every variant the launcher can pick compiles, for sm_80
 and sm_90, to machine code that spills no register. CPU only: no GPU is needed to compile.
 
-Each variant is made by calling the real launcher (`trainer.kd_loss_triton.launch`) on small CPU
+Each variant is made by calling the real launcher (`trainer.losses.triton_kernel.launch`) on small CPU
 tensors with Triton's driver replaced by an offline one that only names the target GPU. Triton's
 JIT then specializes the call exactly as on a GPU (constexprs from `kernel_constexprs`,
 `block_v_for`, `num_warps_for`; argument types; 16-divisibility of pointers, strides, V and K),
@@ -114,7 +114,8 @@ def compile_variant(arch: int, v: Variant) -> dict:
     from triton.compiler import ASTSource
     from triton.runtime.driver import driver
 
-    from trainer.kd_loss_triton import _kd_loss_kernel, interpreting, launch
+    from trainer.losses.config import LossConfig
+    from trainer.losses.triton_kernel import _kd_loss_kernel, interpreting, launch
 
     assert not interpreting(), "TRITON_INTERPRET was set when triton was imported"
     start = time.perf_counter()
@@ -134,8 +135,8 @@ def compile_variant(arch: int, v: Variant) -> dict:
             torch.zeros(1, v.k) if v.has_logp else None,
             torch.full((1, v.k), 1.0 / v.k) if v.weighted else None,
             torch.zeros(1, dtype=torch.int64) if v.ce else None,
-            temperature=v.temperature, divergence=v.divergence, beta=0.5, alpha=0.5 if v.ce else 0.0,
-            ignore_index=-100, inplace_grad=False, compute_grad=True,
+            LossConfig(temperature=v.temperature, divergence=v.divergence, alpha=0.5 if v.ce else 0.0),
+            inplace_grad=False, compute_grad=True,
         )  # fmt: skip
     assert len(specs) == 1, f"{v.name}: the launcher made {len(specs)} kernel calls"
     spec = specs[0]

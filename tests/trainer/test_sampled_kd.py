@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from logitstore.capture.reduce import Reduction
-from trainer.targets import sampled_kd_loss
+from trainer.losses.config import LossConfig
+from trainer.losses.targets import sampled_kd_loss
 
 V, DRAWS, TOKENS = 97, 20, 6000
 
@@ -30,7 +31,8 @@ def test_mean_over_draws_is_the_full_kl_and_its_gradient(temperature, head):
 
     # The same student row for every token: the mean loss over tokens is the Monte Carlo mean.
     student = student_z.float().clone().requires_grad_(True)
-    loss = sampled_kd_loss(student.expand(TOKENS, V), ids, counts, DRAWS, temperature=temperature,
+    loss_config = LossConfig(temperature=temperature)
+    loss = sampled_kd_loss(student.expand(TOKENS, V), ids, counts, DRAWS, loss_config,
                            teacher_logp=logp, lse_1=lse[:, 0], lse_t=lse[:, -1], head=head)
     (grad,) = torch.autograd.grad(loss, student)
 
@@ -44,7 +46,7 @@ def test_mean_over_draws_is_the_full_kl_and_its_gradient(temperature, head):
     with torch.no_grad():
         per_token = torch.stack([
             sampled_kd_loss(student.expand(TOKENS, V)[i:i + 1], ids[i:i + 1], counts[i:i + 1], DRAWS,
-                            temperature=temperature, teacher_logp=logp[i:i + 1], lse_1=lse[i:i + 1, 0],
+                            loss_config, teacher_logp=logp[i:i + 1], lse_1=lse[i:i + 1, 0],
                             lse_t=lse[i:i + 1, -1], head=head)
             for i in range(0, TOKENS, 10)
         ])
@@ -69,8 +71,9 @@ def test_fused_kernel_computes_the_same_estimate(temperature, head):
     out = {}
     for backend in ("torch", "triton"):
         z = student.clone().requires_grad_(True)
-        loss = sampled_kd_loss(z, ids, counts, DRAWS, temperature=temperature, teacher_logp=logp, lse_1=lse[:, 0],
-                               lse_t=lse[:, -1], head=head, backend=backend)  # fmt: skip
+        loss_config = LossConfig(temperature=temperature, backend=backend)
+        loss = sampled_kd_loss(z, ids, counts, DRAWS, loss_config, teacher_logp=logp, lse_1=lse[:, 0],
+                               lse_t=lse[:, -1], head=head)  # fmt: skip
         loss.backward()
         out[backend] = loss.detach(), z.grad
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-5, atol=1e-6)
@@ -101,7 +104,7 @@ def test_padding_rows_and_argument_errors():
     loss.backward()
     assert loss.item() == 0 and torch.all(logits.grad == 0)
     with pytest.raises(ValueError, match="needs teacher_logp"):
-        sampled_kd_loss(logits, ids, counts, 5, temperature=2.0)
+        sampled_kd_loss(logits, ids, counts, 5, LossConfig(temperature=2.0))
     with pytest.raises(ValueError, match="a head needs teacher_logp"):
         sampled_kd_loss(logits, ids, counts, 5, head=2)
     with pytest.raises(ValueError, match="must agree"):

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from trainer.kd_loss_reference import (
+from trainer.losses.config import LossConfig
+from trainer.losses.reference import (
     check_kd_loss_args,
     count_rows,
     kd_loss_parts_reference,
@@ -27,16 +28,11 @@ def kd_loss(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logp: torch.Tensor | None,
+    loss: LossConfig = LossConfig(),
     *,
     weights: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    divergence: str = "fkl",
-    beta: float = 0.5,
-    alpha: float = 0.0,
     labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
     inplace_grad: bool = False,
-    backend: str = "auto",
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over tokens of alpha * CE(z, labels) + (1 - alpha) * T^2 * D(p_T || q_T).
@@ -50,22 +46,16 @@ def kd_loss(
             bucket of mass 1 - sum(exp(topk_logp)), clamped at 0. With `weights` they only
             enter the value (the teacher's entropy term); None there (a counts-only store) makes
             the value a cross-entropy with the same gradient.
-        weights: [N, K] target mass on each id, for stores with drawn ids (`trainer.targets`
+        loss: the settings (temperature, divergence, beta, alpha, ignore_index, backend); see
+            `LossConfig`.
+        weights: [N, K] target mass on each id, for stores with drawn ids (`trainer.losses.targets`
             builds them): the loss is then the unbiased estimate sum_k w_k (lp_k - log q_k) of
             the forward KL, with no tail bucket. Only divergence "fkl" has such an estimate.
-        temperature: T > 0; the student is softmax(logits / T), the divergence is scaled by T^2.
-        divergence: "fkl" KL(p||q), "rkl" KL(q||p), "jsd" beta KL(p||M) + (1-beta) KL(q||M) with
-            M = beta p + (1-beta) q, or "tvd" sum |p - q| / 2.
-        beta: JSD mixing weight, 0 < beta < 1.
-        alpha: weight of the hard-label cross-entropy at T = 1 (needs labels).
-        labels: [N] hard labels. With alpha > 0 the tokens equal to ignore_index are left out
-            of the mean; with alpha = 0 the mean is over the tokens with a teacher id, and
-            labels only feed the CE reported by `return_parts`.
-        ignore_index: label value of ignored tokens.
+        labels: [N] hard labels (required when alpha > 0). With alpha > 0 the tokens equal to
+            ignore_index are left out of the mean; with alpha = 0 the mean is over the tokens
+            with a teacher id, and labels only feed the CE reported by `return_parts`.
         inplace_grad: let the Triton backend write the gradient into `logits` (saves an [N, V]
             buffer; `logits` must not be used afterwards). Ignored by the torch backend.
-        backend: "auto" (Triton on CUDA, torch on CPU), "triton" (on CPU tensors only under
-            TRITON_INTERPRET=1), or "torch".
         return_parts: also return the mean T^2 D and the mean CE (NaN without labels), detached
             device scalars computed in the same pass.
 
@@ -73,32 +63,26 @@ def kd_loss(
         A float32 scalar (or `(loss, kd, ce)`). A batch with no counted token gives 0 with zero
         gradients.
     """
-    kw = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha, ignore_index=ignore_index)
-    check_kd_loss_args(logits, topk_ids, topk_logp, labels=labels, backend=backend, weights=weights, **kw)
-    kw = normalized_kw(kw, with_kd=return_parts or alpha < 1)
+    check_kd_loss_args(logits, topk_ids, topk_logp, loss, weights=weights, labels=labels)
+    with_kd = return_parts or loss.alpha < 1
+    backend = loss.backend
     if backend == "auto":
         backend = "triton" if logits.is_cuda else "torch"
-    n_rows = count_rows(topk_ids, logits.shape[1], labels, ignore_index, alpha)
+    n_rows = count_rows(topk_ids, logits.shape[1], labels, loss)
     if backend == "torch":
-        parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, weights, labels=labels, **kw)
-        loss = loss_from_parts(parts, alpha, n_rows)
+        parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, loss, weights=weights, labels=labels,
+                                        with_kd=with_kd)  # fmt: skip
+        value = loss_from_parts(parts, loss.alpha, n_rows)
     else:
         # Imported here so that `import trainer` does not import triton, and TRITON_INTERPRET can
         # still be set by the caller before the kernels are built.
-        from trainer.kd_loss_triton import kd_loss_triton
+        from trainer.losses.triton_kernel import kd_loss_triton
 
-        loss, parts = kd_loss_triton(logits, topk_ids, topk_logp, weights, labels, kw, inplace_grad=inplace_grad)
+        value, parts = kd_loss_triton(logits, topk_ids, topk_logp, weights, labels, loss, with_kd=with_kd,
+                                      inplace_grad=inplace_grad)  # fmt: skip
     if not return_parts:
-        return loss
-    return (loss, *part_means(parts, n_rows, labels, ignore_index))
-
-
-def normalized_kw(kw: dict, *, with_kd: bool) -> dict:
-    """The checked loss settings as plain Python scalars (what the kernel launcher takes)."""
-    return dict(
-        temperature=float(kw["temperature"]), divergence=kw["divergence"], beta=float(kw["beta"]),
-        alpha=float(kw["alpha"]), ignore_index=int(kw["ignore_index"]), with_kd=bool(with_kd),
-    )  # fmt: skip
+        return value
+    return (value, *part_means(parts, n_rows, labels, loss.ignore_index))
 
 
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:

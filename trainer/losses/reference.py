@@ -1,7 +1,7 @@
 """Pure-torch reference of the top-k knowledge-distillation loss.
 
-This module defines the semantics of :func:`trainer.kd_loss.kd_loss`: the fused Triton kernel
-(`trainer/kd_loss_triton.py`) must agree with :func:`kd_loss_reference`, and on CPU `kd_loss`
+This module defines the semantics of :func:`trainer.losses.kd_loss.kd_loss`: the fused Triton kernel
+(`trainer/losses/triton_kernel.py`) must agree with :func:`kd_loss_reference`, and on CPU `kd_loss`
 simply runs it. It is written with differentiable torch ops only, so autograd produces the
 gradient; the math is derived in `docs/kd_loss.md`.
 
@@ -23,10 +23,10 @@ import math
 
 import torch
 
-__all__ = ["DIVERGENCES", "check_kd_loss_args", "kd_loss_reference", "valid_teacher_ids"]
+from trainer.losses.config import DIVERGENCES, LossConfig
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd")
-_BACKENDS = ("auto", "triton", "torch")
+__all__ = ["check_kd_loss_args", "kd_loss_parts_reference", "kd_loss_reference", "valid_teacher_ids"]
+
 _LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _NEG_INF = float("-inf")
 # Largest K the fused kernel takes (its [K] vectors live in registers: tests/trainer/test_ptx.py).
@@ -37,22 +37,20 @@ def check_kd_loss_args(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logp: torch.Tensor | None,
+    loss: LossConfig,
     *,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    alpha: float,
+    weights: torch.Tensor | None,
     labels: torch.Tensor | None,
-    ignore_index: int,
-    backend: str = "auto",
-    weights: torch.Tensor | None = None,
 ) -> None:
-    """Raise ValueError, saying what to change, when the arguments of `kd_loss` are unusable.
+    """Raise ValueError, saying what to change, when the tensors of `kd_loss` are unusable.
 
-    Shapes, dtypes, devices and scalars are always checked. The *values* of `topk_ids` and
+    The settings were checked when `loss` was built; here are the tensors and what they must
+    agree on with the settings. Shapes, dtypes and devices are always checked. The *values* of `topk_ids` and
     `labels` are checked only on CPU: on CUDA that check would need a host sync per step, so
     there the kernel treats out-of-range ids as padding instead (see docs/kd_loss.md).
     """
+    if not isinstance(loss, LossConfig):
+        raise ValueError(f"kd_loss: the settings must be a trainer.losses.config.LossConfig, got {_describe(loss)}")
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
         raise ValueError(
             "kd_loss: logits must be a 2-D tensor [N, V]; flatten batch and length first "
@@ -80,9 +78,9 @@ def check_kd_loss_args(
             )
         if not t.is_floating_point():
             raise ValueError(f"kd_loss: {name} must be a float tensor, got {t.dtype}")
-    if weights is not None and divergence != "fkl":
+    if weights is not None and loss.divergence != "fkl":
         raise ValueError(
-            f"kd_loss: divergence {divergence!r} has no unbiased estimate from drawn ids (weights); only 'fkl' "
+            f"kd_loss: divergence {loss.divergence!r} has no unbiased estimate from drawn ids (weights); only 'fkl' "
             "does. Train a sampled store with divergence='fkl', or capture a top-k store for rkl/jsd/tvd"
         )
     if topk_ids.shape[1] > MAX_K:
@@ -90,23 +88,8 @@ def check_kd_loss_args(
     for name, t in (("topk_ids", topk_ids), ("topk_logp", topk_logp), ("weights", weights), ("labels", labels)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"kd_loss: {name} is on {t.device} but logits is on {logits.device}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"kd_loss: temperature must be a finite number > 0, got {temperature!r}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"kd_loss: unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
-    if divergence == "jsd" and not (isinstance(beta, (int, float)) and 0.0 < beta < 1.0):
-        raise ValueError(
-            f"kd_loss: jsd needs 0 < beta < 1, got {beta!r} (beta = 0 or 1 makes JSD identically 0; "
-            "use divergence='fkl' or 'rkl' for those limits)"
-        )
-    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"kd_loss: alpha must be in [0, 1], got {alpha!r}")
-    if alpha > 0 and labels is None:
+    if loss.alpha > 0 and labels is None:
         raise ValueError("kd_loss: alpha > 0 weights a hard-label cross-entropy, so labels [N] are required")
-    if not isinstance(ignore_index, int):
-        raise ValueError(f"kd_loss: ignore_index must be an int, got {ignore_index!r}")
-    if backend not in _BACKENDS:
-        raise ValueError(f"kd_loss: unknown backend {backend!r}; choose one of {_BACKENDS}")
     if labels is not None:
         if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
             raise ValueError(f"kd_loss: labels must be [N={n}], got {_describe(labels)}")
@@ -121,10 +104,10 @@ def check_kd_loss_args(
                 "match the student's vocabulary?"
             )
         if labels is not None:
-            bad = (labels != ignore_index) & ((labels < 0) | (labels >= v))
+            bad = (labels != loss.ignore_index) & ((labels < 0) | (labels >= v))
             if bool(bad.any()):
                 raise ValueError(
-                    f"kd_loss: labels must lie in [0, V={v}) or equal ignore_index={ignore_index}; "
+                    f"kd_loss: labels must lie in [0, V={v}) or equal ignore_index={loss.ignore_index}; "
                     f"found {int(labels[bad][0])}"
                 )
 
@@ -195,13 +178,10 @@ def _bucket_divergence(
     raise ValueError(f"kd_loss: unknown divergence {divergence!r}; choose one of {DIVERGENCES}")
 
 
-def count_rows(
-    ids: torch.Tensor, vocab_size: int, labels: torch.Tensor | None, ignore_index: int, alpha: float
-) -> torch.Tensor:
+def count_rows(ids: torch.Tensor, vocab_size: int, labels: torch.Tensor | None, loss: LossConfig) -> torch.Tensor:
     """Counted rows as a float32 device scalar: labelled rows when alpha > 0, else rows with an id."""
-    return row_mask((ids >= 0) & (ids < vocab_size), labels if alpha > 0 else None, ignore_index).sum(
-        dtype=torch.float32
-    )
+    labels = labels if loss.alpha > 0 else None
+    return row_mask((ids >= 0) & (ids < vocab_size), labels, loss.ignore_index).sum(dtype=torch.float32)
 
 
 def loss_from_parts(parts: torch.Tensor, alpha: float, n_rows: torch.Tensor) -> torch.Tensor:
@@ -232,46 +212,42 @@ def kd_loss_parts_reference(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logp: torch.Tensor | None,
-    weights: torch.Tensor | None = None,
+    loss: LossConfig = LossConfig(),
     *,
-    temperature: float = 1.0,
-    divergence: str = "fkl",
-    beta: float = 0.5,
-    alpha: float = 0.0,
+    weights: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
     with_kd: bool = True,
 ) -> torch.Tensor:
     """Per-row parts [N, 2] in plain torch (fp32 math whatever the input dtype): each counted
     row's T^2 D (0 elsewhere) and each labelled row's CE (0 elsewhere, and without labels).
 
-    The semantics of the fused kernel (`trainer.kd_loss_triton.launch`); differentiable by
+    The semantics of the fused kernel (`trainer.losses.triton_kernel.launch`); differentiable by
     autograd. Memory: besides autograd's saved tensors it holds at most about three [N, V] fp32
     arrays (the upcast logits, z / T, and in BUCKET mode a copy with the stored ids masked out
     for the tail's own logsumexp). The full log-softmax is never materialized: only [N, K]
-    gathers and [N] normalizers are.
+    gathers and [N] normalizers are. `with_kd=False` (alpha = 1 only) skips the KD term.
     """
     n, v = logits.shape
-    t = float(temperature)
+    t = loss.temperature
     z = logits.float()
     valid = valid_teacher_ids(topk_ids, v)  # [N, K]
-    rows = row_mask(valid, labels if alpha > 0 else None, ignore_index)  # [N]
+    rows = row_mask(valid, labels if loss.alpha > 0 else None, loss.ignore_index)  # [N]
     zero = torch.zeros(n, dtype=torch.float32, device=logits.device)
     kd, ce = zero, zero
 
     if labels is not None:
-        has_label = labels != ignore_index
+        has_label = labels != loss.ignore_index
         y = torch.where(has_label, labels, 0).long()
         ce = torch.where(has_label, torch.logsumexp(z, dim=1) - z.gather(1, y[:, None]).squeeze(1), 0.0)
 
-    if with_kd or alpha < 1:
+    if with_kd or loss.alpha < 1:
         u = z * (1.0 / t) if t != 1.0 else z  # multiply like the kernel does, not divide
         ids = torch.where(valid, topk_ids, 0).long()
         u_s = u.gather(1, ids)  # [N, K]
         if weights is not None:
             d = _weighted_divergence(u, u_s, valid, topk_logp, weights)
         else:
-            d = _bucket_divergence_of(u, u_s, ids, valid, topk_logp, divergence, beta)
+            d = _bucket_divergence_of(u, u_s, ids, valid, topk_logp, loss.divergence, loss.beta)
         kd = torch.where(rows, t * t * d, 0.0)
     return torch.stack([kd, ce], dim=1)
 
@@ -326,10 +302,11 @@ def kd_loss_reference(
     logits: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logp: torch.Tensor | None,
+    loss: LossConfig = LossConfig(),
+    *,
     weights: torch.Tensor | None = None,
-    **kw,
+    labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The loss of `kd_loss_parts_reference` (same arguments): the masked means, mixed by alpha."""
-    parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, weights, **kw)
-    n_rows = count_rows(topk_ids, logits.shape[1], kw.get("labels"), kw.get("ignore_index", -100), kw.get("alpha", 0.0))
-    return loss_from_parts(parts, kw.get("alpha", 0.0), n_rows)
+    parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, loss, weights=weights, labels=labels)
+    return loss_from_parts(parts, loss.alpha, count_rows(topk_ids, logits.shape[1], labels, loss))

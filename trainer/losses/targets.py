@@ -47,7 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
-from trainer.kd_loss import kd_loss, teacher_logprobs_at_temperature
+from trainer.losses.config import LossConfig
+from trainer.losses.kd_loss import kd_loss, teacher_logprobs_at_temperature
 
 __all__ = ["SparseTarget", "sampled_kd_loss", "sampled_target", "topk_target"]
 
@@ -128,21 +129,22 @@ def sampled_kd_loss(
     ids: torch.Tensor,
     counts: torch.Tensor,
     draws: int,
+    loss: LossConfig = LossConfig(),
     *,
-    temperature: float = 1.0,
     teacher_logp: torch.Tensor | None = None,
     lse_1: torch.Tensor | None = None,
     lse_t: torch.Tensor | None = None,
     head: int = 0,
-    backend: str = "auto",
 ) -> torch.Tensor:
     """T² · mean over tokens of Σ_i (c_i / M) w_i (log p_T(i) − log q_T(i)), w_i = p_T(i) / p(i)
     (with a head: the estimator of the module docstring): `kd_loss` on `sampled_target`.
 
-    Returns a float32 scalar; tokens with no stored id are left out of the mean (none: 0).
+    `loss` as for `kd_loss` (divergence "fkl": the draws estimate the forward KL only); the
+    other arguments as for `sampled_target`, at `loss.temperature`. Returns a float32 scalar;
+    tokens with no stored id are left out of the mean (none: 0).
     """
     if ids.shape[0] != logits.shape[0]:
         raise ValueError(f"ids {tuple(ids.shape)} and logits {tuple(logits.shape)} must agree on N")
-    target = sampled_target(ids, counts, draws, temperature=temperature, teacher_logp=teacher_logp,
+    target = sampled_target(ids, counts, draws, temperature=loss.temperature, teacher_logp=teacher_logp,
                             lse_1=lse_1, lse_t=lse_t, head=head)  # fmt: skip
-    return kd_loss(logits, target.ids, target.logp, weights=target.weights, temperature=temperature, backend=backend)
+    return kd_loss(logits, target.ids, target.logp, loss, weights=target.weights)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from trainer.kd_loss import normalized_kw
-from trainer.kd_loss_reference import (
+from trainer.losses.config import LossConfig
+from trainer.losses.reference import (
     check_kd_loss_args,
     count_rows,
     kd_loss_parts_reference,
@@ -86,7 +86,8 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         weights: torch.Tensor | None,
         labels: torch.Tensor | None,
         n_total: torch.Tensor,
-        kw: dict,
+        loss: LossConfig,
+        with_kd: bool,
         backend: str,
         chunk_size: int,
         grad_hidden_needed: bool,
@@ -106,7 +107,7 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         compute_grad = grad_hidden_needed or grad_weight_needed
 
         if backend == "triton":
-            from trainer.kd_loss_triton import launch
+            from trainer.losses.triton_kernel import launch
 
         def rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
             return None if t is None else t[start:stop]
@@ -114,22 +115,24 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             x_c = hidden[start:stop]
-            target_c = (topk_ids[start:stop], rows(topk_logp, start, stop), rows(weights, start, stop))
+            ids_c, logp_c, weights_c = topk_ids[start:stop], rows(topk_logp, start, stop), rows(weights, start, stop)
             lab_c = rows(labels, start, stop)
             logits_c = torch.mm(x_c, weight.t(), out=logits_buf[: stop - start])
             if backend == "triton":
                 # In place: the kernel turns the chunk's logits into their gradient G_c.
                 parts_c, g_c = launch(
-                    logits_c, *target_c, lab_c, **kw, inplace_grad=True, compute_grad=compute_grad, n_rows=n_total
-                )
+                    logits_c, ids_c, logp_c, weights_c, lab_c, loss,
+                    inplace_grad=True, compute_grad=compute_grad, with_kd=with_kd, n_rows=n_total,
+                )  # fmt: skip
             else:
                 with torch.enable_grad():
                     z_c = logits_c.detach().requires_grad_(compute_grad)
-                    parts_c = kd_loss_parts_reference(z_c, *target_c, labels=lab_c, **kw)
+                    parts_c = kd_loss_parts_reference(z_c, ids_c, logp_c, loss, weights=weights_c, labels=lab_c,
+                                                      with_kd=with_kd)  # fmt: skip
                     # The chunk's share of the global mean: its rows' terms over the batch's n.
                     g_c = None
                     if compute_grad:
-                        (g_c,) = torch.autograd.grad(loss_from_parts(parts_c, kw["alpha"], n_total), z_c)
+                        (g_c,) = torch.autograd.grad(loss_from_parts(parts_c, loss.alpha, n_total), z_c)
             part_sums += parts_c.detach().sum(dim=0)
             if grad_hidden is not None:
                 torch.mm(g_c, weight, out=grad_hidden[start:stop])
@@ -146,7 +149,7 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.scaled = False
         ctx.mark_non_differentiable(part_sums)
-        return loss_from_parts(part_sums[None], kw["alpha"], n_total), part_sums
+        return loss_from_parts(part_sums[None], loss.alpha, n_total), part_sums
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -167,7 +170,7 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
             grad_hidden.mul_(scale)
         if grad_weight is not None:
             grad_weight.mul_(scale)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None, None
 
 
 def _check_hidden_args(hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
@@ -203,27 +206,22 @@ def kd_loss_from_hidden(
     lm_head_weight: torch.Tensor,
     topk_ids: torch.Tensor,
     topk_logp: torch.Tensor | None,
+    loss: LossConfig = LossConfig(),
     *,
     weights: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    divergence: str = "fkl",
-    beta: float = 0.5,
-    alpha: float = 0.0,
     labels: torch.Tensor | None = None,
-    ignore_index: int = -100,
-    backend: str = "auto",
     chunk_size: int | None = None,
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kd_loss(hidden @ lm_head_weight.T, topk_ids, topk_logp, ...)` without the [N, V] logits.
+    """`kd_loss(hidden @ lm_head_weight.T, topk_ids, topk_logp, loss, ...)` without the [N, V] logits.
 
     Args:
         hidden: [N, H] the student's final hidden states (after the last norm), float32 /
             bfloat16 / float16.
         lm_head_weight: [V, H] the output projection's weight (`nn.Linear(H, V).weight`), same
             dtype and device as `hidden`. A bias is not supported (LM heads have none).
-        topk_ids, topk_logp, weights, temperature, divergence, beta, alpha, labels, ignore_index,
-        backend, return_parts: as for `trainer.kd_loss.kd_loss` (same checks, same semantics).
+        topk_ids, topk_logp, loss, weights, labels, return_parts: as for `trainer.losses.kd_loss.kd_loss`
+            (same checks, same semantics).
         chunk_size: rows of logits materialized at once; None picks `default_chunk_size(N, V)`
             (as many rows as fit 2^27 logits, 2^20 on the torch path: bounded memory, GEMMs
             large enough to stay efficient; the docstring there says why).
@@ -240,8 +238,8 @@ def kd_loss_from_hidden(
     # kd_loss's checks on a stand-in for the logits: a 0-d tensor expanded to [N, V] has their
     # shape, dtype and device but occupies one element.
     logits_like = hidden.new_empty(()).expand(n, v)
-    kw = dict(temperature=temperature, divergence=divergence, beta=beta, alpha=alpha, ignore_index=ignore_index)
-    check_kd_loss_args(logits_like, topk_ids, topk_logp, labels=labels, backend=backend, weights=weights, **kw)
+    check_kd_loss_args(logits_like, topk_ids, topk_logp, loss, weights=weights, labels=labels)
+    backend = loss.backend
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"
     if chunk_size is None:
@@ -249,14 +247,13 @@ def kd_loss_from_hidden(
     elif not (isinstance(chunk_size, int) and chunk_size >= 1):
         raise ValueError(f"kd_loss_from_hidden: chunk_size must be an int >= 1 or None, got {chunk_size!r}")
     if backend == "triton":
-        from trainer.kd_loss_triton import require_runnable
+        from trainer.losses.triton_kernel import require_runnable
 
         require_runnable(hidden)
-    kw = normalized_kw(kw, with_kd=return_parts or alpha < 1)
     # The count of the whole batch, as a device tensor (no host sync per chunk).
-    n_total = count_rows(topk_ids, v, labels, ignore_index, alpha).reshape(1)
+    n_total = count_rows(topk_ids, v, labels, loss).reshape(1)
     grad_on = torch.is_grad_enabled()
-    loss, part_sums = KDLossFromHiddenFunction.apply(
+    value, part_sums = KDLossFromHiddenFunction.apply(
         hidden,
         lm_head_weight,
         topk_ids,
@@ -264,12 +261,13 @@ def kd_loss_from_hidden(
         weights,
         labels,
         n_total,
-        kw,
+        loss,
+        return_parts or loss.alpha < 1,
         backend,
         chunk_size,
         grad_on and hidden.requires_grad,
         grad_on and lm_head_weight.requires_grad,
     )
     if not return_parts:
-        return loss
-    return (loss, *part_means(part_sums[None], n_total, labels, ignore_index))
+        return value
+    return (value, *part_means(part_sums[None], n_total, labels, loss.ignore_index))

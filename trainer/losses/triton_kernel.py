@@ -1,7 +1,7 @@
 """Fused KD loss against a sparse teacher target: one Triton launch computes loss and gradient.
 
 Layout: math (this comment block) -> `@triton.jit` kernel -> launcher -> autograd.Function.
-`trainer.kd_loss.kd_loss` is the public entry point; this module is imported lazily by it so
+`trainer.losses.kd_loss.kd_loss` is the public entry point; this module is imported lazily by it so
 that `import trainer` does not import triton (TRITON_INTERPRET is read when the kernels below
 are decorated, i.e. when this module is first imported).
 
@@ -41,7 +41,7 @@ over K+1 buckets:
 
 WEIGHTED (draws: sampled stores, counts-only, or an exact head + tail draws): a weight w_k on
 each stored id, the target mass there (p_T on exact ids, an importance weight on drawn ones,
-built by `trainer.targets`), with E[w] = p_T on every id. Only the forward KL has an unbiased
+built by `trainer.losses.targets`), with E[w] = p_T on every id. Only the forward KL has an unbiased
 estimator from draws:
 
     D^ = sum_S w_k (lp_k - log q_k)        (without lp, counts-only: -sum_S w_k log q_k, the
@@ -85,7 +85,8 @@ import torch
 import triton
 import triton.language as tl
 
-from trainer.kd_loss_reference import count_rows, loss_from_parts
+from trainer.losses.config import LossConfig
+from trainer.losses.reference import count_rows, loss_from_parts
 
 __all__ = ["KDLossFunction", "block_v_for", "interpreting", "kd_loss_triton", "launch", "require_runnable"]
 
@@ -455,12 +456,8 @@ def launch(
     logp: torch.Tensor | None,
     weights: torch.Tensor | None,
     labels: torch.Tensor | None,
+    loss: LossConfig,
     *,
-    temperature: float,
-    divergence: str,
-    beta: float,
-    alpha: float,
-    ignore_index: int,
     inplace_grad: bool,
     compute_grad: bool,
     with_kd: bool = True,
@@ -485,7 +482,8 @@ def launch(
     weights = None if weights is None else weights.contiguous()
     if labels is not None:
         labels = labels.contiguous()
-    has_kd = with_kd or alpha < 1.0
+    temperature, beta = loss.temperature, loss.beta
+    has_kd = with_kd or loss.alpha < 1.0
 
     grad = None
     if compute_grad:
@@ -496,11 +494,11 @@ def launch(
 
     # The number of counted rows stays on the device: no .item() sync.
     if n_rows is None:
-        n_rows = count_rows(ids, v, labels, ignore_index, alpha).reshape(1)
+        n_rows = count_rows(ids, v, labels, loss).reshape(1)
 
     const = kernel_constexprs(
-        divergence=divergence, weighted=weights is not None, has_logp=logp is not None, has_kd=has_kd,
-        has_labels=labels is not None, rows_by_labels=alpha > 0, compute_grad=compute_grad, k=k,
+        divergence=loss.divergence, weighted=weights is not None, has_logp=logp is not None, has_kd=has_kd,
+        has_labels=labels is not None, rows_by_labels=loss.alpha > 0, compute_grad=compute_grad, k=k,
         one_softmax=weights is not None and temperature == 1.0 and labels is not None and has_kd,
         block_v=block_v or block_v_for(v, k, weighted=weights is not None),
     )  # fmt: skip
@@ -519,11 +517,11 @@ def launch(
         parts,
         v,
         k,
-        ignore_index,
+        loss.ignore_index,
         1.0 / temperature,
-        float(temperature),
-        float(alpha),
-        float(beta),
+        temperature,
+        loss.alpha,
+        beta,
         math.log(beta) if 0 < beta < 1 else 0.0,
         math.log1p(-beta) if 0 < beta < 1 else 0.0,
         **const,
@@ -550,14 +548,15 @@ class KDLossFunction(torch.autograd.Function):
         weights: torch.Tensor | None,
         labels: torch.Tensor | None,
         n_rows: torch.Tensor,
-        kw: dict,
+        loss: LossConfig,
+        with_kd: bool,
         inplace_grad: bool,
         block_v: int | None,
         compute_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         parts, grad = launch(
-            logits, ids, logp, weights, labels, **kw,
-            inplace_grad=inplace_grad, compute_grad=compute_grad, block_v=block_v, n_rows=n_rows,
+            logits, ids, logp, weights, labels, loss,
+            inplace_grad=inplace_grad, compute_grad=compute_grad, with_kd=with_kd, block_v=block_v, n_rows=n_rows,
         )  # fmt: skip
         if grad is not None:
             if grad is logits:
@@ -567,7 +566,7 @@ class KDLossFunction(torch.autograd.Function):
                 torch.autograd.graph.increment_version(logits)
             ctx.save_for_backward(grad.detach())
         ctx.mark_non_differentiable(parts)
-        return loss_from_parts(parts, kw["alpha"], n_rows), parts
+        return loss_from_parts(parts, loss.alpha, n_rows), parts
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -581,7 +580,7 @@ class KDLossFunction(torch.autograd.Function):
                 scale = grad_output.reshape(1).float()
                 _scale_kernel[(n,)](grad, grad.stride(0), scale, v, BLOCK_V=bv, num_warps=8 if bv >= 4096 else 4)
             grad_logits = grad
-        return grad_logits, None, None, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None, None
 
 
 def require_runnable(t: torch.Tensor) -> None:
@@ -601,21 +600,21 @@ def kd_loss_triton(
     logp: torch.Tensor | None,
     weights: torch.Tensor | None,
     labels: torch.Tensor | None,
-    kw: dict,
+    loss: LossConfig,
     *,
+    with_kd: bool = True,
     inplace_grad: bool = False,
     block_v: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused kernel behind `kd_loss(..., backend="triton")`; arguments are assumed checked.
+    """The fused kernel behind `kd_loss` with backend "triton"; arguments are assumed checked.
 
-    `kw` holds temperature, divergence, beta, alpha, ignore_index and with_kd. `block_v`
-    overrides the vocabulary block (tests use tiny blocks to cover many iterations).
-    Returns (loss, parts [N, 2]).
+    `with_kd=False` (alpha = 1 only) skips the KD term. `block_v` overrides the vocabulary
+    block (tests use tiny blocks to cover many iterations). Returns (loss, parts [N, 2]).
     """
     require_runnable(logits)
-    n_rows = count_rows(ids, logits.shape[1], labels, kw["ignore_index"], kw["alpha"]).reshape(1)
+    n_rows = count_rows(ids, logits.shape[1], labels, loss).reshape(1)
     return KDLossFunction.apply(
-        logits, ids, logp, weights, labels, n_rows, kw, bool(inplace_grad), block_v,
+        logits, ids, logp, weights, labels, n_rows, loss, bool(with_kd), bool(inplace_grad), block_v,
         # Decided here, not from ctx.needs_input_grad inside forward: that is True under
         # torch.no_grad() too, and an eval pass must not pay for (or write in place) a gradient.
         torch.is_grad_enabled() and logits.requires_grad,
