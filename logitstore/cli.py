@@ -99,6 +99,7 @@ def _capture(args: argparse.Namespace) -> int:
     if "RANK" not in os.environ:  # under torchrun the launcher (this branch) has checked already
         # Seconds now rather than after the teacher has loaded.
         check_inputs(args.corpus, args.out, text_field=args.text_field, resume=args.resume)
+        _check_context(spec, args)
         if args.gpus > 1:  # become torchrun's launcher
             return distributed.launch(args.gpus, _without_gpus(args.argv[args.argv.index("capture") + 1:]))
     if args.no_progress or rank != 0:
@@ -143,7 +144,22 @@ def _spec_from_flags(args: argparse.Namespace) -> CaptureSpec:
     try:
         return CaptureSpec.parse({name: getattr(args, name) for name in CaptureSpec.model_fields})
     except SpecError as e:
-        raise LogitStoreError("; ".join(f"{_flag_with_value(args, name)}: {msg}" for name, msg in e.problems)) from None
+        raise _as_flags(e, args) from None
+
+
+def _as_flags(error: SpecError, args: argparse.Namespace) -> LogitStoreError:
+    """The spec's error with each field phrased as the flag that set it: `--k 0: ...`."""
+    return LogitStoreError("; ".join(f"{_flag_with_value(args, name)}: {msg}" for name, msg in error.problems))
+
+
+def _check_context(spec: CaptureSpec, args: argparse.Namespace) -> None:
+    """--max-len against the teacher's context length, read from its config, not its weights."""
+    from logitstore.hf import teacher_context_length
+
+    try:
+        spec.check_teacher(context_length=teacher_context_length(args.teacher))
+    except SpecError as e:
+        raise _as_flags(e, args) from None
 
 
 def _flag(name: str) -> str:

@@ -135,3 +135,55 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     ]
     text = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The longest sequence a model was trained for, from its Hugging Face config (None if
+    the config does not say): `max_position_embeddings`, times the RoPE scaling factor where
+    the scaling extends the context past it (linear, dynamic, yarn without an
+    `original_max_position_embeddings`; with one, as in llama3 scaling, the config's
+    `max_position_embeddings` is already the extended length)."""
+    positions = config.get("max_position_embeddings")
+    if not isinstance(positions, int) or positions <= 0:
+        return None
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = scaling.get("factor")
+    if kind in ("linear", "dynamic", "yarn") and "original_max_position_embeddings" not in scaling and factor:
+        return int(positions * float(factor))
+    return positions
+
+
+_context_cache: dict[tuple, int | None] = {}
+
+
+def teacher_context_length(name_or_path: str) -> int | None:
+    """The context length of the teacher `name_or_path` names, read from its config.json or
+    GGUF metadata without loading its weights (cached per file and modification time); None
+    where it cannot be read now (a hub id neither reachable nor cached: the capture checks
+    again once the teacher is loaded)."""
+    src = resolve_teacher_source(name_or_path)
+    if src.kind == "hub":
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return context_length(json.loads(Path(hf_hub_download(src.path_or_id, "config.json")).read_text()))
+        except Exception:  # unreachable and not cached
+            return None
+    path = Path(src.location) if src.kind == "gguf" else Path(src.path_or_id) / "config.json"
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _context_cache:
+        _context_cache[key] = _gguf_context_length(path) if src.kind == "gguf" else context_length(
+            json.loads(path.read_text()))
+    return _context_cache[key]
+
+
+def _gguf_context_length(path: Path) -> int | None:
+    from gguf import GGUFReader  # a dependency of the capture extra
+
+    fields = GGUFReader(path).fields
+    arch = fields.get("general.architecture")
+    if arch is None:
+        return None
+    length = fields.get(f"{bytes(arch.parts[arch.data[0]]).decode()}.context_length")
+    return int(length.parts[length.data[0]][0]) if length is not None else None

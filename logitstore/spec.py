@@ -153,11 +153,19 @@ class CaptureSpec(BaseModel):
         except ValidationError as e:
             raise SpecError.from_validation(e) from None
 
-    def check_teacher(self, logits_width: int) -> None:
-        """Refuse more slots than the teacher has ids (the rules that need the teacher)."""
-        if self.slots > logits_width:
+    def check_teacher(self, *, logits_width: int | None = None, context_length: int | None = None) -> None:
+        """The rules that need the teacher: no more slots than it has ids, and no sequence
+        longer than its context (past its trained positions its soft labels are silently wrong).
+        None skips a check (not known yet: the context length is read before the weights load)."""
+        problems = []
+        if logits_width is not None and self.slots > logits_width:
             name = "head" if self.head else "k"
-            raise SpecError([(name, f"{self.slots} slots per token exceed the teacher's logits width {logits_width}")])
+            problems.append((name, f"{self.slots} slots per token exceed the teacher's logits width {logits_width}"))
+        if context_length is not None and self.max_len > context_length:
+            problems.append(("max_len", f"{self.max_len} tokens exceed the teacher's context length "
+                             f"{context_length}; its soft labels past that are not trustworthy"))
+        if problems:
+            raise SpecError(problems)
 
     def stored(self, *, logp_codec: dict[str, Any], chunk_tokens: int) -> CaptureSettings:
         """The store's capture metadata: the on-disk names, with `k` = the slot width."""

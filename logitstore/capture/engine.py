@@ -33,6 +33,7 @@ from logitstore.capture.corpus import PackedCorpus, PackedSequence, read_documen
 from logitstore.capture.reduce import Reduction
 from logitstore.capture.teacher import Teacher
 from logitstore.errors import LogitStoreError, MetadataError, StoreExistsError
+from logitstore.hf import context_length
 from logitstore.layout import PIECES_SCHEMA
 from logitstore.reader import Store, open_store
 from logitstore.schema import CorpusInfo, StoreMeta
@@ -117,7 +118,8 @@ def capture(
     `out` is a local directory or an fsspec URL (`s3://bucket/prefix/store`); `storage_options`
     go to fsspec as they are (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
     """
-    spec.check_teacher(teacher.tokenizer_info.logits_width)
+    spec.check_teacher(logits_width=teacher.tokenizer_info.logits_width,
+                       context_length=context_length(teacher.model.config.to_dict()))
     packed = tokenize_and_pack(
         read_documents(corpus, text_field=text_field),
         teacher.tokenizer,

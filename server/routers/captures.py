@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from logitstore.hf import teacher_context_length
 from logitstore.spec import SpecError
 from server.capture_settings import CaptureRequest, job_capture
 from server.db import Corpus, CorpusOwner, Grant, Job, StoreRow, now
@@ -100,6 +101,11 @@ def create_capture(
         raise HTTPException(422, str(e)) from None
     session.commit()  # hashing a teacher's files the first time takes a while: do not hold the database
     fingerprint = teacher_fingerprint(source)
+    try:  # refused now, not after a worker has loaded the teacher
+        body.spec().check_teacher(context_length=teacher_context_length(source))
+    except SpecError as e:
+        raise HTTPException(422, [{"type": "capture_spec", "loc": ["body", name], "msg": msg}
+                                  for name, msg in e.problems]) from None
     # Locked until the job row is in: a concurrent DELETE /v1/corpora by the last uploader would
     # otherwise remove the file under a job that is about to be queued.
     session.get(Corpus, body.corpus_id, with_for_update=True)

@@ -16,7 +16,7 @@ from logitstore.capture.teacher import load_teacher
 from logitstore.cli import main as cli_main
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError, StoreExistsError
-from logitstore.spec import CaptureSpec, CaptureTuning
+from logitstore.spec import CaptureSpec, CaptureTuning, SpecError
 from logitstore.verify import verify
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
@@ -212,6 +212,18 @@ def test_cli_refuses_bad_input_before_loading_the_teacher(tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.startswith("error:") and expected in err and "teacher" not in err.split(expected)[0]
     assert not (tmp_path / "new").exists()
+
+
+def test_a_max_len_past_the_teacher_context_is_refused(tiny_teacher, tiny_teacher_dir, tmp_path, capsys):
+    """The tiny teacher was trained for 512 positions: 513 would give soft labels past them."""
+    rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out",
+                   str(tmp_path / "o"), "--max-len", "513", "--device", "cpu", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--max-len 513: 513 tokens exceed the teacher's context length 512" in err
+    assert "Loading weights" not in err and not (tmp_path / "o").exists()  # refused before loading it
+    with pytest.raises(SpecError) as e:  # and by the engine, for callers that skip the CLI
+        capture(tiny_teacher, [CORPUS], str(tmp_path / "e"), CaptureSpec(max_len=513, max_tokens=50))
+    assert e.value.problems[0][0] == "max_len" and not (tmp_path / "e").exists()
 
 
 def test_cli_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):

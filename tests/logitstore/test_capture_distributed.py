@@ -50,9 +50,24 @@ def test_two_processes_equal_one_and_resume(tiny_teacher_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert verify(str(two)).digest == want
 
-    # A store that exists without --resume: every rank and the launcher say so in one line each.
+    # A store that exists without --resume: the launcher refuses, in one line, before any rank starts.
     proc = cli_capture(tiny_teacher_dir, two)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert sum("already holds a store" in line for line in errors) == 2
-    assert "--resume" in errors[-1] and "rank(s) [0, 1]" in errors[-1]
+    assert len(errors) == 1 and "already holds a store" in errors[0] and "--resume" in errors[0]
+    assert "Loading weights" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_failure_on_the_ranks_is_reported_once_per_rank_and_by_the_launcher(tiny_teacher_dir, tmp_path):
+    """A teacher whose config reads but whose weights do not load passes the launcher's checks
+    and fails on every rank: one line per rank, then the launcher's line naming them."""
+    broken = tmp_path / "broken-teacher"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (tiny_teacher_dir / name).exists():
+            (broken / name).write_bytes((tiny_teacher_dir / name).read_bytes())
+    proc = cli_capture(broken, tmp_path / "out")
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(errors) == 3 and "rank(s) [0, 1]" in errors[-1], proc.stderr[-2000:]

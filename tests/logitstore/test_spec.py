@@ -87,12 +87,17 @@ def test_stored_metadata_keeps_the_format_names_with_k_the_slot_width(given, slo
     assert (stored.draws, stored.seed) == ((spec.draws, spec.seed) if spec.mode == "sampled" else (None, None))
 
 
-def test_the_teacher_bounds_the_slots():
-    CaptureSpec(k=100).check_teacher(logits_width=100)
+def test_the_teacher_bounds_the_slots_and_the_sequence_length():
+    CaptureSpec(k=100, max_len=512).check_teacher(logits_width=100, context_length=512)
     with pytest.raises(SpecError, match="k: 101 slots per token exceed the teacher's logits width 100"):
         CaptureSpec(k=101).check_teacher(logits_width=100)
     with pytest.raises(SpecError, match="head: 30 slots"):
         CaptureSpec(mode="sampled", head=10, k=20).check_teacher(logits_width=25)
+    with pytest.raises(SpecError) as e:
+        CaptureSpec(max_len=513).check_teacher(context_length=512)
+    assert e.value.problems == [("max_len", "513 tokens exceed the teacher's context length 512; its soft labels "
+                                 "past that are not trustworthy")]
+    CaptureSpec(max_len=10**5).check_teacher(logits_width=64)  # an unknown context length is not checked
 
 
 def test_every_spec_field_is_a_capture_flag_with_the_spec_default():

@@ -339,6 +339,17 @@ def test_metrics_and_health(api: Api, corpus_slice: Path) -> None:
     np.testing.assert_equal(json.loads(api.client.get("/openapi.json").text)["info"]["title"], "logitstore")
 
 
+def test_a_max_len_past_the_teacher_context_is_a_422(api: Api, corpus_slice: Path) -> None:
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    refused = api.capture(key, corpus, max_len=513)  # the tiny teacher's config says 512 positions
+    assert refused.status_code == 422
+    assert refused.json()["detail"] == [{"type": "capture_spec", "loc": ["body", "max_len"],
+                                         "msg": "513 tokens exceed the teacher's context length 512; its soft "
+                                         "labels past that are not trustworthy"}]
+    assert api.capture(key, corpus, max_len=512).status_code == 201
+
+
 def test_only_the_owner_may_take_back_a_pending_cancel(api: Api, corpus_slice: Path) -> None:
     alpha, beta = api.team("alpha"), api.team("beta")
     corpus = api.upload(alpha, corpus_slice.read_bytes()).json()["id"]
