@@ -42,7 +42,11 @@ class Settings(BaseSettings):
         default_factory=lambda: {"smollm2-135m": "smollm2-135m"},
         description="teachers this server offers: name -> model directory, .gguf file, hub id or alias",
     )
-    gpus_per_job: int = Field(0, ge=0, description="0: the teacher runs on CPU; 1: on the worker's CUDA device")
+    gpus_per_job: int | None = Field(
+        None, ge=0, le=1,
+        description="GPUs a capture job uses: unset, the worker's CUDA device when it has one, else the CPU; 0: the "
+        "CPU; 1: CUDA. One job uses one GPU today: run one worker per GPU (CUDA_VISIBLE_DEVICES=i)",
+    )  # fmt: skip
     embedded_worker: bool = Field(True, description="`serve` starts one worker process beside the API")
     heartbeat_s: float = Field(5.0, gt=0, description="how often a worker marks its running job alive")
     stale_after_s: float = Field(60.0, gt=0, description="a running job silent this long is reclaimed")
@@ -104,7 +108,8 @@ class Settings(BaseSettings):
 
     @property
     def device(self) -> str:
-        return "cuda" if self.gpus_per_job > 0 else "cpu"
+        """What the worker loads teachers on: "auto" (CUDA when present) unless gpus_per_job says."""
+        return {None: "auto", 0: "cpu", 1: "cuda"}[self.gpus_per_job]
 
     def to_env(self) -> dict[str, str]:
         """These settings as `LOGITSTORE_*` variables, for a worker process started by the server."""

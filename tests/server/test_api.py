@@ -443,3 +443,14 @@ def test_a_hub_teacher_is_fingerprinted_by_its_resolved_revision(tmp_path: Path,
     assert first == teacher_fingerprint("acme/teacher-7b")
     publish("b" * 40)
     assert teacher_fingerprint("acme/teacher-7b") != first
+
+
+def test_workers_use_cuda_when_present_and_one_gpu_per_job(capsys) -> None:
+    """Before: the default was the CPU even on a GPU box, and --gpus-per-job 8 used one device."""
+    from server.cli import main
+    from server.settings import Settings
+
+    assert Settings().device == "auto"  # load_teacher: CUDA when available, else the CPU
+    assert (Settings(gpus_per_job=0).device, Settings(gpus_per_job=1).device) == ("cpu", "cuda")
+    assert main(["worker", "--data-dir", "unused", "--gpus-per-job", "8"]) == 2
+    assert capsys.readouterr().err.strip() == "error: setting gpus_per_job: Input should be less than or equal to 1"
