@@ -1,7 +1,8 @@
 """`create_app(settings)`: the FastAPI application.
 
-The lifespan migrates the database (Alembic, server/migrations) and, when enabled, starts one embedded worker process
-with the same settings, and restarts it whenever it dies (`EmbeddedWorker`). Every error
+The lifespan migrates the database (Alembic, server/migrations) and, when enabled, starts
+one embedded worker process with the same settings, and restarts it whenever it dies
+(`EmbeddedWorker`). Every error
 reaches the client as JSON `{"detail": ...}`: user errors from logitstore as 422, a JSON
 body with NaN or Infinity as 422, anything unexpected as a bare 500 (logged, never a
 traceback in the response).
