@@ -3,6 +3,7 @@
 Kernel tests run on CPU under the Triton interpreter (set in tests/conftest.py).
 """
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -33,13 +34,15 @@ def peaked_teacher_dir(tiny_teacher_dir, tmp_path_factory) -> Path:
 def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
     """Capture (once per settings) the peaked tiny teacher over tinyshakespeare; returns the store path.
 
-    Arguments are CaptureSpec fields and `unit_tokens`, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`,
+    Arguments are CaptureSpec or CaptureTuning fields, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`,
     and `corpus` (a text file; default the start of tinyshakespeare).
     Defaults: k=8, temperatures (1, 2), max_len 64, 4000 tokens, 1000-token units (several segments).
     """
     from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
     from logitstore.spec import CaptureSpec, CaptureTuning
+
+    TUNING_FIELDS = {f.name for f in dataclasses.fields(CaptureTuning)}
 
     teacher = load_teacher(str(peaked_teacher_dir), device="cpu")
     built: dict[tuple, str] = {}
@@ -50,8 +53,8 @@ def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
         key = (str(corpus), *sorted(settings.items()))
         if key not in built:
             out = tmp_path_factory.mktemp("tiny_store") / "store"
-            unit_tokens = settings.pop("unit_tokens")
-            capture(teacher, [corpus], str(out), CaptureSpec(**settings), tuning=CaptureTuning(unit_tokens=unit_tokens))
+            tuning = {name: settings.pop(name) for name in list(settings) if name in TUNING_FIELDS}
+            capture(teacher, [corpus], str(out), CaptureSpec(**settings), tuning=CaptureTuning(**tuning))
             built[key] = str(out)
         return built[key]
 
