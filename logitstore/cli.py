@@ -106,7 +106,7 @@ def _capture(args: argparse.Namespace) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    teacher = load_teacher(args.teacher, device=distributed.device_for_rank(args.device))
+    teacher = load_teacher(args.teacher, device=distributed.device_for_rank(args.device), dtype=spec.dtype)
     # Under torchrun rank 0 shows its own units' progress; the ranks' shares differ by at most one unit.
     with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress or rank != 0, desc="capture") as bar:
 

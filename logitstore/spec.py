@@ -98,6 +98,11 @@ class CaptureSpec(BaseModel):
     max_tokens: int | None = Field(
         None, ge=1, description="stop after this many corpus tokens (default: the whole corpus)"
     )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="the teacher's compute dtype; auto: bfloat16 on CUDA, float32 on CPU. The store records "
+        "the one used (teacher.dtype)",
+    )
 
     @field_validator("temperatures")
     @classmethod
@@ -132,12 +137,14 @@ class CaptureSpec(BaseModel):
     @model_serializer(mode="wrap")
     def _without_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Settings the mode ignores (always at their defaults, see above) are left out, and so are
-        # head and counts_only at their defaults: job rows and dedup keys written before these
-        # fields existed read the same.
+        # head, counts_only and dtype at their defaults: job rows and dedup keys written before
+        # these fields existed read the same.
         data = handler(self)
         for name in _MODE_SPECIFIC:
             if name not in _MODE_FIELDS[self.mode] or (name in ("head", "counts_only") and not data[name]):
                 data.pop(name)
+        if self.dtype == "auto":
+            data.pop("dtype")
         return data
 
     @property
@@ -153,11 +160,15 @@ class CaptureSpec(BaseModel):
         except ValidationError as e:
             raise SpecError.from_validation(e) from None
 
-    def check_teacher(self, *, logits_width: int | None = None, context_length: int | None = None) -> None:
-        """The rules that need the teacher: no more slots than it has ids, and no sequence
-        longer than its context (past its trained positions its soft labels are silently wrong).
-        None skips a check (not known yet: the context length is read before the weights load)."""
+    def check_teacher(
+        self, *, logits_width: int | None = None, context_length: int | None = None, dtype: str | None = None
+    ) -> None:
+        """The rules that need the teacher: no more slots than it has ids, no sequence longer
+        than its context (past its trained positions its soft labels are silently wrong), and
+        the dtype asked for. None skips a check (the context length is read before the weights load)."""
         problems = []
+        if dtype is not None and self.dtype not in ("auto", dtype):
+            problems.append(("dtype", f"{self.dtype} asked for, but the teacher was loaded in {dtype}"))
         if logits_width is not None and self.slots > logits_width:
             name = "head" if self.head else "k"
             problems.append((name, f"{self.slots} slots per token exceed the teacher's logits width {logits_width}"))

@@ -77,7 +77,7 @@ class Worker:
         self.db = Database(settings.db_url)
         self.id = worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.stop = threading.Event()
-        self._teachers: dict[str, object] = {}  # source -> loaded Teacher, reused across jobs
+        self._teachers: dict[tuple[str, str], object] = {}  # (source, dtype) -> loaded Teacher, reused
         self._lease_until = 0.0  # time.monotonic() until which the running job is surely still ours
 
     def run(self) -> None:
@@ -188,8 +188,8 @@ class Worker:
             )
         # A job row older than corpora keeping their text_field carries its own.
         spec, tuning, legacy_text_field = job_capture(job.settings)
-        if source not in self._teachers:
-            self._teachers[source] = load_teacher(source, device=self.settings.device)
+        if (source, spec.dtype) not in self._teachers:
+            self._teachers[source, spec.dtype] = load_teacher(source, device=self.settings.device, dtype=spec.dtype)
         out, options = self.settings.store_url(job.store_id), self.settings.storage_options
         resume = storage.key_exists(storage.open_kv(out, read_only=True, storage_options=options), "zarr.json")
         if not resume:
@@ -217,7 +217,7 @@ class Worker:
                 row.tokens_done, row.tokens_total = p.tokens_done, p.tokens_total
                 row.tokens_per_s, row.eta_s = p.tokens_per_s, p.eta_s
 
-        capture(self._teachers[source], [job.corpus_path], out, spec, tuning=tuning,
+        capture(self._teachers[source, spec.dtype], [job.corpus_path], out, spec, tuning=tuning,
                 text_field=legacy_text_field or job.text_field, resume=resume, progress=progress,
                 storage_options=options)
 

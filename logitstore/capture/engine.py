@@ -119,7 +119,7 @@ def capture(
     go to fsspec as they are (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
     """
     spec.check_teacher(logits_width=teacher.tokenizer_info.logits_width,
-                       context_length=context_length(teacher.model.config.to_dict()))
+                       context_length=context_length(teacher.model.config.to_dict()), dtype=teacher.info.dtype)
     packed = tokenize_and_pack(
         read_documents(corpus, text_field=text_field),
         teacher.tokenizer,

@@ -56,17 +56,20 @@ def load_teacher(
     name_or_path: str,
     *,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> Teacher:
     """Load a frozen teacher and its tokenizer, and fingerprint both.
 
-    `dtype` defaults to bfloat16 on CUDA and float32 on CPU. The weights fingerprint is taken
+    `dtype` (a torch dtype or its name; None or "auto": bfloat16 on CUDA, float32 on CPU) is what
+    the forward pass runs in. The weights fingerprint is taken
     over the tensors as loaded, i.e. in the dtype the forward pass runs in.
     """
     src = resolve_teacher_source(name_or_path)
     dev = resolve_device(device)
-    if dtype is None:
+    if dtype is None or dtype == "auto":
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
     kwargs: dict[str, Any] = {}
     if src.gguf_file is not None:
         kwargs["gguf_file"] = src.gguf_file

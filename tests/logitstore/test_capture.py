@@ -226,6 +226,22 @@ def test_a_max_len_past_the_teacher_context_is_refused(tiny_teacher, tiny_teache
     assert e.value.problems[0][0] == "max_len" and not (tmp_path / "e").exists()
 
 
+def test_the_teacher_dtype_is_chosen_and_recorded(tiny_teacher_dir, tmp_path, capsys):
+    args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--k", "8", "--max-len", "64",
+            "--max-tokens", "128", "--device", "cpu", "--no-progress"]
+    assert cli_main([*args, "--out", str(tmp_path / "f32")]) == 0
+    assert cli_main([*args, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
+    f32, bf16 = open_store(str(tmp_path / "f32")), open_store(str(tmp_path / "bf16"))
+    assert (f32.meta.teacher.dtype, bf16.meta.teacher.dtype) == ("float32", "bfloat16")  # auto on CPU: float32
+    assert f32.meta.teacher.weights_sha256 != bf16.meta.teacher.weights_sha256
+    a, b = f32.read(0, 128), bf16.read(0, 128)
+    assert np.mean(a.topk_ids[:, 0] == b.topk_ids[:, 0]) > 0.9  # the same teacher, rounded differently
+    capsys.readouterr()
+    bf16_teacher = load_teacher(str(tiny_teacher_dir), device="cpu", dtype="bfloat16")
+    with pytest.raises(SpecError, match="dtype: float32 asked for"):  # the engine checks what it was given
+        capture(bf16_teacher, [CORPUS], str(tmp_path / "x"), CaptureSpec(max_len=64, max_tokens=50, dtype="float32"))
+
+
 def test_cli_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):
     rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(tmp_path / "missing.txt"),
                    "--out", str(tmp_path / "o"), "--device", "cpu", "--no-progress"])

@@ -57,6 +57,7 @@ def test_a_setting_the_mode_ignores_may_stay_at_its_default():
         {"mode": "sampled", "draws": 20, "seed": 7, "k": 16},
         {"mode": "sampled", "head": 8, "k": 50, "temperatures": [4, 1]},
         {"mode": "sampled", "counts_only": True, "temperatures": [1], "max_tokens": 100, "packing": "document"},
+        {"dtype": "bfloat16"},
     ],
 )
 def test_dump_is_canonical_and_round_trips(given):
@@ -69,6 +70,7 @@ def test_dump_is_canonical_and_round_trips(given):
               "counts_only"}, "sampled": {"coverage"}}[spec.mode]
     assert not unused & dumped.keys()
     assert ("head" in dumped) == bool(spec.head) and ("counts_only" in dumped) == spec.counts_only
+    assert ("dtype" in dumped) == (spec.dtype != "auto")
 
 
 @pytest.mark.parametrize(
@@ -98,6 +100,9 @@ def test_the_teacher_bounds_the_slots_and_the_sequence_length():
     assert e.value.problems == [("max_len", "513 tokens exceed the teacher's context length 512; its soft labels "
                                  "past that are not trustworthy")]
     CaptureSpec(max_len=10**5).check_teacher(logits_width=64)  # an unknown context length is not checked
+    CaptureSpec().check_teacher(dtype="bfloat16")  # auto takes whatever the teacher was loaded in
+    with pytest.raises(SpecError, match="dtype: float32 asked for, but the teacher was loaded in bfloat16"):
+        CaptureSpec(dtype="float32").check_teacher(dtype="bfloat16")
 
 
 def test_every_spec_field_is_a_capture_flag_with_the_spec_default():
