@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import zarr
 from test_capture import assert_matches_reference, reference
 
+from logitstore import layout, storage
 from logitstore.capture.engine import capture
 from logitstore.capture.reduce import Reduction, hashed_uniforms
 from logitstore.capture.teacher import load_teacher
@@ -129,7 +129,8 @@ def test_counts_only_keeps_the_same_draws_without_logprobs(peaked_teacher, tmp_p
     report = verify(store.url)
     assert report.ok and report.digest != verify(full.url).digest
     # In the stored order each token's id-table indices ascend, which is what makes the bytes smaller.
-    table = np.asarray(zarr.open_array(str(tmp_path / "counts" / "segments" / "000000" / "id_table"))[...])
+    segment = storage.open_kv(str(tmp_path / "counts"), read_only=True)
+    table = np.asarray(layout.open_array(segment, "segments/000000/id_table")[...])
     rank = {int(i): r for r, i in enumerate(table)}
     seg0 = store.read(*store.segment_spans()[0]).topk_ids
     assert all(np.all(np.diff([rank[int(i)] for i in row[row >= 0]]) > 0) for row in seg0)
