@@ -9,6 +9,7 @@ the same on every backend. The schema is made and upgraded by the Alembic revisi
 from __future__ import annotations
 
 import hashlib
+import sqlite3
 import time
 import uuid
 from collections.abc import Iterator
@@ -162,8 +163,8 @@ def make_engine(url: str) -> Engine:
     def _on_connect(dbapi_conn, _record) -> None:
         dbapi_conn.isolation_level = None  # the driver's own BEGIN is replaced by ours below
         cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")
         cur.execute("PRAGMA busy_timeout=30000")
+        _set_wal(cur)
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
@@ -172,6 +173,21 @@ def make_engine(url: str) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _set_wal(cur: sqlite3.Cursor, wait_s: float = 30.0) -> None:
+    """Switch to WAL. That switch needs the database to itself, and SQLite answers "database is
+    locked" at once instead of waiting when another connection holds it (processes starting
+    together on a new database): retry until `wait_s` has passed, as the busy timeout would."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 class Database:
