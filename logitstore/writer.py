@@ -77,6 +77,15 @@ class SegmentData:
                 raise ValueError(f"counts of a token sum to more than draws={meta.capture.draws}")
 
 
+def check_target(store: Any, url: str, *, resume: bool) -> None:
+    """`url` must hold a store exactly when resuming one."""
+    exists = storage.key_exists(store, "zarr.json")
+    if exists and not resume:
+        raise StoreExistsError(f"{url} already holds a store; pick a new --out, or pass --resume to continue it")
+    if resume and not exists:
+        raise MetadataError(f"{url} holds no store to resume; run the capture without --resume")
+
+
 class StoreWriter:
     """Creates a store and commits its segments. One process may own several segments;
     a segment is owned by exactly one writer."""
@@ -93,8 +102,7 @@ class StoreWriter:
     def create(cls, url: str, meta: StoreMeta, *, storage_options: dict[str, Any] | None = None) -> StoreWriter:
         """Create a new, empty store at `url`; refuses to touch an existing one."""
         store = storage.open_kv(url, read_only=False, storage_options=storage_options)
-        if storage.key_exists(store, "zarr.json"):
-            raise StoreExistsError(f"{url} already holds a store; pick a new --out, or pass --resume to continue it")
+        check_target(store, url, resume=False)
         zarr.create_group(store, attributes=meta.to_attrs(), zarr_format=3)
         return cls(store, meta, url)
 
@@ -102,8 +110,7 @@ class StoreWriter:
     def resume(cls, url: str, meta: StoreMeta, *, storage_options: dict[str, Any] | None = None) -> StoreWriter:
         """Reopen the store at `url` to continue the same capture; refuses a different one."""
         store = storage.open_kv(url, read_only=False, storage_options=storage_options)
-        if not storage.key_exists(store, "zarr.json"):
-            raise MetadataError(f"{url} holds no store to resume; run the capture without --resume")
+        check_target(store, url, resume=True)
         group = zarr.open_group(store, mode="r")
         existing = StoreMeta.from_attrs(dict(group.attrs), url)
         if existing.format_version != FORMAT_VERSION:

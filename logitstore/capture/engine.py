@@ -32,13 +32,13 @@ from logitstore.capture import distributed
 from logitstore.capture.corpus import PackedCorpus, PackedSequence, read_documents, tokenize_and_pack
 from logitstore.capture.reduce import Reduction
 from logitstore.capture.teacher import Teacher
-from logitstore.errors import LogitStoreError, MetadataError, StoreExistsError
+from logitstore.errors import LogitStoreError
 from logitstore.hf import context_length
 from logitstore.layout import PIECES_SCHEMA
 from logitstore.reader import Store, open_store
 from logitstore.schema import CorpusInfo, StoreMeta
 from logitstore.spec import CaptureSpec, CaptureTuning
-from logitstore.writer import SegmentData, StoreWriter, now_iso
+from logitstore.writer import SegmentData, StoreWriter, check_target, now_iso
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,7 @@ def check_inputs(
     `out` holds a store exactly when resuming. The CLI calls it before loading the teacher (and
     before launching torchrun); `capture` finds the same problems later, rank-safely."""
     next(iter(read_documents(corpus, text_field=text_field)))
-    exists = storage.key_exists(storage.open_kv(out, read_only=True, storage_options=storage_options), "zarr.json")
-    if exists and not resume:
-        raise StoreExistsError(f"{out} already holds a store; pick a new --out, or pass --resume to continue it")
-    if resume and not exists:
-        raise MetadataError(f"{out} holds no store to resume; run the capture without --resume")
+    check_target(storage.open_kv(out, read_only=True, storage_options=storage_options), out, resume=resume)
 
 
 def _open_writer(
