@@ -66,6 +66,7 @@ from trainer.losses.config import LossConfig
 from trainer.losses.from_hidden import default_chunk_size, kd_loss_from_hidden
 from trainer.losses.kd_loss import kd_loss
 from trainer.losses.reference import kd_loss_reference
+from trainer.losses.sparse_target import SparseTarget
 
 
 def teacher_topk(n: int, v: int, k: int, device: str, temperature: float, g: torch.Generator):
@@ -153,14 +154,16 @@ def peers(args, logits, topk_ids, topk_logp, labels, device) -> dict[str, Callab
     t = args.temperature
     loss = LossConfig(temperature=t, divergence=args.divergence)
     out: dict[str, Callable[[], None] | str] = {}
-    out["ours"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, loss), logits)
+    out["ours"] = fwd_bwd(lambda x: kd_loss(x, SparseTarget(topk_ids, topk_logp), loss), logits)
     if device == "cuda":
         inplace_buf = logits.clone()  # overwritten with gradients every call; fine for timing
-        out["ours_inplace"] = fwd_bwd(lambda x: kd_loss(x, topk_ids, topk_logp, loss, inplace_grad=True), inplace_buf)
-    out["torch_eager"] = fwd_bwd(lambda x: kd_loss_reference(x, topk_ids, topk_logp, loss), logits)
+        out["ours_inplace"] = fwd_bwd(
+            lambda x: kd_loss(x, SparseTarget(topk_ids, topk_logp), loss, inplace_grad=True), inplace_buf
+        )
+    out["torch_eager"] = fwd_bwd(lambda x: kd_loss_reference(x, SparseTarget(topk_ids, topk_logp), loss), logits)
     try:
         compiled = torch.compile(kd_loss_reference, dynamic=False)
-        out["torch_compile"] = fwd_bwd(lambda x: compiled(x, topk_ids, topk_logp, loss), logits)
+        out["torch_compile"] = fwd_bwd(lambda x: compiled(x, SparseTarget(topk_ids, topk_logp), loss), logits)
     except Exception as e:  # pragma: no cover - depends on the toolchain
         out["torch_compile"] = f"unavailable: {type(e).__name__}: {e}"[:200]
 
@@ -256,15 +259,15 @@ def from_hidden_peers(args, hidden, weight, topk_ids, topk_logp, device) -> dict
 
         return run
 
-    out = {"materialized": fwd_bwd_linear(lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, loss))}
+    out = {"materialized": fwd_bwd_linear(lambda x, w: kd_loss(x @ w.T, SparseTarget(topk_ids, topk_logp), loss))}
     if device == "cuda":
         out["materialized_inplace"] = fwd_bwd_linear(
-            lambda x, w: kd_loss(x @ w.T, topk_ids, topk_logp, loss, inplace_grad=True)
+            lambda x, w: kd_loss(x @ w.T, SparseTarget(topk_ids, topk_logp), loss, inplace_grad=True)
         )
-    out["from_hidden"] = fwd_bwd_linear(lambda x, w: kd_loss_from_hidden(x, w, topk_ids, topk_logp, loss))
+    out["from_hidden"] = fwd_bwd_linear(lambda x, w: kd_loss_from_hidden(x, w, SparseTarget(topk_ids, topk_logp), loss))
     for c in args.chunk_sizes or []:
         out[f"from_hidden_c{c}"] = fwd_bwd_linear(
-            lambda x, w, c=c: kd_loss_from_hidden(x, w, topk_ids, topk_logp, loss, chunk_size=c)
+            lambda x, w, c=c: kd_loss_from_hidden(x, w, SparseTarget(topk_ids, topk_logp), loss, chunk_size=c)
         )
     return out
 

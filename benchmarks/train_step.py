@@ -100,7 +100,8 @@ from peak_memory import MIB, cpu_peak_extra_mib, cuda_peak_extra_mib
 from trainer.losses.config import LossConfig
 from trainer.losses.from_hidden import default_chunk_size, kd_loss_from_hidden
 from trainer.losses.kd_loss import kd_loss
-from trainer.losses.targets import SparseTarget, sampled_target, topk_target
+from trainer.losses.sparse_target import SparseTarget
+from trainer.losses.targets import sampled_target, topk_target
 
 MODES = ("topk", "head_draws", "counts_only")
 ALPHAS = (0.0, 0.5)
@@ -250,7 +251,7 @@ def make_steps(
     v = model.config.vocab_size
     labels = next_tokens if alpha > 0 else None
     loss_config = LossConfig(temperature=temperature, divergence="fkl", alpha=alpha)
-    kw = dict(weights=target.weights, labels=labels, return_parts=True)
+    kw = dict(labels=labels, return_parts=True)
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -279,12 +280,12 @@ def make_steps(
         z = logits.reshape(-1, logits.shape[-1])[:, :v]
         del logits
         # inplace_grad on CUDA: the kernel writes dL/dz over the logits (the trainer does too).
-        finish(kd_loss(z, target.ids, target.logp, loss_config, inplace_grad=cuda, **kw)[0])
+        finish(kd_loss(z, target, loss_config, inplace_grad=cuda, **kw)[0])
 
     def from_hidden(chunk: int | None) -> Callable[[], None]:
         def step() -> None:
             hidden, weight = head_inputs()
-            finish(kd_loss_from_hidden(hidden, weight, target.ids, target.logp, loss_config, chunk_size=chunk, **kw)[0])
+            finish(kd_loss_from_hidden(hidden, weight, target, loss_config, chunk_size=chunk, **kw)[0])
 
         return step
 
@@ -603,7 +604,7 @@ def kernel_line(args, n: int = 8192, v: int = GPU_PRESET.vocab, device: torch.de
             _sync(device)
 
             def step() -> None:
-                loss = kd_loss(x, target.ids, target.logp, loss_config, inplace_grad=True)
+                loss = kd_loss(x, target, loss_config, inplace_grad=True)
                 if backward:  # autograd.grad: the gradient is returned, not accumulated into x.grad
                     torch.autograd.grad(loss, x)
 

@@ -26,6 +26,7 @@ from logitstore.reader import Store
 from trainer.data import drop_non_token_ids
 from trainer.losses.config import LossConfig
 from trainer.losses.kd_loss import kd_loss
+from trainer.losses.sparse_target import SparseTarget
 from trainer.losses.targets import sampled_kd_loss
 
 
@@ -86,7 +87,7 @@ def eval_store(
             kl += float(sampled_kd_loss(z, t_ids, t_weights, store.meta.capture.draws)) * tokens
             teacher_top = t_ids.gather(1, t_weights.argmax(-1, keepdim=True))[:, 0]
         else:
-            kl += float(kd_loss(z, t_ids, t_weights, LossConfig(backend="torch"))) * tokens  # T = 1, fkl
+            kl += float(kd_loss(z, SparseTarget(t_ids, t_weights), LossConfig(backend="torch"))) * tokens  # T = 1, fkl
             teacher_top = t_ids[:, 0]
         top1 += float((z.argmax(-1) == teacher_top).sum())
         n_kd += tokens

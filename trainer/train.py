@@ -50,7 +50,8 @@ from trainer.losses.baselines import full_vocab_kl, renormalized_topk_kl
 from trainer.losses.config import LossConfig
 from trainer.losses.from_hidden import kd_loss_from_hidden
 from trainer.losses.kd_loss import kd_loss
-from trainer.losses.targets import SparseTarget, sampled_target, topk_target
+from trainer.losses.sparse_target import SparseTarget
+from trainer.losses.targets import sampled_target, topk_target
 from trainer.student import load_student
 
 log = logging.getLogger(__name__)
@@ -294,21 +295,21 @@ def _micro_step(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.loss == "kd" and not cfg.topk_renormalize:
         target = _target(batch, cfg, targets)
-        kw = dict(weights=target.weights, labels=labels if cfg.alpha > 0 or measure else None, return_parts=True)
+        kw = dict(labels=labels if cfg.alpha > 0 or measure else None, return_parts=True)
         if cfg.materialize_logits:
             with autocast:
                 logits = runner(input_ids=ids).logits
             z = logits.reshape(-1, logits.shape[-1])[:, : targets.vocab]  # padded output columns are not tokens
             # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the
             # logits for backward: the head's backward uses its input and weight).
-            return kd_loss(z, target.ids, target.logp, loss_config, inplace_grad=z.is_cuda, **kw)
+            return kd_loss(z, target, loss_config, inplace_grad=z.is_cuda, **kw)
         with autocast:
             hidden = runner(ids)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = model.get_output_embeddings().weight[: targets.vocab]  # padded rows are not tokens
         if device.type == "cuda":  # what autocast would have run the head in
             hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-        return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target.ids, target.logp, loss_config, **kw)
+        return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target, loss_config, **kw)
 
     with autocast:
         logits = runner(input_ids=ids).logits
@@ -364,7 +365,7 @@ def _stored_kd(
     divergence of a top-k store, the draws' estimate of a sampled one. The KD part alone (alpha 0)."""
     target = _target(batch, cfg, targets)
     with torch.no_grad():
-        return kd_loss(z, target.ids, target.logp, replace(loss_config, alpha=0.0), weights=target.weights)
+        return kd_loss(z, target, replace(loss_config, alpha=0.0))
 
 
 def _evaluate(model: torch.nn.Module, tokenizer, vocab: int, cfg: TrainConfig, eval_stores: Store | None) -> dict:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from trainer.losses.baselines import full_vocab_kl, renormalized_topk_kl
 from trainer.losses.config import LossConfig
 from trainer.losses.kd_loss import kd_loss
+from trainer.losses.sparse_target import SparseTarget
 
 
 def row_reference(z: list[float], ids: list[int], logp: list[float], temperature: float) -> float:
@@ -68,7 +69,7 @@ def test_with_every_id_stored_all_three_losses_agree():
     assert float(online) == pytest.approx(float(reference), rel=1e-5)
     assert float(renormalized_topk_kl(z, ids, logp_t, mask, temperature)) == pytest.approx(float(online), rel=1e-4)
     masked_ids = torch.where(mask[:, None], ids, -1)  # at alpha = 0 the rows with teacher ids count
-    bucket = kd_loss(z, masked_ids, logp_t, LossConfig(temperature=temperature, backend="torch"))
+    bucket = kd_loss(z, SparseTarget(masked_ids, logp_t), LossConfig(temperature=temperature, backend="torch"))
     assert float(bucket) == pytest.approx(float(online), rel=1e-4)
 
 
@@ -82,4 +83,4 @@ def test_renormalized_topk_ignores_the_tail_that_the_bucket_loss_sees():
     logp = teacher.log_softmax(-1)[:, :k]
     mask = torch.tensor([True])
     assert float(renormalized_topk_kl(student, ids, logp, mask)) == pytest.approx(0.0, abs=1e-6)
-    assert float(kd_loss(student, ids, logp, LossConfig(backend="torch"))) > 0.1
+    assert float(kd_loss(student, SparseTarget(ids, logp), LossConfig(backend="torch"))) > 0.1

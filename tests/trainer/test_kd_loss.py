@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import LossConfig, kd_loss, teacher_logprobs_at_temperature
+from trainer import LossConfig, SparseTarget, kd_loss, teacher_logprobs_at_temperature
 from trainer.losses.reference import kd_loss_reference
 
 # The interpreter evaluates both sides of tl.where in numpy, so masked lanes (-inf - -inf,
@@ -134,7 +134,7 @@ def run(backend, z, ids, logp, *, grad_scale: float = 1.0, labels=None, **settin
     """(loss, grad of grad_scale * loss) for one backend; z is not modified. `settings` are
     LossConfig's fields (the dense oracle's keywords)."""
     zz = z.detach().clone().requires_grad_()
-    loss = kd_loss(zz, ids, logp, LossConfig(backend=backend, **settings), labels=labels)
+    loss = kd_loss(zz, SparseTarget(ids, logp), LossConfig(backend=backend, **settings), labels=labels)
     (loss * grad_scale).backward()
     return loss.detach().cpu().double(), zz.grad.cpu().double()
 
@@ -225,7 +225,7 @@ def test_triton_many_vocab_blocks(divergence):
     ids[5, :3] = torch.tensor([0, 127, 128])  # the first and last vocabulary entries
     settings = dict(temperature=2.0, divergence=divergence, alpha=0.3)
     zz = z.clone().requires_grad_()
-    loss, _ = kd_loss_triton(zz, ids, logp, None, labels, LossConfig(**settings), block_v=16)
+    loss, _ = kd_loss_triton(zz, SparseTarget(ids, logp), labels, LossConfig(**settings), block_v=16)
     loss.backward()
     ref_loss, ref_grad = dense_oracle(z, ids, logp, labels=labels, **settings)
     assert_close_to_oracle(loss.detach().cpu().double(), zz.grad.cpu().double(), ref_loss, ref_grad)
@@ -324,7 +324,9 @@ def test_grad_output_and_inplace(inplace, dtype):
     settings = dict(temperature=2.0, divergence="fkl", alpha=0.3)
     leaf = z.clone().requires_grad_()
     logits = leaf * 1  # a non-leaf, like a model's output
-    loss = kd_loss(logits, ids, logp, LossConfig(backend="triton", **settings), labels=labels, inplace_grad=inplace)
+    loss = kd_loss(
+        logits, SparseTarget(ids, logp), LossConfig(backend="triton", **settings), labels=labels, inplace_grad=inplace
+    )
     (loss * 2.5).backward()
     ref_loss, ref_grad = dense_oracle(z, ids, logp, labels=labels, **settings)
     assert_close_to_oracle(loss.detach().cpu().double(), leaf.grad.cpu().double() / 2.5, ref_loss, ref_grad, dtype)
@@ -340,7 +342,7 @@ def test_inplace_overwrite_is_detected_by_autograd():
     z, ids, logp, _ = make_case(seed=10)
     leaf = z.clone().requires_grad_()
     logits = leaf.exp()  # exp saves its output for backward
-    loss = kd_loss(logits, ids, logp, LossConfig(backend="triton"), inplace_grad=True) + logits.sum()
+    loss = kd_loss(logits, SparseTarget(ids, logp), LossConfig(backend="triton"), inplace_grad=True) + logits.sum()
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
@@ -349,8 +351,8 @@ def test_without_grad_only_the_loss_is_computed():
     z, ids, logp, labels = make_case(seed=11)
     with_grad, _ = run("triton", z, ids, logp, divergence="rkl", alpha=0.3, labels=labels)
     before = z.clone()
-    loss = kd_loss(z, ids, logp, LossConfig(divergence="rkl", alpha=0.3, backend="triton"), labels=labels,
-                   inplace_grad=True)
+    loss = kd_loss(z, SparseTarget(ids, logp), LossConfig(divergence="rkl", alpha=0.3, backend="triton"),
+                   labels=labels, inplace_grad=True)  # fmt: skip
     assert torch.equal(loss.cpu().double(), with_grad)
     assert torch.equal(z, before), "nothing may be written when no gradient is needed"
 
@@ -360,7 +362,9 @@ def test_no_grad_mode_writes_nothing():
     with_grad, _ = run("triton", z, ids, logp, divergence="fkl", alpha=0.3, labels=labels)
     leaf = z.clone().requires_grad_()
     with torch.no_grad():
-        loss = kd_loss(leaf, ids, logp, LossConfig(alpha=0.3, backend="triton"), labels=labels, inplace_grad=True)
+        loss = kd_loss(
+            leaf, SparseTarget(ids, logp), LossConfig(alpha=0.3, backend="triton"), labels=labels, inplace_grad=True
+        )
     assert torch.equal(loss.cpu().double(), with_grad)
     assert torch.equal(leaf.detach(), z), "an eval pass under no_grad must not overwrite the logits"
 
@@ -369,8 +373,8 @@ def test_auto_backend_on_cpu_is_the_reference():
     z, ids, logp, labels = make_case(seed=12)
     z = z.cpu()
     loss = LossConfig(temperature=2.0, divergence="jsd", alpha=0.3)
-    auto = kd_loss(z, ids.cpu(), logp.cpu(), loss, labels=labels.cpu())
-    ref = kd_loss_reference(z, ids.cpu(), logp.cpu(), loss, labels=labels.cpu())
+    auto = kd_loss(z, SparseTarget(ids.cpu(), logp.cpu()), loss, labels=labels.cpu())
+    ref = kd_loss_reference(z, SparseTarget(ids.cpu(), logp.cpu()), loss, labels=labels.cpu())
     assert torch.equal(auto, ref)
 
 
@@ -392,11 +396,12 @@ import sys
 import torch
 from trainer.losses.config import LossConfig
 from trainer.losses.kd_loss import kd_loss
+from trainer.losses.sparse_target import SparseTarget
 z = torch.randn(3, 50)
 ids = torch.topk(z, 5, dim=1).indices
 logp = torch.log_softmax(torch.randn(3, 50), 1).gather(1, ids)
 try:
-    kd_loss(z, ids, logp, LossConfig(backend="triton"))
+    kd_loss(z, SparseTarget(ids, logp), LossConfig(backend="triton"))
 except ValueError as e:
     print(e)
 """
@@ -468,6 +473,7 @@ def _bad_args(case: str):
     """Bad tensors, or tensors that do not fit the settings (bad settings: test_loss_config.py)."""
     z, ids, logp, labels = make_case(seed=15)
     kw: dict = {}
+    weights = None
     if case == "3d_logits":
         z = z[None]
     elif case == "int_logits":
@@ -483,7 +489,9 @@ def _bad_args(case: str):
     elif case == "labels_shape":
         kw["labels"] = labels[:-1]
     elif case == "weights_with_rkl":
-        kw.update(loss=LossConfig(divergence="rkl"), weights=torch.ones_like(logp))
+        kw["loss"], weights = LossConfig(divergence="rkl"), torch.ones_like(logp)
+    elif case == "not_a_target":  # the tensors themselves, as before SparseTarget
+        return z.cpu(), ids.cpu(), kw
     elif case == "not_a_config":
         kw["loss"] = dict(temperature=2.0)
     elif case == "id_out_of_range":
@@ -491,7 +499,7 @@ def _bad_args(case: str):
         ids[0, 0] = z.shape[1]
     elif case == "label_out_of_range":
         kw.update(labels=labels.cpu().clone().fill_(z.shape[1]))
-    return z.cpu(), ids.cpu(), logp.cpu(), kw
+    return z.cpu(), SparseTarget(ids.cpu(), logp.cpu(), None if weights is None else weights.cpu()), kw
 
 
 @pytest.mark.parametrize(
@@ -499,21 +507,22 @@ def _bad_args(case: str):
     [
         ("3d_logits", "2-D"),
         ("int_logits", "float32, bfloat16 or float16"),
-        ("ids_rows", r"topk_ids must be \[N=7, K\]"),
+        ("ids_rows", r"target.ids must be \[N=7, K\]"),
         ("ids_float", "int32 or int64"),
-        ("logp_shape", "shape of topk_ids"),
+        ("logp_shape", "shape of target.ids"),
         ("alpha_without_labels", "labels"),
         ("labels_shape", "labels must be"),
         ("weights_with_rkl", "only 'fkl'"),
+        ("not_a_target", "must be a trainer.losses.sparse_target.SparseTarget"),
         ("not_a_config", "must be a trainer.losses.config.LossConfig"),
-        ("id_out_of_range", "topk_ids must lie in"),
+        ("id_out_of_range", "target.ids must lie in"),
         ("label_out_of_range", "labels must lie in"),
     ],
 )
 def test_bad_arguments_raise_value_error(case, match):
-    z, ids, logp, kw = _bad_args(case)
+    z, target, kw = _bad_args(case)
     with pytest.raises(ValueError, match=match):
-        kd_loss(z, ids, logp, **kw)
+        kd_loss(z, target, **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -541,7 +550,7 @@ def test_gpu_real_shapes_match_reference(n, v, k, divergence, alpha):
     out = {}
     for backend in BACKENDS:
         zz = z.clone().requires_grad_()
-        loss = kd_loss(zz, ids, logp, LossConfig(backend=backend, **settings), labels=labels)
+        loss = kd_loss(zz, SparseTarget(ids, logp), LossConfig(backend=backend, **settings), labels=labels)
         loss.backward()
         out[backend] = (loss.detach(), zz.grad)
     torch.testing.assert_close(out["triton"][0], out["torch"][0], rtol=1e-4, atol=1e-6)
@@ -549,6 +558,8 @@ def test_gpu_real_shapes_match_reference(n, v, k, divergence, alpha):
 
     zz = z.clone().requires_grad_()
     logits = zz * 1
-    loss = kd_loss(logits, ids, logp, LossConfig(backend="triton", **settings), labels=labels, inplace_grad=True)
+    loss = kd_loss(
+        logits, SparseTarget(ids, logp), LossConfig(backend="triton", **settings), labels=labels, inplace_grad=True
+    )
     loss.backward()
     torch.testing.assert_close(zz.grad.float(), out["torch"][1].float(), rtol=1e-2, atol=1e-7)

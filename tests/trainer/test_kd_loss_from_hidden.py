@@ -1,7 +1,7 @@
 """Tests of kd_loss_from_hidden: the chunked linear + KD loss against materialized logits.
 
 The expectation materializes `logits = hidden @ W.T` (in the input dtype, as a model would)
-and differentiates `kd_loss(logits, ..., LossConfig(backend="torch"))` with autograd through the matmul;
+and differentiates `kd_loss(logits, target, LossConfig(backend="torch"))` with autograd through the matmul;
 it shares neither the chunking, the chunk weighting nor the hand-written chain rule with the
 code under test. The kernel itself is tested against a dense oracle in test_kd_loss.py; here
 the Triton path runs in the interpreter (tests/conftest.py), which costs ~0.05 s per row per
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer import LossConfig, kd_loss, kd_loss_from_hidden
+from trainer import LossConfig, SparseTarget, kd_loss, kd_loss_from_hidden
 from trainer.losses.from_hidden import CHUNK_LOGITS_ELEMENTS, default_chunk_size
 
 # The interpreter evaluates both sides of tl.where in numpy (see test_kd_loss.py).
@@ -60,7 +60,7 @@ def expected(hidden, weight, ids, logp, *, labels=None, **settings):
     are LossConfig's fields."""
     x = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss = kd_loss(x @ w.T, ids, logp, LossConfig(backend="torch", **settings), labels=labels)
+    loss = kd_loss(x @ w.T, SparseTarget(ids, logp), LossConfig(backend="torch", **settings), labels=labels)
     (loss * GRAD_SCALE).backward()
     return loss.detach(), x.grad, w.grad
 
@@ -68,7 +68,7 @@ def expected(hidden, weight, ids, logp, *, labels=None, **settings):
 def chunked(backend, hidden, weight, ids, logp, *, labels=None, chunk_size=None, **settings):
     x = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    loss = kd_loss_from_hidden(x, w, ids, logp, LossConfig(backend=backend, **settings), labels=labels,
+    loss = kd_loss_from_hidden(x, w, SparseTarget(ids, logp), LossConfig(backend=backend, **settings), labels=labels,
                                chunk_size=chunk_size)  # fmt: skip
     (loss * GRAD_SCALE).backward()
     return loss.detach(), x.grad, w.grad
@@ -153,18 +153,20 @@ def test_frozen_weight_and_no_grad_mode():
     want_loss, want_gx, _ = expected(hidden, weight, ids, logp, divergence="fkl", alpha=0.3, labels=labels)
     kw = dict(labels=labels, chunk_size=8)
     x = hidden.clone().requires_grad_()
-    loss = kd_loss_from_hidden(x, weight, ids, logp, LossConfig(divergence="fkl", alpha=0.3), **kw)
+    loss = kd_loss_from_hidden(x, weight, SparseTarget(ids, logp), LossConfig(divergence="fkl", alpha=0.3), **kw)
     (loss * GRAD_SCALE).backward()
     torch.testing.assert_close(x.grad, want_gx, **GRAD_TOL[torch.float32])
     with torch.no_grad():
-        assert torch.equal(kd_loss_from_hidden(x, weight, ids, logp, LossConfig(alpha=0.3), **kw), loss.detach())
+        assert torch.equal(
+            kd_loss_from_hidden(x, weight, SparseTarget(ids, logp), LossConfig(alpha=0.3), **kw), loss.detach()
+        )
     torch.testing.assert_close(loss.detach(), want_loss)
 
 
 def test_second_backward_through_the_graph_raises():
     hidden, weight, ids, logp, _ = make_case(n=5, seed=7)
     x = hidden.clone().requires_grad_()
-    loss = kd_loss_from_hidden(x, weight, ids, logp)
+    loss = kd_loss_from_hidden(x, weight, SparseTarget(ids, logp))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -215,8 +217,8 @@ def _bad(case: str):
         ("h_mismatch", r"it must be \[V, H=24\]"),
         ("dtype_mismatch", "same dtype"),
         ("int_hidden", "float32, bfloat16 or float16"),
-        ("ids_rows", r"topk_ids must be \[N=5, K\]"),
-        ("id_beyond_vocab", r"topk_ids must lie in \[0, V=301\)"),
+        ("ids_rows", r"target\.ids must be \[N=5, K\]"),
+        ("id_beyond_vocab", r"target\.ids must lie in \[0, V=301\)"),
         ("chunk_size", "chunk_size must be"),
         ("alpha_without_labels", "labels"),
     ],
@@ -224,7 +226,7 @@ def _bad(case: str):
 def test_bad_arguments_raise_value_error(case, match):
     hidden, weight, ids, logp, kw = _bad(case)
     with pytest.raises(ValueError, match=match):
-        kd_loss_from_hidden(hidden, weight, ids, logp, **kw)
+        kd_loss_from_hidden(hidden, weight, SparseTarget(ids, logp), **kw)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -264,13 +266,13 @@ def test_gpu_real_shapes_match_materialized(n, h, v, k):
 
     def materialized():
         x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = kd_loss(x @ w.T, ids, logp, **kw)
+        loss = kd_loss(x @ w.T, SparseTarget(ids, logp), **kw)
         loss.backward()
         return loss.detach(), x.grad, w.grad
 
     def from_hidden():
         x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = kd_loss_from_hidden(x, w, ids, logp, **kw)
+        loss = kd_loss_from_hidden(x, w, SparseTarget(ids, logp), **kw)
         loss.backward()
         return loss.detach(), x.grad, w.grad
 

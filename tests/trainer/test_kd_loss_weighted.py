@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_kd_loss import DEVICE, GRAD_ATOL, GRAD_RTOL, IGNORE, LOSS_RTOL, dense_oracle, make_case
 
-from trainer import LossConfig, kd_loss, kd_loss_from_hidden
+from trainer import LossConfig, SparseTarget, kd_loss, kd_loss_from_hidden
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 BACKENDS = ["torch", "triton"]
@@ -70,8 +70,8 @@ def weighted_oracle(z, ids, logp, weights, *, temperature, alpha=0.0, labels=Non
 def test_weighted_matches_dense_oracle(backend, temperature, alpha, with_logp):
     z, ids, logp, w, labels = make_weighted(temperature=temperature, seed=int(4 * temperature), with_logp=with_logp)
     zz = z.clone().requires_grad_()
-    loss, kd, ce = kd_loss(zz, ids, logp, LossConfig(temperature=temperature, alpha=alpha, backend=backend),
-                           weights=w, labels=labels, return_parts=True)  # fmt: skip
+    loss_config = LossConfig(temperature=temperature, alpha=alpha, backend=backend)
+    loss, kd, ce = kd_loss(zz, SparseTarget(ids, logp, w), loss_config, labels=labels, return_parts=True)
     loss.backward()
     ref_loss, ref_grad, ref_kd, ref_ce = weighted_oracle(z, ids, logp, w, temperature=temperature, alpha=alpha,
                                                          labels=labels)  # fmt: skip
@@ -87,7 +87,9 @@ def test_weighted_matches_dense_oracle(backend, temperature, alpha, with_logp):
 def test_weighted_input_dtypes(backend, dtype):
     z, ids, logp, w, labels = make_weighted(v=37, k=7, temperature=2.0, dtype=dtype, seed=5)
     zz = z.clone().requires_grad_()
-    loss = kd_loss(zz, ids, logp, LossConfig(temperature=2.0, alpha=0.3, backend=backend), weights=w, labels=labels)
+    loss = kd_loss(
+        zz, SparseTarget(ids, logp, w), LossConfig(temperature=2.0, alpha=0.3, backend=backend), labels=labels
+    )
     loss.backward()
     ref_loss, ref_grad, _, _ = weighted_oracle(z, ids, logp, w, temperature=2.0, alpha=0.3, labels=labels)
     torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=LOSS_RTOL[dtype], atol=1e-6)
@@ -100,7 +102,7 @@ def test_weighted_many_vocab_blocks_and_large_k():
 
     z, ids, logp, w, labels = make_weighted(n=5, v=301, k=150, seed=7)
     zz = z.clone().requires_grad_()
-    loss, _ = kd_loss_triton(zz, ids, logp, w, labels, LossConfig(temperature=2.0, alpha=0.3), block_v=32)
+    loss, _ = kd_loss_triton(zz, SparseTarget(ids, logp, w), labels, LossConfig(temperature=2.0, alpha=0.3), block_v=32)
     loss.backward()
     ref_loss, ref_grad, _, _ = weighted_oracle(z, ids, logp, w, temperature=2.0, alpha=0.3, labels=labels)
     torch.testing.assert_close(loss.cpu().double(), ref_loss, rtol=1e-5, atol=1e-6)
@@ -111,9 +113,9 @@ def test_weighted_many_vocab_blocks_and_large_k():
 def test_weighted_refuses_divergences_without_an_unbiased_estimate(divergence):
     z, ids, logp, w, _ = make_weighted()
     with pytest.raises(ValueError, match="no unbiased estimate from drawn ids"):
-        kd_loss(z, ids, logp, LossConfig(divergence=divergence), weights=w)
-    with pytest.raises(ValueError, match="topk_logp is required"):
-        kd_loss(z, ids, None)
+        kd_loss(z, SparseTarget(ids, logp, w), LossConfig(divergence=divergence))
+    with pytest.raises(ValueError, match=r"target\.logp is required"):
+        kd_loss(z, SparseTarget(ids, None))
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3])
@@ -123,19 +125,19 @@ def test_parts_are_the_two_means_of_the_loss(backend, divergence, alpha):
     """kd and ce from the same pass: each equals its own loss (alpha = 0 / alpha = 1) on the same rows."""
     z, ids, logp, labels = make_case(temperature=2.0, seed=4)
     kw = dict(temperature=2.0, divergence=divergence, backend=backend)
-    loss, kd, ce = kd_loss(z, ids, logp, LossConfig(alpha=alpha, **kw), labels=labels, return_parts=True)
+    loss, kd, ce = kd_loss(z, SparseTarget(ids, logp), LossConfig(alpha=alpha, **kw), labels=labels, return_parts=True)
     has = labels != IGNORE
     ref_ce = F.cross_entropy(z.float()[has], labels[has])
     # the KD mean is over the rows the loss counts: labelled ones when alpha > 0 (a labelled row
     # without teacher ids adds 0 to it), else those with a teacher id
     has_ids = (ids >= 0).any(1)
     rows = has if alpha > 0 else has_ids
-    ref_kd = kd_loss(z[rows & has_ids], ids[rows & has_ids], logp[rows & has_ids], LossConfig(**kw))
+    ref_kd = kd_loss(z[rows & has_ids], SparseTarget(ids[rows & has_ids], logp[rows & has_ids]), LossConfig(**kw))
     ref_kd = ref_kd * (rows & has_ids).sum() / rows.sum()
     torch.testing.assert_close(ce, ref_ce, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kd, ref_kd, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(loss, (1 - alpha) * kd + alpha * ce, rtol=1e-5, atol=1e-6)
-    _, _, no_ce = kd_loss(z, ids, logp, LossConfig(**kw), return_parts=True)
+    _, _, no_ce = kd_loss(z, SparseTarget(ids, logp), LossConfig(**kw), return_parts=True)
     assert torch.isnan(no_ce)
 
 
@@ -148,13 +150,13 @@ def test_weighted_from_hidden_equals_materialized(backend, with_logp):
     weight = (torch.randn(v, h, generator=g) * 0.5).to(DEVICE)
     _, ids, logp, w, labels = make_weighted(n=n, v=v, k=k, seed=9, with_logp=with_logp)
     loss = LossConfig(temperature=2.0, alpha=0.3, backend=backend)
-    kw = dict(weights=w, labels=labels, return_parts=True)
+    kw = dict(labels=labels, return_parts=True)
 
     x1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss1, kd1, ce1 = kd_loss(x1 @ w1.T, ids, logp, loss, **kw)
+    loss1, kd1, ce1 = kd_loss(x1 @ w1.T, SparseTarget(ids, logp, w), loss, **kw)
     loss1.backward()
     x2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss2, kd2, ce2 = kd_loss_from_hidden(x2, w2, ids, logp, loss, chunk_size=5, **kw)
+    loss2, kd2, ce2 = kd_loss_from_hidden(x2, w2, SparseTarget(ids, logp, w), loss, chunk_size=5, **kw)
     loss2.backward()
     for a, b in ((loss1, loss2), (kd1, kd2), (ce1, ce2), (x1.grad, x2.grad), (w1.grad, w2.grad)):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
@@ -173,7 +175,7 @@ def test_kernel_precision_is_no_worse_than_torch_fp32(divergence, temperature):
         for backend in BACKENDS:
             zz = z.clone().requires_grad_()
             loss = LossConfig(temperature=temperature, divergence=divergence, backend=backend)
-            kd_loss(zz, ids, logp, loss).backward()
+            kd_loss(zz, SparseTarget(ids, logp), loss).backward()
             err = ((zz.grad.cpu().double() - ref).abs().max() / ref.abs().max()).item()
             worst[backend] = max(worst.get(backend, 0.0), err)
     assert worst["triton"] <= 2e-6, worst

@@ -12,7 +12,7 @@ import torch
 from test_kd_loss import DEVICE, make_case
 
 from logitstore.errors import LogitStoreError
-from trainer import LossConfig, kd_loss, kd_loss_from_hidden
+from trainer import LossConfig, SparseTarget, kd_loss, kd_loss_from_hidden
 from trainer.config import TrainConfig
 from trainer.losses.reference import kd_loss_reference
 
@@ -92,10 +92,10 @@ def test_an_entry_point_equals_the_reference_with_the_same_config(backend):
     z, ids, logp, labels = make_case(seed=21, temperature=2.0)
     labels[3] = -7  # the ignored row, under this ignore_index
     loss = LossConfig(backend=backend, **NON_DEFAULT)
-    ref = kd_loss_reference(z.cpu(), ids.cpu(), logp.cpu(), loss, labels=labels.cpu())
+    ref = kd_loss_reference(z.cpu(), SparseTarget(ids.cpu(), logp.cpu()), loss, labels=labels.cpu())
 
     zz = z.clone().requires_grad_()
-    value, kd, ce = kd_loss(zz, ids, logp, loss, labels=labels, return_parts=True)
+    value, kd, ce = kd_loss(zz, SparseTarget(ids, logp), loss, labels=labels, return_parts=True)
     torch.testing.assert_close(value.detach().cpu(), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(value.detach(), (1 - 0.4) * kd + 0.4 * ce, rtol=1e-5, atol=1e-6)
 
@@ -104,6 +104,6 @@ def test_an_entry_point_equals_the_reference_with_the_same_config(backend):
     hidden = torch.randn(z.shape[0], 8, generator=g).to(DEVICE)
     weight = torch.randn(z.shape[1], 8, generator=g).to(DEVICE)
     logits = hidden @ weight.T
-    ref_hidden = kd_loss_reference(logits.cpu(), ids.cpu(), logp.cpu(), loss, labels=labels.cpu())
-    got = kd_loss_from_hidden(hidden, weight, ids, logp, loss, labels=labels, chunk_size=3)
+    ref_hidden = kd_loss_reference(logits.cpu(), SparseTarget(ids.cpu(), logp.cpu()), loss, labels=labels.cpu())
+    got = kd_loss_from_hidden(hidden, weight, SparseTarget(ids, logp), loss, labels=labels, chunk_size=3)
     torch.testing.assert_close(got.detach().cpu(), ref_hidden, rtol=1e-5, atol=1e-6)

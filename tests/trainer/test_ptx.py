@@ -115,6 +115,7 @@ def compile_variant(arch: int, v: Variant) -> dict:
     from triton.runtime.driver import driver
 
     from trainer.losses.config import LossConfig
+    from trainer.losses.sparse_target import SparseTarget
     from trainer.losses.triton_kernel import _kd_loss_kernel, interpreting, launch
 
     assert not interpreting(), "TRITON_INTERPRET was set when triton was imported"
@@ -131,9 +132,11 @@ def compile_variant(arch: int, v: Variant) -> dict:
         knobs.runtime.jit_cache_hook = take_specialization
         launch(
             torch.zeros(1, VOCAB, dtype=dtype),
-            torch.arange(v.k, dtype=getattr(torch, v.ids_dtype)).reshape(1, v.k),
-            torch.zeros(1, v.k) if v.has_logp else None,
-            torch.full((1, v.k), 1.0 / v.k) if v.weighted else None,
+            SparseTarget(
+                torch.arange(v.k, dtype=getattr(torch, v.ids_dtype)).reshape(1, v.k),
+                torch.zeros(1, v.k) if v.has_logp else None,
+                torch.full((1, v.k), 1.0 / v.k) if v.weighted else None,
+            ),
             torch.zeros(1, dtype=torch.int64) if v.ce else None,
             LossConfig(temperature=v.temperature, divergence=v.divergence, alpha=0.5 if v.ce else 0.0),
             inplace_grad=False, compute_grad=True,

@@ -3,6 +3,7 @@
 | module | role |
 | --- | --- |
 | `config` | `LossConfig`: the loss settings, checked once (torch-free) |
+| `sparse_target` | `SparseTarget`: the teacher at N rows as K ids with log-probs and/or weights |
 | `kd_loss` | `kd_loss(...)`, dispatch by backend, and `teacher_logprobs_at_temperature(...)` |
 | `triton_kernel` | the fused kernel, its launcher and `autograd.Function` (imported lazily) |
 | `reference` | the tensor checks and the pure-torch reference (the CPU path and the semantics) |

@@ -20,6 +20,7 @@ from trainer.losses.reference import (
     loss_from_parts,
     part_means,
 )
+from trainer.losses.sparse_target import SparseTarget
 
 __all__ = ["default_chunk_size", "kd_loss_from_hidden"]
 
@@ -81,9 +82,7 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         ctx,
         hidden: torch.Tensor,
         weight: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_logp: torch.Tensor | None,
-        weights: torch.Tensor | None,
+        target: SparseTarget,
         labels: torch.Tensor | None,
         n_total: torch.Tensor,
         loss: LossConfig,
@@ -109,26 +108,22 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
         if backend == "triton":
             from trainer.losses.triton_kernel import launch
 
-        def rows(t: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-            return None if t is None else t[start:stop]
-
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             x_c = hidden[start:stop]
-            ids_c, logp_c, weights_c = topk_ids[start:stop], rows(topk_logp, start, stop), rows(weights, start, stop)
-            lab_c = rows(labels, start, stop)
+            target_c = target.rows(start, stop)
+            lab_c = None if labels is None else labels[start:stop]
             logits_c = torch.mm(x_c, weight.t(), out=logits_buf[: stop - start])
             if backend == "triton":
                 # In place: the kernel turns the chunk's logits into their gradient G_c.
                 parts_c, g_c = launch(
-                    logits_c, ids_c, logp_c, weights_c, lab_c, loss,
+                    logits_c, target_c, lab_c, loss,
                     inplace_grad=True, compute_grad=compute_grad, with_kd=with_kd, n_rows=n_total,
                 )  # fmt: skip
             else:
                 with torch.enable_grad():
                     z_c = logits_c.detach().requires_grad_(compute_grad)
-                    parts_c = kd_loss_parts_reference(z_c, ids_c, logp_c, loss, weights=weights_c, labels=lab_c,
-                                                      with_kd=with_kd)  # fmt: skip
+                    parts_c = kd_loss_parts_reference(z_c, target_c, loss, labels=lab_c, with_kd=with_kd)
                     # The chunk's share of the global mean: its rows' terms over the batch's n.
                     g_c = None
                     if compute_grad:
@@ -170,7 +165,7 @@ class KDLossFromHiddenFunction(torch.autograd.Function):
             grad_hidden.mul_(scale)
         if grad_weight is not None:
             grad_weight.mul_(scale)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None, None
 
 
 def _check_hidden_args(hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> None:
@@ -204,23 +199,21 @@ def _check_hidden_args(hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> No
 def kd_loss_from_hidden(
     hidden: torch.Tensor,
     lm_head_weight: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor | None,
+    target: SparseTarget,
     loss: LossConfig = LossConfig(),
     *,
-    weights: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     chunk_size: int | None = None,
     return_parts: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`kd_loss(hidden @ lm_head_weight.T, topk_ids, topk_logp, loss, ...)` without the [N, V] logits.
+    """`kd_loss(hidden @ lm_head_weight.T, target, loss, ...)` without the [N, V] logits.
 
     Args:
         hidden: [N, H] the student's final hidden states (after the last norm), float32 /
             bfloat16 / float16.
         lm_head_weight: [V, H] the output projection's weight (`nn.Linear(H, V).weight`), same
             dtype and device as `hidden`. A bias is not supported (LM heads have none).
-        topk_ids, topk_logp, loss, weights, labels, return_parts: as for `trainer.losses.kd_loss.kd_loss`
+        target, loss, labels, return_parts: as for `trainer.losses.kd_loss.kd_loss`
             (same checks, same semantics).
         chunk_size: rows of logits materialized at once; None picks `default_chunk_size(N, V)`
             (as many rows as fit 2^27 logits, 2^20 on the torch path: bounded memory, GEMMs
@@ -230,7 +223,7 @@ def kd_loss_from_hidden(
         A float32 scalar (or `(loss, kd, ce)`): the mean over the counted rows of the whole batch
         (not of a chunk). Gradients flow to `hidden` and `lm_head_weight` (computed in the
         forward, chunk by chunk, in their dtype; the weight's is accumulated in fp32 across
-        chunks), not to `topk_logp` or `weights`. A batch with no counted row gives 0 with zero
+        chunks), not to the target. A batch with no counted row gives 0 with zero
         gradients.
     """
     _check_hidden_args(hidden, lm_head_weight)
@@ -238,7 +231,7 @@ def kd_loss_from_hidden(
     # kd_loss's checks on a stand-in for the logits: a 0-d tensor expanded to [N, V] has their
     # shape, dtype and device but occupies one element.
     logits_like = hidden.new_empty(()).expand(n, v)
-    check_kd_loss_args(logits_like, topk_ids, topk_logp, loss, weights=weights, labels=labels)
+    check_kd_loss_args(logits_like, target, loss, labels=labels)
     backend = loss.backend
     if backend == "auto":
         backend = "triton" if hidden.is_cuda else "torch"
@@ -251,14 +244,12 @@ def kd_loss_from_hidden(
 
         require_runnable(hidden)
     # The count of the whole batch, as a device tensor (no host sync per chunk).
-    n_total = count_rows(topk_ids, v, labels, loss).reshape(1)
+    n_total = count_rows(target.ids, v, labels, loss).reshape(1)
     grad_on = torch.is_grad_enabled()
     value, part_sums = KDLossFromHiddenFunction.apply(
         hidden,
         lm_head_weight,
-        topk_ids,
-        topk_logp,
-        weights,
+        target,
         labels,
         n_total,
         loss,

@@ -20,17 +20,16 @@ from trainer.losses.reference import (
     loss_from_parts,
     part_means,
 )
+from trainer.losses.sparse_target import SparseTarget
 
 __all__ = ["kd_loss", "teacher_logprobs_at_temperature"]
 
 
 def kd_loss(
     logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor | None,
+    target: SparseTarget,
     loss: LossConfig = LossConfig(),
     *,
-    weights: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     inplace_grad: bool = False,
     return_parts: bool = False,
@@ -39,18 +38,11 @@ def kd_loss(
 
     Args:
         logits: [N, V] student logits, float32 / bfloat16 / float16, CPU or CUDA.
-        topk_ids: [N, K] int32/int64 teacher ids (K <= 4096); -1 is padding. A repeated id
-            counts once (its first occurrence; later repeats are treated as padding).
-        topk_logp: [N, K] teacher log-probs at the training temperature, normalized over the
-            full vocabulary. Without `weights` the target is exact on these ids plus a tail
-            bucket of mass 1 - sum(exp(topk_logp)), clamped at 0. With `weights` they only
-            enter the value (the teacher's entropy term); None there (a counts-only store) makes
-            the value a cross-entropy with the same gradient.
+        target: the teacher's ids with their log-probs and/or weights (`SparseTarget`: exact
+            ids plus a tail bucket, or drawn ids with weights; `trainer.losses.targets` builds
+            it from a store batch). Weights estimate the forward KL only: divergence "fkl".
         loss: the settings (temperature, divergence, beta, alpha, ignore_index, backend); see
             `LossConfig`.
-        weights: [N, K] target mass on each id, for stores with drawn ids (`trainer.losses.targets`
-            builds them): the loss is then the unbiased estimate sum_k w_k (lp_k - log q_k) of
-            the forward KL, with no tail bucket. Only divergence "fkl" has such an estimate.
         labels: [N] hard labels (required when alpha > 0). With alpha > 0 the tokens equal to
             ignore_index are left out of the mean; with alpha = 0 the mean is over the tokens
             with a teacher id, and labels only feed the CE reported by `return_parts`.
@@ -63,23 +55,21 @@ def kd_loss(
         A float32 scalar (or `(loss, kd, ce)`). A batch with no counted token gives 0 with zero
         gradients.
     """
-    check_kd_loss_args(logits, topk_ids, topk_logp, loss, weights=weights, labels=labels)
+    check_kd_loss_args(logits, target, loss, labels=labels)
     with_kd = return_parts or loss.alpha < 1
     backend = loss.backend
     if backend == "auto":
         backend = "triton" if logits.is_cuda else "torch"
-    n_rows = count_rows(topk_ids, logits.shape[1], labels, loss)
+    n_rows = count_rows(target.ids, logits.shape[1], labels, loss)
     if backend == "torch":
-        parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, loss, weights=weights, labels=labels,
-                                        with_kd=with_kd)  # fmt: skip
+        parts = kd_loss_parts_reference(logits, target, loss, labels=labels, with_kd=with_kd)
         value = loss_from_parts(parts, loss.alpha, n_rows)
     else:
         # Imported here so that `import trainer` does not import triton, and TRITON_INTERPRET can
         # still be set by the caller before the kernels are built.
         from trainer.losses.triton_kernel import kd_loss_triton
 
-        value, parts = kd_loss_triton(logits, topk_ids, topk_logp, weights, labels, loss, with_kd=with_kd,
-                                      inplace_grad=inplace_grad)  # fmt: skip
+        value, parts = kd_loss_triton(logits, target, labels, loss, with_kd=with_kd, inplace_grad=inplace_grad)
     if not return_parts:
         return value
     return (value, *part_means(parts, n_rows, labels, loss.ignore_index))

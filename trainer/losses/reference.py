@@ -24,6 +24,7 @@ import math
 import torch
 
 from trainer.losses.config import DIVERGENCES, LossConfig
+from trainer.losses.sparse_target import SparseTarget
 
 __all__ = ["check_kd_loss_args", "kd_loss_parts_reference", "kd_loss_reference", "valid_teacher_ids"]
 
@@ -34,21 +35,21 @@ MAX_K = 4096
 
 
 def check_kd_loss_args(
-    logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor | None,
-    loss: LossConfig,
-    *,
-    weights: torch.Tensor | None,
-    labels: torch.Tensor | None,
+    logits: torch.Tensor, target: SparseTarget, loss: LossConfig, *, labels: torch.Tensor | None
 ) -> None:
     """Raise ValueError, saying what to change, when the tensors of `kd_loss` are unusable.
 
     The settings were checked when `loss` was built; here are the tensors and what they must
-    agree on with the settings. Shapes, dtypes and devices are always checked. The *values* of `topk_ids` and
+    agree on with the settings. Shapes, dtypes and devices are always checked. The *values* of `target.ids` and
     `labels` are checked only on CPU: on CUDA that check would need a host sync per step, so
     there the kernel treats out-of-range ids as padding instead (see docs/kd_loss.md).
     """
+    if not isinstance(target, SparseTarget):
+        raise ValueError(
+            f"kd_loss: the teacher must be a trainer.losses.sparse_target.SparseTarget, got {_describe(target)}; "
+            "wrap the stored tensors: SparseTarget(topk_ids, topk_logp) or SparseTarget(ids, logp, weights)"
+        )
+    ids, logp, weights = target.ids, target.logp, target.weights
     if not isinstance(loss, LossConfig):
         raise ValueError(f"kd_loss: the settings must be a trainer.losses.config.LossConfig, got {_describe(loss)}")
     if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
@@ -61,31 +62,31 @@ def check_kd_loss_args(
     n, v = logits.shape
     if v < 1:
         raise ValueError("kd_loss: logits has an empty vocabulary axis (V = 0)")
-    if not isinstance(topk_ids, torch.Tensor) or topk_ids.ndim != 2 or topk_ids.shape[0] != n:
-        raise ValueError(f"kd_loss: topk_ids must be [N={n}, K], got {_describe(topk_ids)}")
-    if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"kd_loss: topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if topk_ids.shape[1] < 1:
-        raise ValueError("kd_loss: topk_ids has K = 0 columns; pass at least one teacher id per row")
-    if topk_logp is None and weights is None:
-        raise ValueError("kd_loss: topk_logp is required (it may be None only with weights, for a counts-only store)")
-    for name, t in (("topk_logp", topk_logp), ("weights", weights)):
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != n:
+        raise ValueError(f"kd_loss: target.ids must be [N={n}, K], got {_describe(ids)}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kd_loss: target.ids must be int32 or int64, got {ids.dtype}")
+    if ids.shape[1] < 1:
+        raise ValueError("kd_loss: target.ids has K = 0 columns; pass at least one teacher id per row")
+    if logp is None and weights is None:
+        raise ValueError("kd_loss: target.logp is required (it may be None only with weights, for a counts-only store)")
+    for name, t in (("target.logp", logp), ("target.weights", weights)):
         if t is None:
             continue
-        if not isinstance(t, torch.Tensor) or t.shape != topk_ids.shape:
+        if not isinstance(t, torch.Tensor) or t.shape != ids.shape:
             raise ValueError(
-                f"kd_loss: {name} must have the shape of topk_ids {tuple(topk_ids.shape)}, got {_describe(t)}"
+                f"kd_loss: {name} must have the shape of target.ids {tuple(ids.shape)}, got {_describe(t)}"
             )
         if not t.is_floating_point():
             raise ValueError(f"kd_loss: {name} must be a float tensor, got {t.dtype}")
     if weights is not None and loss.divergence != "fkl":
         raise ValueError(
-            f"kd_loss: divergence {loss.divergence!r} has no unbiased estimate from drawn ids (weights); only 'fkl' "
-            "does. Train a sampled store with divergence='fkl', or capture a top-k store for rkl/jsd/tvd"
+            f"kd_loss: divergence {loss.divergence!r} has no unbiased estimate from drawn ids (target.weights); "
+            "only 'fkl' does. Train a sampled store with divergence='fkl', or capture a top-k store for rkl/jsd/tvd"
         )
-    if topk_ids.shape[1] > MAX_K:
-        raise ValueError(f"kd_loss: at most {MAX_K} teacher ids per row, got K = {topk_ids.shape[1]}")
-    for name, t in (("topk_ids", topk_ids), ("topk_logp", topk_logp), ("weights", weights), ("labels", labels)):
+    if ids.shape[1] > MAX_K:
+        raise ValueError(f"kd_loss: at most {MAX_K} teacher ids per row, got K = {ids.shape[1]}")
+    for name, t in (("target.ids", ids), ("target.logp", logp), ("target.weights", weights), ("labels", labels)):
         if t is not None and t.device != logits.device:
             raise ValueError(f"kd_loss: {name} is on {t.device} but logits is on {logits.device}")
     if loss.alpha > 0 and labels is None:
@@ -97,10 +98,10 @@ def check_kd_loss_args(
             raise ValueError(f"kd_loss: labels must be int32 or int64, got {labels.dtype}")
     if logits.device.type == "cpu":
         # Cheap on CPU (no device sync); catches a student/teacher vocabulary mismatch early.
-        if bool((topk_ids < -1).any()) or bool((topk_ids >= v).any()):
+        if bool((ids < -1).any()) or bool((ids >= v).any()):
             raise ValueError(
-                f"kd_loss: topk_ids must lie in [0, V={v}) or be -1 (padding); found "
-                f"min {int(topk_ids.min())}, max {int(topk_ids.max())}. Does the store's tokenizer "
+                f"kd_loss: target.ids must lie in [0, V={v}) or be -1 (padding); found "
+                f"min {int(ids.min())}, max {int(ids.max())}. Does the store's tokenizer "
                 "match the student's vocabulary?"
             )
         if labels is not None:
@@ -209,14 +210,7 @@ def part_means(
 
 
 def kd_loss_parts_reference(
-    logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor | None,
-    loss: LossConfig = LossConfig(),
-    *,
-    weights: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
-    with_kd: bool = True,
+    logits: torch.Tensor, target: SparseTarget, loss: LossConfig, *, labels: torch.Tensor | None, with_kd: bool = True
 ) -> torch.Tensor:
     """Per-row parts [N, 2] in plain torch (fp32 math whatever the input dtype): each counted
     row's T^2 D (0 elsewhere) and each labelled row's CE (0 elsewhere, and without labels).
@@ -229,6 +223,7 @@ def kd_loss_parts_reference(
     """
     n, v = logits.shape
     t = loss.temperature
+    topk_ids = target.ids
     z = logits.float()
     valid = valid_teacher_ids(topk_ids, v)  # [N, K]
     rows = row_mask(valid, labels if loss.alpha > 0 else None, loss.ignore_index)  # [N]
@@ -244,10 +239,10 @@ def kd_loss_parts_reference(
         u = z * (1.0 / t) if t != 1.0 else z  # multiply like the kernel does, not divide
         ids = torch.where(valid, topk_ids, 0).long()
         u_s = u.gather(1, ids)  # [N, K]
-        if weights is not None:
-            d = _weighted_divergence(u, u_s, valid, topk_logp, weights)
+        if target.weights is not None:
+            d = _weighted_divergence(u, u_s, valid, target.logp, target.weights)
         else:
-            d = _bucket_divergence_of(u, u_s, ids, valid, topk_logp, loss.divergence, loss.beta)
+            d = _bucket_divergence_of(u, u_s, ids, valid, target.logp, loss.divergence, loss.beta)
         kd = torch.where(rows, t * t * d, 0.0)
     return torch.stack([kd, ce], dim=1)
 
@@ -299,14 +294,8 @@ def _bucket_divergence_of(
 
 
 def kd_loss_reference(
-    logits: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logp: torch.Tensor | None,
-    loss: LossConfig = LossConfig(),
-    *,
-    weights: torch.Tensor | None = None,
-    labels: torch.Tensor | None = None,
+    logits: torch.Tensor, target: SparseTarget, loss: LossConfig = LossConfig(), *, labels: torch.Tensor | None = None
 ) -> torch.Tensor:
     """The loss of `kd_loss_parts_reference` (same arguments): the masked means, mixed by alpha."""
-    parts = kd_loss_parts_reference(logits, topk_ids, topk_logp, loss, weights=weights, labels=labels)
-    return loss_from_parts(parts, loss.alpha, count_rows(topk_ids, logits.shape[1], labels, loss))
+    parts = kd_loss_parts_reference(logits, target, loss, labels=labels)
+    return loss_from_parts(parts, loss.alpha, count_rows(target.ids, logits.shape[1], labels, loss))

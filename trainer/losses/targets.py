@@ -1,7 +1,7 @@
 """The teacher's side of the loss: a store batch turned into a sparse target on the device.
 
-Every store mode trains through one loss, `kd_loss(..., weights=...)` (and its from-hidden
-twin), which takes per row K ids and either their exact log-probs at the training temperature
+Every store mode trains through one loss, `kd_loss(logits, target, ...)` (and its from-hidden
+twin), whose `SparseTarget` holds per row K ids and either their exact log-probs at the training temperature
 plus a tail bucket (`topk_target`: top-k stores), or a weight on each id, the target mass there,
 whose expectation is the teacher's probability (`sampled_target`: sampled stores, with or
 without an exact head, counts-only or not). This module builds those [N, K] tensors; they are
@@ -43,27 +43,13 @@ the student's gradient q − p needs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from trainer.losses.config import LossConfig
 from trainer.losses.kd_loss import kd_loss, teacher_logprobs_at_temperature
+from trainer.losses.sparse_target import SparseTarget
 
-__all__ = ["SparseTarget", "sampled_kd_loss", "sampled_target", "topk_target"]
-
-
-@dataclass(frozen=True)
-class SparseTarget:
-    """Per row K teacher ids and what the loss knows of them (the arguments of `kd_loss`).
-
-    ids: [N, K] int, -1 = padding. logp: [N, K] float32 log p_T at the ids, or None (counts-only).
-    weights: [N, K] float32 target mass at the ids (drawn ids), or None (exact ids + tail bucket).
-    """
-
-    ids: torch.Tensor
-    logp: torch.Tensor | None
-    weights: torch.Tensor | None = None
+__all__ = ["sampled_kd_loss", "sampled_target", "topk_target"]
 
 
 def topk_target(
@@ -147,4 +133,4 @@ def sampled_kd_loss(
         raise ValueError(f"ids {tuple(ids.shape)} and logits {tuple(logits.shape)} must agree on N")
     target = sampled_target(ids, counts, draws, temperature=loss.temperature, teacher_logp=teacher_logp,
                             lse_1=lse_1, lse_t=lse_t, head=head)  # fmt: skip
-    return kd_loss(logits, target.ids, target.logp, loss, weights=target.weights)
+    return kd_loss(logits, target, loss)

@@ -87,6 +87,7 @@ import triton.language as tl
 
 from trainer.losses.config import LossConfig
 from trainer.losses.reference import count_rows, loss_from_parts
+from trainer.losses.sparse_target import SparseTarget
 
 __all__ = ["KDLossFunction", "block_v_for", "interpreting", "kd_loss_triton", "launch", "require_runnable"]
 
@@ -452,9 +453,7 @@ def kernel_constexprs(
 
 def launch(
     logits: torch.Tensor,
-    ids: torch.Tensor,
-    logp: torch.Tensor | None,
-    weights: torch.Tensor | None,
+    target: SparseTarget,
     labels: torch.Tensor | None,
     loss: LossConfig,
     *,
@@ -473,13 +472,12 @@ def launch(
     share of the global mean directly. `with_kd=False` (alpha = 1 only) skips the KD term.
     """
     n, v = logits.shape
-    k = ids.shape[1]
+    k = target.ids.shape[1]
     device = logits.device
     if logits.stride(1) != 1:
         logits = logits.contiguous()  # the in-place gradient then lands in this copy
-    ids = ids.contiguous()
-    logp = None if logp is None else logp.contiguous()
-    weights = None if weights is None else weights.contiguous()
+    target = target.contiguous()
+    ids, logp, weights = target.ids, target.logp, target.weights
     if labels is not None:
         labels = labels.contiguous()
     temperature, beta = loss.temperature, loss.beta
@@ -543,9 +541,7 @@ class KDLossFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx,
         logits: torch.Tensor,
-        ids: torch.Tensor,
-        logp: torch.Tensor | None,
-        weights: torch.Tensor | None,
+        target: SparseTarget,
         labels: torch.Tensor | None,
         n_rows: torch.Tensor,
         loss: LossConfig,
@@ -555,7 +551,7 @@ class KDLossFunction(torch.autograd.Function):
         compute_grad: bool,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         parts, grad = launch(
-            logits, ids, logp, weights, labels, loss,
+            logits, target, labels, loss,
             inplace_grad=inplace_grad, compute_grad=compute_grad, with_kd=with_kd, block_v=block_v, n_rows=n_rows,
         )  # fmt: skip
         if grad is not None:
@@ -580,7 +576,7 @@ class KDLossFunction(torch.autograd.Function):
                 scale = grad_output.reshape(1).float()
                 _scale_kernel[(n,)](grad, grad.stride(0), scale, v, BLOCK_V=bv, num_warps=8 if bv >= 4096 else 4)
             grad_logits = grad
-        return grad_logits, None, None, None, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
 def require_runnable(t: torch.Tensor) -> None:
@@ -596,9 +592,7 @@ def require_runnable(t: torch.Tensor) -> None:
 
 def kd_loss_triton(
     logits: torch.Tensor,
-    ids: torch.Tensor,
-    logp: torch.Tensor | None,
-    weights: torch.Tensor | None,
+    target: SparseTarget,
     labels: torch.Tensor | None,
     loss: LossConfig,
     *,
@@ -612,9 +606,9 @@ def kd_loss_triton(
     block (tests use tiny blocks to cover many iterations). Returns (loss, parts [N, 2]).
     """
     require_runnable(logits)
-    n_rows = count_rows(ids, logits.shape[1], labels, loss).reshape(1)
+    n_rows = count_rows(target.ids, logits.shape[1], labels, loss).reshape(1)
     return KDLossFunction.apply(
-        logits, ids, logp, weights, labels, n_rows, loss, bool(with_kd), bool(inplace_grad), block_v,
+        logits, target, labels, n_rows, loss, bool(with_kd), bool(inplace_grad), block_v,
         # Decided here, not from ctx.needs_input_grad inside forward: that is True under
         # torch.no_grad() too, and an eval pass must not pay for (or write in place) a gradient.
         torch.is_grad_enabled() and logits.requires_grad,
