@@ -79,9 +79,11 @@ class CaptureSettings(_Frozen):
         min_length=1, description="temperatures whose full-vocabulary lse is stored"
     )
     max_len: int = Field(gt=0, description="longest sequence the teacher saw, in tokens")
-    packing: Literal["packed", "document"] = Field(
+    packing: Literal["packed", "document", "packed-documents"] = Field(
         description="packed: documents concatenated and cut every max_len tokens; "
-        "document: every document starts a new sequence (long ones are split)"
+        "document: every document starts a new sequence (long ones are split); "
+        "packed-documents: whole documents share a sequence while they fit, each attending only to itself "
+        "(positions restart at every piece of the manifest)"
     )
     logp_codec: dict[str, Any] = Field(description="the LogProbCodec's to_dict()")
     chunk_tokens: int = Field(gt=0, description="tokens per Zarr chunk (inner chunk of a shard)")

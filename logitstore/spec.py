@@ -90,10 +90,11 @@ class CaptureSpec(BaseModel):
         f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]; must include 1",
     )  # fmt: skip
     max_len: int = Field(1024, ge=1, le=131_072, description="longest sequence the teacher sees, in tokens")
-    packing: Literal["packed", "document"] = Field(
+    packing: Literal["packed", "document", "packed-documents"] = Field(
         "packed",
         description="packed: documents concatenated and cut every max_len tokens; document: every document "
-        "starts a new sequence (long ones are split)",
+        "starts a new sequence (long ones are split); packed-documents: whole documents share a sequence "
+        "while they fit, and attention restarts at every document (no cross-document context, no padding)",
     )
     max_tokens: int | None = Field(
         None, ge=1, description="stop after this many corpus tokens (default: the whole corpus)"

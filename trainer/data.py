@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from logitstore.capture.corpus import document_positions
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError
 from logitstore.reader import Store, TokenBlock, open_store
@@ -77,6 +78,12 @@ class StoreDataset(IterableDataset):
     exactly representable in it, which the default codec is; else float32), `lse` float32
     [B, L, n_T], `mask` bool [B, L] (real tokens), and `counts` uint8 [B, L, K] for
     sampled-mode stores. A counts_only store's batches have no `topk_logp`.
+
+    A packed-documents store's batches also have `position_ids` int32 [B, L]: each token's
+    position inside its document (from the block's start at the latest), restarting where the
+    teacher's attention restarted, and from 0 again over the padding. Given to the student
+    without an attention mask they make its attention block-diagonal exactly like the
+    teacher's; no label crosses a document boundary (-100 at a document's last token).
 
     `read_tokens` trades memory for speed: each worker holds B parts of about that many
     tokens decoded, ~6K + 13 + 4 n_T bytes a token (B=64, K=64, 16384: ~0.4 GB, plus a
@@ -117,11 +124,12 @@ class StoreDataset(IterableDataset):
         self._run_offsets: np.ndarray | None = None
         self._order: tuple[int, np.ndarray] | None = None  # the last epoch's order, reused across batches
         self._read_buffer: TokenBlock | None = None  # every store read decodes into it (copied out right after)
+        self._document_starts: np.ndarray | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         # DataLoader workers get a copy without the open store: each opens its own, lazily.
         return {**self.__dict__, "_store": None, "_blocks": None, "_run_offsets": None, "_order": None,
-                "_read_buffer": None}
+                "_read_buffer": None, "_document_starts": None}
 
     def _read(self, start: int, stop: int) -> TokenBlock:
         """`store.read` into one reused block (grown to the largest read so far): fresh multi-MB
@@ -163,6 +171,14 @@ class StoreDataset(IterableDataset):
             seq_end = seq_start[seq_of_block] + lengths[seq_of_block]
             self._blocks = (start, np.minimum(start + self.seq_len, seq_end), seq_end)
         return self._blocks
+
+    @property
+    def document_starts(self) -> np.ndarray | None:
+        """Global token offsets where a run of one document starts (the manifest's `token_start`),
+        for a packed-documents store; None for the other packings (no position ids needed)."""
+        if self._document_starts is None and self.meta.capture.packing == "packed-documents":
+            self._document_starts = self.store.manifest().column("token_start").to_numpy()
+        return self._document_starts
 
     @property
     def blocks_per_epoch(self) -> int:
@@ -264,6 +280,8 @@ class StoreDataset(IterableDataset):
         lse = np.zeros((p, r, l, n_t), dtype=np.float32)
         mask = np.zeros((p, r, l), dtype=bool)
         counts = None
+        document_starts = self.document_starts
+        position_ids = np.zeros((p, r, l), dtype=np.int32) if document_starts is not None else None
         starts, stops, seq_ends = self.blocks
         for i in range(p):
             row = parts[i]
@@ -285,6 +303,14 @@ class StoreDataset(IterableDataset):
                         topk_logp[i, j, :n] = data.topk_logp[s:z]
                     lse[i, j, :n] = data.lse[s:z]
                     mask[i, j, :n] = True
+                    if position_ids is not None:
+                        # Positions one token past the labels: a next token at position 0 opens a
+                        # new document, whose first token the teacher never predicted.
+                        g = a + s
+                        pos = document_positions(document_starts, g, g + max(n, nxt + 1))
+                        position_ids[i, j, :n] = pos[:n]
+                        position_ids[i, j, n:] = np.arange(l - n)
+                        labels[i, j, :nxt][pos[1 : nxt + 1] == 0] = IGNORE_INDEX
                     if data_counts is not None:
                         if counts is None:
                             counts = np.zeros((p, r, l, k), dtype=np.uint8)
@@ -298,6 +324,8 @@ class StoreDataset(IterableDataset):
             out["topk_logp"] = topk_logp
         if counts is not None:
             out["counts"] = counts
+        if position_ids is not None:
+            out["position_ids"] = position_ids
         return {name: a.reshape(p * r, *a.shape[2:]) for name, a in out.items()}
 
     @property

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from logitstore.capture.corpus import read_documents, tokenize_and_pack
+from logitstore.capture.corpus import document_positions, read_documents, tokenize_and_pack
 from logitstore.reader import Store
 from trainer.data import drop_non_token_ids
 from trainer.losses.config import LossConfig
@@ -63,13 +63,18 @@ def eval_store(
     max_tokens: int | None = None,
 ) -> dict[str, float]:
     """{"eval_kl" (counts_only: "eval_teacher_xent"), "eval_top1", "eval_store_ppl"} of the student
-    against the store's teacher."""
+    against the store's teacher. A packed-documents store is evaluated with its documents apart,
+    as the teacher and the trainer see them (`_document_positions`)."""
     counts_only = store.meta.capture.counts_only
+    document_starts = None
+    if store.meta.capture.packing == "packed-documents":
+        document_starts = store.manifest().column("token_start").to_numpy()
     kl = top1 = nll = n_kd = n_ce = 0.0
     for spans in _chunks(list(_windows(store, seq_len, max_tokens)), batch_size):
         blocks = [store.read(a, b) for a, b in spans]
         ids, mask = _pad([b.input_ids for b in blocks], len(blocks))
-        logits = _logits(model, ids, vocab_size)
+        positions = None if document_starts is None else _document_positions(document_starts, spans, ids.shape[1])
+        logits = _logits(model, ids, vocab_size, positions)
         k = blocks[0].topk_ids.shape[1]
         topk_ids = torch.full((*ids.shape, k), -1, dtype=torch.int64)
         # counts_only: the draw counts take the log-probs' place (sampled_kd_loss needs no more at T=1).
@@ -91,7 +96,7 @@ def eval_store(
             teacher_top = t_ids[:, 0]
         top1 += float((z.argmax(-1) == teacher_top).sum())
         n_kd += tokens
-        s, c = _next_token_nll(logits, ids, mask)
+        s, c = _next_token_nll(logits, ids, mask, positions)
         nll, n_ce = nll + s, n_ce + c
     return {
         "eval_teacher_xent" if counts_only else "eval_kl": kl / max(n_kd, 1),
@@ -135,16 +140,39 @@ def _pad(windows: list[np.ndarray], rows: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _document_positions(document_starts: np.ndarray, spans: list[tuple[int, int]], width: int) -> torch.Tensor:
+    """[rows, width] position ids of windows of a packed-documents store: each token's position in
+    its document (see trainer/data.py), restarting at 0 over the right padding."""
+    positions = torch.zeros((len(spans), width), dtype=torch.int64)
+    for r, (a, b) in enumerate(spans):
+        positions[r, : b - a] = torch.from_numpy(document_positions(document_starts, a, b))
+        positions[r, b - a :] = torch.arange(width - (b - a))
+    return positions
+
+
+def _logits(
+    model: torch.nn.Module, ids: torch.Tensor, vocab_size: int, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Float32 logits over the vocabulary; with `positions` and no attention mask, attention
+    restarts wherever they do (transformers' packed sequences)."""
     device = next(model.parameters()).device
+    inputs = {"input_ids": ids.to(device)}
+    if positions is not None:
+        inputs.update(position_ids=positions.to(device), use_cache=False)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids.to(device)).logits
+        logits = model(**inputs).logits
     return logits[..., :vocab_size].float()
 
 
-def _next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
-    """Summed next-token negative log-likelihood inside each window, and the number of tokens."""
-    valid = (mask[:, 1:] & mask[:, :-1]).to(logits.device)
+def _next_token_nll(
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """Summed next-token negative log-likelihood inside each window (and inside each document, with
+    `positions`: a next token at position 0 starts another one), and the number of tokens."""
+    valid = mask[:, 1:] & mask[:, :-1]
+    if positions is not None:
+        valid &= positions[:, 1:] != 0
+    valid = valid.to(logits.device)
     targets = ids[:, 1:].to(logits.device)[valid]
     nll = F.cross_entropy(logits[:, :-1][valid], targets, reduction="sum")
     return float(nll), float(valid.sum())

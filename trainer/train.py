@@ -32,12 +32,14 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
+from logitstore.capture.document_attention import check_document_attention
 from logitstore.capture.teacher import load_teacher, resolve_device
 from logitstore.errors import LogitStoreError
 from logitstore.reader import Store, open_store
@@ -157,6 +159,10 @@ def _train(
     model, vocab = student.model.to(device), student.vocab_size
     _check_positions(model, cfg.seq_len)
     teacher = _online_teacher(cfg, meta, device) if cfg.loss == "online" else None
+    if meta.capture.packing == "packed-documents":  # each document must attend only to itself
+        for role, m in (("student", model), ("online teacher", teacher)):
+            if m is not None:
+                check_document_attention(m, role)
     targets = Targets(vocab, t_col, one_col, device, draws, teacher, meta.capture.head)
 
     optimizer = _optimizer(model, cfg, device)
@@ -277,8 +283,8 @@ class HiddenStates(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=input_ids).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
 
 
 def _micro_step(
@@ -291,6 +297,12 @@ def _micro_step(
     the host."""
     device = targets.device
     ids = batch["input_ids"].to(device, non_blocking=True).long()
+    # The model's inputs. A packed-documents store adds position ids (and no attention mask or
+    # cache), so that each document attends only to itself, as the teacher's did
+    # (logitstore/capture/document_attention.py).
+    inputs = {"input_ids": ids}
+    if "position_ids" in batch:
+        inputs.update(position_ids=batch["position_ids"].to(device, non_blocking=True).long(), use_cache=False)
     labels = batch["labels"].to(device, non_blocking=True).reshape(-1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.loss == "kd" and not cfg.topk_renormalize:
@@ -298,13 +310,13 @@ def _micro_step(
         kw = dict(labels=labels if cfg.alpha > 0 or measure else None, return_parts=True)
         if cfg.materialize_logits:
             with autocast:
-                logits = runner(input_ids=ids).logits
+                logits = runner(**inputs).logits
             z = logits.reshape(-1, logits.shape[-1])[:, : targets.vocab]  # padded output columns are not tokens
             # inplace_grad: the kernel writes dL/dz into the logits buffer (nothing else needs the
             # logits for backward: the head's backward uses its input and weight).
             return kd_loss(z, target, loss_config, inplace_grad=z.is_cuda, **kw)
         with autocast:
-            hidden = runner(ids)
+            hidden = runner(**inputs)
         hidden = hidden.reshape(-1, hidden.shape[-1])
         weight = model.get_output_embeddings().weight[: targets.vocab]  # padded rows are not tokens
         if device.type == "cuda":  # what autocast would have run the head in
@@ -312,7 +324,7 @@ def _micro_step(
         return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target, loss_config, **kw)
 
     with autocast:
-        logits = runner(input_ids=ids).logits
+        logits = runner(**inputs).logits
     z = logits.reshape(-1, logits.shape[-1])[:, : targets.vocab]  # padded output columns are not tokens
     nan = torch.full((), float("nan"), device=device)
     if cfg.loss == "ce":
@@ -321,7 +333,7 @@ def _micro_step(
         return ce, kd, ce.detach()
 
     # The renormalized top-k and online KD: plain torch losses (baselines), CE mixed in here.
-    kd = _torch_kd(z, ids, batch, cfg, targets)
+    kd = _torch_kd(z, inputs, batch, cfg, targets)
     if cfg.alpha > 0:
         ce = F.cross_entropy(z.float(), labels, ignore_index=-100)
         return (1 - cfg.alpha) * kd + cfg.alpha * ce, kd.detach(), ce.detach()
@@ -329,13 +341,13 @@ def _micro_step(
     return kd, kd.detach(), ce
 
 
-def _torch_kd(z: torch.Tensor, ids: torch.Tensor, batch: dict[str, torch.Tensor], cfg: TrainConfig,
+def _torch_kd(z: torch.Tensor, inputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], cfg: TrainConfig,
               targets: Targets) -> torch.Tensor:
     device = targets.device
     mask = batch["mask"].to(device, non_blocking=True).reshape(-1)
     if cfg.loss == "online":
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            teacher_logits = targets.teacher(input_ids=ids).logits
+            teacher_logits = targets.teacher(**inputs).logits
         teacher_z = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, : targets.vocab]
         return full_vocab_kl(z, teacher_z, mask, cfg.temperature)
     target = _target(batch, cfg, targets)

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -37,6 +37,22 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
 # Parquet rows per batch: big enough that pyarrow's per-batch overhead vanishes, small enough
 # that a file with long documents never sits in memory whole.
 _PARQUET_BATCH_ROWS = 1024
+
+Packing = Literal["packed", "document", "packed-documents"]
+
+
+def document_positions(piece_starts: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Each token's position in [start, stop) inside its document run: counted from the run's
+    first token, or from `start` when the run began earlier. int64 [stop - start].
+
+    `piece_starts` are the sorted token offsets where runs of one document begin (the manifest's
+    `seq_token_offset` inside a sequence, or its global `token_start`), including one at or
+    before `start`. In a packed-documents store these are the teacher's position ids, and where
+    they restart its attention restarted too.
+    """
+    tokens = np.arange(start, stop, dtype=np.int64)
+    run_start = np.asarray(piece_starts, dtype=np.int64)[np.searchsorted(piece_starts, tokens, side="right") - 1]
+    return tokens - np.maximum(run_start, start)
 
 
 @dataclass(frozen=True)
@@ -236,6 +252,10 @@ class PackedSequence:
     input_ids: np.ndarray
     pieces: tuple[Piece, ...]
 
+    def document_positions(self) -> np.ndarray:
+        """Each token's position inside its document run: the position ids of a packed-documents capture."""
+        return document_positions(np.array([p.seq_token_offset for p in self.pieces]), 0, len(self.input_ids))
+
 
 @dataclass(frozen=True)
 class PackedCorpus:
@@ -269,6 +289,10 @@ class _Packer:
             self.sequences.append(PackedSequence(input_ids=ids, pieces=tuple(self._pieces)))
             self._ids, self._pieces, self._fill = [], [], 0
 
+    def fits(self, tokens: int) -> bool:
+        """Whether `tokens` more fit in the sequence being filled."""
+        return self._fill + tokens <= self.max_len
+
     def add(self, doc: Document, sha: str, ids: np.ndarray) -> None:
         start = 0
         while start < len(ids):
@@ -295,7 +319,7 @@ def tokenize_and_pack(
     tokenizer: Any,
     *,
     max_len: int,
-    packing: Literal["packed", "document"] = "packed",
+    packing: Packing = "packed",
     max_tokens: int | None = None,
     batch_size: int = 256,
 ) -> PackedCorpus:
@@ -313,6 +337,10 @@ def tokenize_and_pack(
       every sequence has exactly `max_len` tokens except possibly the last.
     - ``"document"``: each document starts a new sequence; a document longer than `max_len`
       is split into `max_len`-token sequences (its last one may be shorter).
+    - ``"packed-documents"``: a document starts a new sequence when it does not fit in what is
+      left of the current one, so documents are never cut except those longer than `max_len`
+      (split as in ``"document"``; their last run may share a sequence with what follows).
+      The teacher then sees each run of a document on its own (`document_positions`).
 
     `max_tokens` stops packing once that many tokens are packed (the last document is
     truncated); documents after the cut are neither tokenized further nor fingerprinted.
@@ -325,8 +353,8 @@ def tokenize_and_pack(
         raise CorpusError(f"max_len must be at least 1 token, got {max_len}")
     if max_tokens is not None and max_tokens < 1:
         raise CorpusError(f"max_tokens must be at least 1 token, got {max_tokens}")
-    if packing not in ("packed", "document"):
-        raise CorpusError(f"unknown packing rule {packing!r}; use 'packed' or 'document'")
+    if packing not in get_args(Packing):
+        raise CorpusError(f"unknown packing rule {packing!r}; use one of {', '.join(get_args(Packing))}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
 
@@ -355,7 +383,7 @@ def tokenize_and_pack(
             fingerprint.update(data)
             sources[doc.source.rsplit(":", 1)[0]] = None
             used_docs += 1
-            if packing == "document":
+            if packing == "document" or (packing == "packed-documents" and not packer.fits(len(ids))):
                 packer.flush()
             packer.add(doc, hashlib.sha256(data).hexdigest(), ids)
             total += len(ids)

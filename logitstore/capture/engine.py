@@ -30,6 +30,7 @@ import torch
 from logitstore import __version__, storage
 from logitstore.capture import distributed
 from logitstore.capture.corpus import PackedCorpus, PackedSequence, read_documents, tokenize_and_pack
+from logitstore.capture.document_attention import check_document_attention
 from logitstore.capture.reduce import Reduction
 from logitstore.capture.teacher import Teacher
 from logitstore.errors import LogitStoreError
@@ -120,6 +121,8 @@ def capture(
     """
     spec.check_teacher(logits_width=teacher.tokenizer_info.logits_width,
                        context_length=context_length(teacher.model.config.to_dict()), dtype=teacher.info.dtype)
+    if spec.packing == "packed-documents":
+        check_document_attention(teacher.model, "teacher")
     packed = tokenize_and_pack(
         read_documents(corpus, text_field=text_field),
         teacher.tokenizer,
@@ -243,9 +246,12 @@ def capture_unit(
     # Software pipeline: batch i's results are copied to the host without blocking, and read
     # only after batch i+1 is queued, so an accelerator never idles waiting for the host.
     pending: tuple[list[int], _BatchResult] | None = None
+    by_document = spec.packing == "packed-documents"
     for batch in _batches(lengths, max(tuning.batch_tokens, spec.max_len)):
         keys = np.concatenate([np.arange(offsets[j], offsets[j + 1]) for j in batch]) + token_start
-        result = _forward_batch(teacher, [seqs[j].input_ids for j in batch], keys, reduction, tuning.row_chunk)
+        positions = [seqs[j].document_positions() for j in batch] if by_document else None
+        result = _forward_batch(teacher, [seqs[j].input_ids for j in batch], keys, reduction, tuning.row_chunk,
+                                positions=positions)  # fmt: skip
         if pending is not None:
             scatter(*pending)
         pending = (batch, result)
@@ -305,25 +311,38 @@ CPU_REDUCE_ROWS = 16
 
 @torch.inference_mode()
 def _forward_batch(
-    teacher: Teacher, sequences: list[np.ndarray], keys: np.ndarray, reduction: Reduction, row_chunk: int
-) -> _BatchResult:
+    teacher: Teacher, sequences: list[np.ndarray], keys: np.ndarray, reduction: Reduction, row_chunk: int,
+    *, positions: list[np.ndarray] | None = None,
+) -> _BatchResult:  # fmt: skip
     """ids [n, K], log-probs at T=1 [n, K], lse [n, n_T] and counts [n, K] (sampled) for the
-    n real tokens of a batch, in the batch's order; `keys` are their global positions."""
+    n real tokens of a batch, in the batch's order; `keys` are their global positions.
+
+    `positions` (packed-documents): each sequence's position ids, restarting at every document.
+    They go to the model without an attention mask or a cache, which transformers reads as
+    packed sequences: each document attends only to itself (document_attention.py).
+    """
     model = teacher.model
     device = next(model.parameters()).device
     longest = max(len(s) for s in sequences)
     ids = torch.zeros((len(sequences), longest), dtype=torch.long)
     mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    pos = torch.zeros((len(sequences), longest), dtype=torch.long) if positions is not None else None
     for b, s in enumerate(sequences):  # right padding: positions of real tokens are unchanged
         ids[b, : len(s)] = torch.from_numpy(s.astype(np.int64))
         mask[b, : len(s)] = 1
+        if pos is not None:
+            pos[b, : len(s)] = torch.from_numpy(positions[b])
+            pos[b, len(s) :] = torch.arange(longest - len(s))
     # Real-token positions from the host mask: a boolean index on the device would sync.
     real = mask.flatten().nonzero().squeeze(1).to(device)
     ids, mask = ids.to(device), mask.to(device)
     keys_t = torch.from_numpy(keys.astype(np.int64)).to(device)
 
     body, head, softcap = _split_model(model)
-    hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    if pos is None:
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    else:
+        hidden = body(input_ids=ids, position_ids=pos.to(device), use_cache=False).last_hidden_state
     hidden = hidden.flatten(0, 1).index_select(0, real)  # [n, H]: drop padding before the projection
 
     parts = []

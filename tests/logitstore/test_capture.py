@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from logitstore import open_store
+from logitstore.capture.document_attention import check_document_attention
 from logitstore.capture.engine import CaptureProgress, capture, plan_units
 from logitstore.capture.teacher import load_teacher
 from logitstore.cli import main as cli_main
@@ -79,6 +81,52 @@ def test_capture_equals_full_softmax(tiny_teacher, tmp_path, packing):
     starts, counts = m.column("token_start").to_numpy(), m.column("num_tokens").to_numpy()
     assert starts[0] == 0 and np.array_equal(starts[1:], np.cumsum(counts)[:-1]) and counts.sum() == 700
     assert verify(str(tmp_path / "s")).ok
+
+
+def test_packed_documents_equal_each_document_captured_alone(tiny_teacher, tmp_path):
+    """packed-documents shares sequences between documents without sharing context: every token's
+    soft labels equal those of the document store, where each document is its own sequence."""
+    spec = CaptureSpec(k=16, temperatures=(1.0, 2.0), max_len=96, packing="packed-documents", max_tokens=900)
+    tuning = CaptureTuning(unit_tokens=300, chunk_tokens=64, batch_tokens=200)
+    packed = capture(tiny_teacher, [CORPUS], str(tmp_path / "p"), spec, tuning=tuning)
+    alone = capture(tiny_teacher, [CORPUS], str(tmp_path / "d"), spec.model_copy(update={"packing": "document"}),
+                    tuning=tuning)  # fmt: skip
+    # The same tokens in the same order, in fewer sequences: documents were packed together.
+    assert packed.num_tokens == alone.num_tokens == 900
+    assert packed.num_sequences < alone.num_sequences
+    pieces = packed.manifest().column("sequence").to_numpy()
+    assert np.bincount(pieces).max() >= 3  # some sequence holds three documents or more
+    assert np.all(packed.sequence_lengths() <= 96)
+    a, b = packed.read(0, 900), alone.read(0, 900)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    bound = tuning.logp_codec.topk_error_bound(b.topk_logp) + 1e-5
+    assert np.all(np.abs(a.topk_logp - b.topk_logp) <= 2 * bound)
+    np.testing.assert_allclose(a.lse, b.lse, atol=1e-5, rtol=0)
+    assert verify(packed.url).ok
+
+
+class _PrefixMeanLM(torch.nn.Module):
+    """A causal LM whose every position averages the embeddings of all before it: it takes
+    position ids but ignores them, like an attention that does not know packed sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 4)
+        self.config = SimpleNamespace(_attn_implementation="prefix-mean")
+
+    def get_decoder(self) -> torch.nn.Module:
+        return self
+
+    def forward(self, input_ids: torch.Tensor, **_: object) -> SimpleNamespace:
+        x = self.embed(input_ids).cumsum(1) / torch.arange(1, input_ids.shape[1] + 1)[:, None]
+        return SimpleNamespace(last_hidden_state=x)
+
+
+def test_packed_documents_need_an_attention_that_keeps_documents_apart(tiny_teacher):
+    check_document_attention(tiny_teacher.model, "teacher")  # sdpa honors restarting position ids
+    with pytest.raises(LogitStoreError, match=r"the teacher \(_PrefixMeanLM.*--packing document"):
+        check_document_attention(_PrefixMeanLM(), "teacher")
 
 
 def test_units_and_batches_do_not_change_content(tiny_teacher, tmp_path):

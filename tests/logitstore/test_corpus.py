@@ -16,7 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from logitstore.capture.corpus import Document, PackedCorpus, read_documents, tokenize_and_pack
+from logitstore.capture.corpus import (
+    Document,
+    PackedCorpus,
+    document_positions,
+    read_documents,
+    tokenize_and_pack,
+)
 from logitstore.errors import CorpusError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -332,7 +338,7 @@ WORDS = ["the", " cat", " sat", "\n", " ünï", " 42", " on", "the mat."]
 @given(
     doc_words=st.lists(st.lists(st.sampled_from(WORDS), min_size=1, max_size=30), min_size=1, max_size=12),
     max_len=st.integers(1, 40),
-    packing=st.sampled_from(["packed", "document"]),
+    packing=st.sampled_from(["packed", "document", "packed-documents"]),
     max_tokens=st.none() | st.integers(1, 400),
     batch_size=st.integers(1, 5),
 )
@@ -355,6 +361,16 @@ def test_packing_invariants(
     if packing == "packed":
         assert all(n == max_len for n in lengths[:-1])
         assert len(pc.sequences) == -(-pc.tokens // max_len)
+    elif packing == "packed-documents":
+        for prev, seq in itertools.pairwise(pc.sequences):
+            first, last = seq.pieces[0], prev.pieces[-1]
+            if first.doc_token_offset > 0:  # only a document longer than max_len is cut, at max_len
+                assert first.doc_id == last.doc_id and len(prev.pieces) == 1 and len(prev.input_ids) == max_len
+            else:  # a new sequence starts only where the next document did not fit
+                assert len(prev.input_ids) + first.num_tokens > max_len
+        for seq in pc.sequences:  # positions restart at every document
+            expected = np.concatenate([np.arange(p.num_tokens) for p in seq.pieces])
+            np.testing.assert_array_equal(seq.document_positions(), expected)
     else:
         for seq in pc.sequences:
             assert len({p.doc_id for p in seq.pieces}) == 1
@@ -363,6 +379,14 @@ def test_packing_invariants(
                 assert len(prev.input_ids) == max_len  # only a full sequence continues a document
             else:
                 assert seq.pieces[0].doc_token_offset == 0
+
+
+def test_document_positions_restart_at_documents_and_at_the_window_start() -> None:
+    starts = np.array([0, 3, 4, 9])
+    np.testing.assert_array_equal(document_positions(starts, 0, 11), [0, 1, 2, 0, 0, 1, 2, 3, 4, 0, 1])
+    # A window that starts inside a document counts from the window's start.
+    np.testing.assert_array_equal(document_positions(starts, 6, 11), [0, 1, 2, 0, 1])
+    np.testing.assert_array_equal(document_positions(starts, 4, 5), [0])
 
 
 def test_eos_appended_once(tokenizer: Any) -> None:

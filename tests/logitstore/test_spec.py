@@ -29,7 +29,7 @@ from logitstore.spec import MAX_SLOTS, CaptureSpec, CaptureTuning, SpecError
         ({"mode": "sampled", "counts_only": True}, "counts_only", "needs temperatures [1]"),
         ({"mode": "sampled", "counts_only": True, "temperatures": [1], "head": 2}, "counts_only", "needs head 0"),
         ({"mode": "sampled", "head": 4090, "k": 64}, "head", "4140 slots; at most 4096"),
-        ({"packing": "interleaved"}, "packing", "'packed' or 'document'"),
+        ({"packing": "interleaved"}, "packing", "'packed', 'document' or 'packed-documents'"),
         ({"text_field": "body"}, "text_field", "Extra inputs are not permitted"),
     ],
 )

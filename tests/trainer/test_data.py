@@ -76,6 +76,43 @@ def test_batches_equal_the_store_and_blocks_stay_inside_sequences(tiny_store_fac
         check_batch_against_store(batch, store, ds, ds.local_batch_blocks(b))
 
 
+def test_packed_documents_batches_give_the_student_the_teachers_context(tiny_store_factory, peaked_teacher_dir):
+    """Position ids restart at every document of the manifest (and over the padding), no label
+    crosses a document, and a model run on a batch row sees each document alone: its logits there
+    equal those of the document run by itself, as the teacher's were when captured."""
+    from transformers import AutoModelForCausalLM
+
+    url = tiny_store_factory(packing="packed-documents", max_tokens=1500, chunk_tokens=128)
+    store = open_store(url)
+    manifest = store.manifest()
+    doc_start = manifest.column("token_start").to_numpy()
+    doc_len = manifest.column("num_tokens").to_numpy()
+    ref_pos = np.concatenate([np.arange(n) for n in doc_len])  # each token's position in its document
+    model = AutoModelForCausalLM.from_pretrained(peaked_teacher_dir).eval()
+    ds = StoreDataset(url, seq_len=64, batch_size=3, seed=2, read_tokens=64)  # seq_len = max_len: whole sequences
+    checked_rows_with_two_documents = 0
+    for b, batch in enumerate(islice(iter(ds), 4)):
+        assert batch["position_ids"].dtype == torch.int32
+        starts, stops, _ = (x[ds.local_batch_blocks(b)] for x in ds.blocks)
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"].long(), position_ids=batch["position_ids"].long(),
+                           use_cache=False).logits  # fmt: skip
+        for row, (a, z) in enumerate(zip(starts.tolist(), stops.tolist(), strict=True)):
+            n = z - a
+            np.testing.assert_array_equal(batch["position_ids"][row, :n].numpy(), ref_pos[a:z])
+            np.testing.assert_array_equal(batch["position_ids"][row, n:].numpy(), np.arange(64 - n))
+            ids = store.read(a, z).input_ids
+            inside = (ref_pos[a + 1 : z] != 0)  # the next token is in the same document
+            np.testing.assert_array_equal(batch["labels"][row, : n - 1].numpy(), np.where(inside, ids[1:], -100))
+            docs = [(s, e) for s, e in zip(doc_start, doc_start + doc_len, strict=True) if a <= s < z]
+            checked_rows_with_two_documents += len(docs) > 1
+            for s, e in docs:
+                with torch.no_grad():
+                    alone = model(input_ids=torch.from_numpy(ids[s - a : e - a].astype(np.int64))[None]).logits[0]
+                torch.testing.assert_close(logits[row, s - a : e - a], alone, atol=1e-4, rtol=1e-4)
+    assert checked_rows_with_two_documents >= 3
+
+
 def test_blocks_longer_than_the_sequences_are_padded_sequences(tiny_store):
     store = open_store(tiny_store)
     ds = StoreDataset(tiny_store, seq_len=100, batch_size=4, read_tokens=200)
