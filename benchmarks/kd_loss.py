@@ -55,12 +55,12 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from peak_memory import cpu_peak_extra_mib, cuda_peak_extra_mib
+from timing import time_once_ms
 
 from trainer.losses.config import LossConfig
 from trainer.losses.from_hidden import default_chunk_size, kd_loss_from_hidden
@@ -94,19 +94,6 @@ def dense_teacher_logp(topk_ids, topk_logp, n, v, dtype):
     return dense.to(dtype)
 
 
-def _time_once(fn: Callable[[], None], device: str) -> float:
-    if device == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
 def measure(fns: dict[str, Callable[[], None]], device: str, warmup: int, iters: int) -> dict[str, dict | str]:
     """Median ms per peer, timed round-robin (one call of each peer per round) so that drift
     in clocks or in a shared CPU's load hits every peer alike; then peak memory per peer."""
@@ -125,7 +112,7 @@ def measure(fns: dict[str, Callable[[], None]], device: str, warmup: int, iters:
     times: dict[str, list[float]] = {name: [] for name in live}
     for _ in range(iters):
         for name, fn in live.items():
-            times[name].append(_time_once(fn, device))
+            times[name].append(time_once_ms(fn, device))
     for name, fn in live.items():
         mib = cuda_peak_extra_mib(fn) if device == "cuda" else None
         out[name] = {

@@ -96,6 +96,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from peak_memory import MIB, cpu_peak_extra_mib, cuda_peak_extra_mib
+from timing import time_once_ms
 
 from trainer.losses.config import LossConfig
 from trainer.losses.from_hidden import default_chunk_size, kd_loss_from_hidden
@@ -345,19 +346,6 @@ def liger_step(name, model, body, head_inputs, finish, next_tokens, alpha, tempe
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def time_once_ms(fn: Callable[[], None], device: torch.device) -> float:
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def time_round_robin(steps: dict[str, Callable[[], None]], device, warmup: int, iters: int) -> dict[str, dict | str]:
