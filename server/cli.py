@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--teacher", action="append", type=_teacher, metavar="NAME=SOURCE",
                         help="offer a teacher (repeatable; replaces the default smollm2-135m)")
     common.add_argument("--gpus-per-job", type=int,
-                        help="0: capture on CPU, 1: on the CUDA device (default: CUDA when present, else CPU)")
+                        help="0: capture on CPU, 1: on the CUDA device, N > 1: on N GPUs, one process each "
+                        "(default: CUDA when present, else CPU)")
     common.add_argument("--stale-after-s", type=float, help="reclaim a running job silent this long")
     common.add_argument("--heartbeat-s", type=float, help="heartbeat period of a running job")
 

@@ -144,6 +144,7 @@ class Job(Base):
     eta_s: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     worker_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    devices: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)  # of the last attempt, one per rank
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     heartbeat_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     created_at: Mapped[float] = mapped_column(Float, default=now)

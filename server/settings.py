@@ -43,9 +43,10 @@ class Settings(BaseSettings):
         description="teachers this server offers: name -> model directory, .gguf file, hub id or alias",
     )
     gpus_per_job: int | None = Field(
-        None, ge=0, le=1,
+        None, ge=0,
         description="GPUs a capture job uses: unset, the worker's CUDA device when it has one, else the CPU; 0: the "
-        "CPU; 1: CUDA. One job uses one GPU today: run one worker per GPU (CUDA_VISIBLE_DEVICES=i)",
+        "CPU; 1: one GPU; N > 1: N rank processes, one per visible GPU (N CPU processes without CUDA). Workers on "
+        "one box split its GPUs with CUDA_VISIBLE_DEVICES",
     )  # fmt: skip
     embedded_worker: bool = Field(True, description="`serve` starts one worker process beside the API")
     heartbeat_s: float = Field(5.0, gt=0, description="how often a worker marks its running job alive")
@@ -109,7 +110,7 @@ class Settings(BaseSettings):
     @property
     def device(self) -> str:
         """What the worker loads teachers on: "auto" (CUDA when present) unless gpus_per_job says."""
-        return {None: "auto", 0: "cpu", 1: "cuda"}[self.gpus_per_job]
+        return {None: "auto", 0: "cpu", 1: "cuda"}.get(self.gpus_per_job, "auto")
 
     def to_env(self) -> dict[str, str]:
         """These settings as `LOGITSTORE_*` variables, for a worker process started by the server."""

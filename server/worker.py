@@ -188,8 +188,17 @@ class Worker:
             )
         # A job row older than corpora keeping their text_field carries its own.
         spec, tuning, legacy_text_field = job_capture(job.settings)
-        if (source, spec.dtype) not in self._teachers:
-            self._teachers[source, spec.dtype] = load_teacher(source, device=self.settings.device, dtype=spec.dtype)
+        ranks = self.settings.gpus_per_job or 1
+        if ranks > 1:
+            from server.job_ranks import rank_devices, run_ranks
+
+            devices = rank_devices(ranks)
+        else:
+            if (source, spec.dtype) not in self._teachers:
+                self._teachers[source, spec.dtype] = load_teacher(source, device=self.settings.device,
+                                                                  dtype=spec.dtype)  # fmt: skip
+            devices = [str(next(self._teachers[source, spec.dtype].model.parameters()).device)]
+        self._record_devices(job.id, [physical_device(d) for d in devices])
         out, options = self.settings.store_url(job.store_id), self.settings.storage_options
         resume = storage.key_exists(storage.open_kv(out, read_only=True, storage_options=options), "zarr.json")
         if not resume:
@@ -217,9 +226,17 @@ class Worker:
                 row.tokens_done, row.tokens_total = p.tokens_done, p.tokens_total
                 row.tokens_per_s, row.eta_s = p.tokens_per_s, p.eta_s
 
+        text_field = legacy_text_field or job.text_field
+        if ranks > 1:
+            run_ranks(ranks, source, job.corpus_path, out, spec, tuning, text_field=text_field, resume=resume,
+                      storage_options=options, progress=progress)  # fmt: skip
+            return
         capture(self._teachers[source, spec.dtype], [job.corpus_path], out, spec, tuning=tuning,
-                text_field=legacy_text_field or job.text_field, resume=resume, progress=progress,
-                storage_options=options)
+                text_field=text_field, resume=resume, progress=progress, storage_options=options)
+
+    def _record_devices(self, job_id: str, devices: list[str]) -> None:
+        with self.db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(devices=devices))
 
     def _heartbeat(self, job_id: str, done: threading.Event) -> None:
         while not done.wait(self.settings.heartbeat_s):
@@ -251,6 +268,16 @@ class Worker:
                 update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(state="queued", worker_id=None)
             )
         log.info("job %s handed back to the queue", job_id)
+
+
+def physical_device(device: str) -> str:
+    """`cuda:i` as the machine numbers its GPUs: the i-th of CUDA_VISIBLE_DEVICES when that lists
+    indices (what an operator sees in nvidia-smi); any other device as it is."""
+    kind, _, index = device.partition(":")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")
+    if kind == "cuda" and index.isdigit() and all(v.strip().isdigit() for v in visible) and int(index) < len(visible):
+        return f"cuda:{visible[int(index)].strip()}"
+    return device
 
 
 def run_worker(settings: Settings) -> None:

@@ -53,6 +53,8 @@ class JobOut(BaseModel):
     eta_s: float | None
     error: str | None
     cancel_requested: bool
+    devices: list[str] | None = Field(description="where the capture runs (ran): one device per process, e.g. "
+                                      '["cuda:0", "cuda:1"]; null before a worker has started it')
     attempts: int
     created_at: str
     started_at: str | None
@@ -76,7 +78,7 @@ def job_out(job: Job) -> JobOut:
         id=job.id, state=job.state, corpus_id=job.corpus_id, teacher=job.teacher, settings=job.settings, slots=slots,
         store_id=job.store_id, tokens_done=job.tokens_done, tokens_total=job.tokens_total,
         tokens_per_s=job.tokens_per_s, eta_s=job.eta_s, error=job.error, cancel_requested=job.cancel_requested,
-        attempts=job.attempts, created_at=iso(job.created_at), started_at=iso(job.started_at),
+        devices=job.devices, attempts=job.attempts, created_at=iso(job.created_at), started_at=iso(job.started_at),
         finished_at=iso(job.finished_at),
     )
 

@@ -140,6 +140,7 @@ def test_capture_runs_and_store_is_served(api: Api, corpus_slice: Path, referenc
     done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
     assert done["state"] == "succeeded", done
     assert done["tokens_done"] == done["tokens_total"] == CAPTURE_TOKENS and done["eta_s"] == 0
+    assert done["devices"] == ["cpu"]
     assert Worker(api.settings).run_once() is None  # nothing left to claim
 
     store_id = job["store_id"]
@@ -445,12 +446,14 @@ def test_a_hub_teacher_is_fingerprinted_by_its_resolved_revision(tmp_path: Path,
     assert teacher_fingerprint("acme/teacher-7b") != first
 
 
-def test_workers_use_cuda_when_present_and_one_gpu_per_job(capsys) -> None:
-    """Before: the default was the CPU even on a GPU box, and --gpus-per-job 8 used one device."""
+def test_workers_use_cuda_when_present_and_n_gpus_per_job(capsys) -> None:
+    """Before: the default was the CPU even on a GPU box, and --gpus-per-job 8 used one device.
+    N > 1 runs N rank processes (tests/server/test_worker.py), each on its own GPU."""
     from server.cli import main
     from server.settings import Settings
 
     assert Settings().device == "auto"  # load_teacher: CUDA when available, else the CPU
     assert (Settings(gpus_per_job=0).device, Settings(gpus_per_job=1).device) == ("cpu", "cuda")
-    assert main(["worker", "--data-dir", "unused", "--gpus-per-job", "8"]) == 2
-    assert capsys.readouterr().err.strip() == "error: setting gpus_per_job: Input should be less than or equal to 1"
+    assert Settings(gpus_per_job=8).device == "auto"  # each rank takes cuda:LOCAL_RANK, or the CPU without CUDA
+    assert main(["worker", "--data-dir", "unused", "--gpus-per-job", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: setting gpus_per_job: Input should be greater than or equal to 0"

@@ -4,6 +4,7 @@ that outlives database errors and stops when its lease runs out."""
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 import time
 from pathlib import Path
@@ -13,8 +14,10 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
 
+from logitstore import open_store
+from logitstore.verify import verify
 from server.db import Database, Job
-from server.worker import Worker
+from server.worker import Worker, physical_device
 from tests.server.conftest import Api
 
 
@@ -50,6 +53,42 @@ def test_racing_workers_claim_each_job_exactly_once(api: Api, corpus_slice: Path
         assert {(r.state, r.attempts) for r in rows} == {("running", 1)}
         assert all(r.id in claimed[r.worker_id] for r in rows)
     db.dispose()
+
+
+def test_a_job_on_two_ranks_writes_the_store_of_one_process(make_settings, api: Api, corpus_slice: Path,
+                                                               reference_store: Path) -> None:
+    """gpus_per_job 2: two rank processes (gloo on CPU) split the units; same digest, job fully counted."""
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    job = api.capture(key, corpus).json()
+    worker = Worker(make_settings(gpus_per_job=2))
+    assert worker.run_once() == job["id"]
+    done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
+    assert done["state"] == "succeeded", done
+    assert done["tokens_done"] == done["tokens_total"] == 640 and done["devices"] == ["cpu", "cpu"]
+    store = api.settings.stores_dir / job["store_id"]
+    assert len(open_store(str(store)).segments) > 2  # several units, dealt to both ranks
+    assert verify(str(store)).digest == verify(str(reference_store)).digest
+    worker.db.dispose()
+
+
+def test_cancelling_a_job_on_two_ranks_ends_both(make_settings, api: Api, corpus_slice: Path) -> None:
+    key, [job_id] = _queue_jobs(api, corpus_slice, 1)
+    worker = Worker(make_settings(gpus_per_job=2))
+    job = worker.claim()
+    api.client.delete(f"/v1/jobs/{job_id}", headers=api.auth(key))
+    worker.execute(job)  # stops at its first progress check, while the ranks still load the teacher
+    r = api.client.get(f"/v1/jobs/{job_id}", headers=api.auth(key)).json()
+    assert (r["state"], r["error"]) == ("cancelled", "cancelled by request")
+    assert multiprocessing.active_children() == []  # no rank left running
+    worker.db.dispose()
+
+
+def test_devices_are_named_as_the_machine_numbers_them(monkeypatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert [physical_device(d) for d in ("cuda:0", "cuda:1", "cuda:2", "cpu")] == ["cuda:4", "cuda:6", "cuda:2", "cpu"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-5f1c")  # UUIDs: no index to map
+    assert physical_device("cuda:0") == "cuda:0"
 
 
 def test_a_silent_workers_job_is_reclaimed(make_settings, api: Api, corpus_slice: Path) -> None:
