@@ -10,7 +10,8 @@ does under torchrun: the finished store has the digest of a one-process capture.
 Every rank sends its progress to the worker through a queue; the worker adds them up and
 calls its own progress callback (lease, stop, cancel) at least twice a second, also while
 the teachers load. When the callback raises, the ranks get SIGTERM: units already committed
-stay, so a resumed job continues from them.
+stay, so a resumed job continues from them. A worker killed outright takes its ranks with it
+(PR_SET_PDEATHSIG), so no rank writes on while another worker resumes the job.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue
+import signal
 import socket
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from typing import Any
 from logitstore.capture.engine import CaptureProgress, ProgressCallback
 from logitstore.errors import LogitStoreError
 from logitstore.spec import CaptureSpec, CaptureTuning
+from server.worker import signal_on_parent_death
 
 # How often the worker's callback runs when no rank reports (loading, a long batch).
 _POLL_S = 0.5
@@ -55,7 +58,8 @@ def run_ranks(
     ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or database handles
     reports: mp.Queue = ctx.Queue()
     port = _free_port()
-    args = (world, port, source, str(corpus), out, spec.model_dump(), tuning, text_field, resume, storage_options)
+    args = (os.getpid(), world, port, source, str(corpus), out, spec.model_dump(), tuning, text_field, resume,
+            storage_options)
     ranks = [ctx.Process(target=_rank_main, args=(rank, *args, reports), name=f"capture-rank{rank}")
              for rank in range(world)]  # fmt: skip
     for p in ranks:
@@ -105,9 +109,14 @@ def _free_port() -> int:
 
 
 def _rank_main(
-    rank: int, world: int, port: int, source: str, corpus: str, out: str, spec: dict, tuning: CaptureTuning,
-    text_field: str, resume: bool, storage_options: dict[str, Any] | None, reports: mp.Queue,
+    rank: int, worker_pid: int, world: int, port: int, source: str, corpus: str, out: str, spec: dict,
+    tuning: CaptureTuning, text_field: str, resume: bool, storage_options: dict[str, Any] | None, reports: mp.Queue,
 ) -> None:  # fmt: skip
+    # A worker killed outright (SIGKILL, out of memory) must not leave its ranks writing segments
+    # while another worker resumes the job: they die with it. Uncommitted units are redone.
+    signal_on_parent_death(signal.SIGKILL)
+    if os.getppid() != worker_pid:  # it died before the line above took effect
+        raise SystemExit(1)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), TQDM_DISABLE="1")  # fmt: skip
     import torch.distributed as dist

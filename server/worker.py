@@ -301,15 +301,20 @@ PARENT_PID_ENV = "LOGITSTORE_WORKER_PARENT_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def signal_on_parent_death(sig: signal.Signals) -> bool:
+    """Have the kernel send `sig` to this process when its parent dies (Linux PR_SET_PDEATHSIG);
+    False where that is not possible."""
+    if not sys.platform.startswith("linux"):
+        return False
+    return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+
+
 def stop_with_parent(parent_pid: int, stop: threading.Event, poll_s: float = 1.0) -> None:
     """Stop this worker (as SIGTERM does) when process `parent_pid`, the server that started it, dies,
     even by SIGKILL. On Linux the kernel sends SIGTERM at once (PR_SET_PDEATHSIG); everywhere, a thread
     notices within `poll_s` that this process was handed to another parent."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-            log.warning("prctl(PR_SET_PDEATHSIG) failed (errno %d); watching the parent process instead",
-                        ctypes.get_errno())
+    if not signal_on_parent_death(signal.SIGTERM):
+        log.warning("prctl(PR_SET_PDEATHSIG) is unavailable; watching the parent process instead")
     threading.Thread(target=_watch_parent, args=(parent_pid, stop, poll_s), daemon=True, name="parent").start()
 
 

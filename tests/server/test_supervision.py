@@ -133,3 +133,39 @@ def test_a_worker_watching_its_parent_stops_when_it_dies() -> None:
         assert _running(child_pid)  # its parent lives
         proc.kill()
     _wait_gone(child_pid, timeout_s=5)
+
+
+def _capture_ranks_of(pid: int) -> list[int]:
+    """The spawned capture ranks among process `pid`'s children (not multiprocessing's resource tracker)."""
+    ranks = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rpartition(")")[2].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if ppid == pid and "spawn_main" in cmdline and "resource_tracker" not in cmdline:
+            ranks.append(int(stat.parent.name))
+    return ranks
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_killed_workers_capture_ranks_die_with_it(api: Api, corpus_slice: Path, tiny_teacher_dir: Path,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    """A worker with gpus_per_job 2 killed outright: its rank processes must not go on writing the
+    store while another worker resumes the job (PR_SET_PDEATHSIG, or the ranks' parent check)."""
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    api.capture(key, corpus)
+    args = ["worker", "--data-dir", str(api.settings.data_dir), "--database-url", api.settings.db_url,
+            "--teacher", f"tiny={tiny_teacher_dir}", "--gpus-per-job", "2"]  # fmt: skip
+    with running(args, {}, tmp_path / "worker.log") as worker:
+        deadline = time.monotonic() + 60
+        while len(ranks := _capture_ranks_of(worker.pid)) < 2:
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.05)
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+        for pid in ranks:
+            _wait_gone(pid, timeout_s=10)
