@@ -55,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     cap.add_argument("--gpus", type=int, default=1,
                      help="processes to run (one per GPU, or CPU processes without CUDA); >1 launches torchrun")
+    cap.add_argument("--tp", type=int, default=1,
+                     help="shard the teacher over this many GPUs (tensor parallel, its transformers tp_plan), for a "
+                     "teacher larger than one GPU; >1 launches torchrun (default: %(default)s)")
+    cap.add_argument("--device-map", choices=("auto", "balanced", "sequential"),
+                     help="spread a teacher larger than one GPU over the visible GPUs, layer by layer (accelerate); "
+                     "what does not fit runs offloaded from CPU memory, then from --offload-folder")
+    cap.add_argument("--max-memory", type=_memory_limits, metavar="DEVICE=SIZE,...",
+                     help="--device-map: memory per device, e.g. 0=70GiB,1=70GiB,cpu=400GiB")
+    cap.add_argument("--offload-folder", help="--device-map: where weights that fit nowhere else are kept")
     cap.add_argument("--resume", action="store_true", help="continue a killed capture of the same settings")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(run=_capture)
@@ -88,8 +97,16 @@ def _capture(args: argparse.Namespace) -> int:
     from logitstore.capture.engine import CaptureProgress, capture, check_inputs
     from logitstore.capture.teacher import load_teacher
 
-    if args.gpus < 1:
-        raise LogitStoreError(f"--gpus {args.gpus} must be >= 1")
+    if args.gpus < 1 or args.tp < 1:
+        raise LogitStoreError(f"--gpus {args.gpus} and --tp {args.tp} must be >= 1")
+    if args.gpus > 1 and args.tp > 1:
+        raise LogitStoreError("--gpus and --tp: data parallelism over tensor-parallel groups is not supported; "
+                              "give one of them")
+    if args.device_map and (args.gpus > 1 or args.tp > 1):
+        raise LogitStoreError("--device-map places one teacher over all the GPUs of one process: it does not "
+                              "combine with --gpus or --tp")
+    if (args.max_memory or args.offload_folder) and not args.device_map:
+        raise LogitStoreError("--max-memory and --offload-folder apply to --device-map; add --device-map auto")
     rank, _ = distributed.rank_and_world()
     spec = _spec_from_flags(args)
     try:
@@ -100,13 +117,16 @@ def _capture(args: argparse.Namespace) -> int:
         # Seconds now rather than after the teacher has loaded.
         check_inputs(args.corpus, args.out, text_field=args.text_field, resume=args.resume)
         _check_context(spec, args)
-        if args.gpus > 1:  # become torchrun's launcher
-            return distributed.launch(args.gpus, _without_gpus(args.argv[args.argv.index("capture") + 1:]))
+        if args.gpus > 1 or args.tp > 1:  # become torchrun's launcher
+            return distributed.launch(max(args.gpus, args.tp),
+                                      _without_gpus(args.argv[args.argv.index("capture") + 1:]))  # fmt: skip
     if args.no_progress or rank != 0:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    teacher = load_teacher(args.teacher, device=distributed.device_for_rank(args.device), dtype=spec.dtype)
+    teacher = load_teacher(args.teacher, device=distributed.device_for_rank(args.device), dtype=spec.dtype,
+                           tp=args.tp, device_map=args.device_map, max_memory=args.max_memory,
+                           offload_folder=args.offload_folder)  # fmt: skip
     # Under torchrun rank 0 shows its own units' progress; the ranks' shares differ by at most one unit.
     with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress or rank != 0, desc="capture") as bar:
 
@@ -179,6 +199,18 @@ def _numbers(text: str) -> tuple[float, ...]:
         return tuple(float(t) for t in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers such as 1,2,4") from None
+
+
+def _memory_limits(text: str) -> dict[str | int, str]:
+    """`0=70GiB,cpu=400GiB` -> {0: "70GiB", "cpu": "400GiB"} (accelerate's max_memory)."""
+    limits: dict[str | int, str] = {}
+    for item in text.split(","):
+        device, sep, size = item.partition("=")
+        device, size = device.strip(), size.strip()
+        if not sep or not device or not size:
+            raise argparse.ArgumentTypeError(f"{item!r} is not DEVICE=SIZE (e.g. 0=70GiB or cpu=400GiB)")
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
 
 
 def _without_gpus(argv: list[str]) -> list[str]:

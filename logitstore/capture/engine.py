@@ -114,7 +114,9 @@ def capture(
     Under torchrun (a process group is initialized, see distributed.py) every rank calls
     this with the same arguments: rank r computes work units r, r+W, ...; rank 0 creates
     (or resumes and garbage-collects) the store before the others write, and finalizes it
-    once all have committed. Progress then counts the calling rank's units only.
+    once all have committed. Progress then counts the calling rank's units only. A
+    tensor-parallel teacher (`teacher.tp` > 1) is one teacher over all the ranks: they compute
+    every unit together, and rank 0 alone writes.
 
     `out` is a local directory or an fsspec URL (`s3://bucket/prefix/store`); `storage_options`
     go to fsspec as they are (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
@@ -138,8 +140,12 @@ def capture(
     rank, world = distributed.rank_and_world()
     writer = _open_writer(out, meta, resume, rank, storage_options)
     done = writer.committed()
+    # No rank commits a unit before every rank knows what was done: tensor-parallel ranks must
+    # skip the same units, or one would wait forever in a forward the others never run.
+    distributed.barrier()
 
-    mine = range(rank, len(units), world)
+    writes = rank == 0 or teacher.tp == 1
+    mine = range(len(units)) if teacher.tp > 1 else range(rank, len(units), world)
     tokens_total = sum(unit_tokens[i] for i in mine)
     tokens_before = sum(unit_tokens[i] for i in mine if i in done)
     tokens_done, started = tokens_before, time.perf_counter()
@@ -163,7 +169,8 @@ def capture(
             data = capture_unit(teacher, seqs, spec, tuning, token_start=int(unit_starts[i]), on_batch=report)
             if pending is not None:
                 pending.result()
-            pending = pool.submit(writer.write_segment, i, data)
+            if writes:
+                pending = pool.submit(writer.write_segment, i, data)
         if pending is not None:
             pending.result()
     distributed.barrier()  # every rank's units are committed
@@ -320,9 +327,14 @@ def _forward_batch(
     `positions` (packed-documents): each sequence's position ids, restarting at every document.
     They go to the model without an attention mask or a cache, which transformers reads as
     packed sequences: each document attends only to itself (document_attention.py).
+
+    A teacher spread over devices (`device_map`) takes its inputs on its embedding's device
+    and gives its hidden states on its last layer's; each step below runs where its tensor
+    is, so the reduction runs on the output projection's device, and only the reduced rows
+    leave it.
     """
     model = teacher.model
-    device = next(model.parameters()).device
+    device = _input_device(model)
     longest = max(len(s) for s in sequences)
     ids = torch.zeros((len(sequences), longest), dtype=torch.long)
     mask = torch.zeros((len(sequences), longest), dtype=torch.long)
@@ -334,28 +346,30 @@ def _forward_batch(
             pos[b, : len(s)] = torch.from_numpy(positions[b])
             pos[b, len(s) :] = torch.arange(longest - len(s))
     # Real-token positions from the host mask: a boolean index on the device would sync.
-    real = mask.flatten().nonzero().squeeze(1).to(device)
+    real = mask.flatten().nonzero().squeeze(1)
     ids, mask = ids.to(device), mask.to(device)
-    keys_t = torch.from_numpy(keys.astype(np.int64)).to(device)
+    keys_t = torch.from_numpy(keys.astype(np.int64))
 
     body, head, softcap = _split_model(model)
     if pos is None:
         hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
     else:
         hidden = body(input_ids=ids, position_ids=pos.to(device), use_cache=False).last_hidden_state
-    hidden = hidden.flatten(0, 1).index_select(0, real)  # [n, H]: drop padding before the projection
+    # [n, H]: drop padding before the projection
+    hidden = hidden.flatten(0, 1).index_select(0, real.to(hidden.device, non_blocking=True))
 
     parts = []
-    reduce_rows = row_chunk if device.type == "cuda" else CPU_REDUCE_ROWS
     for rows, row_keys in zip(hidden.split(row_chunk), keys_t.split(row_chunk), strict=True):
         z = head(rows).float()  # [r, V] fp32, the only vocabulary-wide tensor (plus the reduction's)
         if softcap is not None:
             z = torch.tanh(z / softcap) * softcap
+        reduce_rows = row_chunk if z.is_cuda else CPU_REDUCE_ROWS
+        row_keys = row_keys.to(z.device, non_blocking=True)
         for block, block_keys in zip(z.split(reduce_rows), row_keys.split(reduce_rows), strict=True):
             parts.append(reduction(block, block_keys))
         del z
     out = [torch.cat(col) if col[0] is not None else None for col in zip(*parts, strict=True)]
-    if device.type != "cuda":
+    if not out[0].is_cuda:
         return _BatchResult(out, None)
     host = []
     for t in out:
@@ -368,6 +382,14 @@ def _forward_batch(
     ready = torch.cuda.Event()
     ready.record()
     return _BatchResult(host, ready)
+
+
+def _input_device(model: torch.nn.Module) -> torch.device:
+    """Where the teacher takes its input ids: its embedding's execution device (accelerate's hook
+    when the model is dispatched over devices or offloaded), else the embedding weight's."""
+    embedding = model.get_input_embeddings()
+    hook_device = getattr(getattr(embedding, "_hf_hook", None), "execution_device", None)
+    return torch.device(hook_device) if hook_device is not None else embedding.weight.device
 
 
 def _split_model(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:

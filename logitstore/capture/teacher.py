@@ -28,12 +28,17 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Teacher:
-    """A loaded, frozen teacher: eval mode, no gradients, on its device."""
+    """A loaded, frozen teacher: eval mode, no gradients, on its device.
+
+    `tp` > 1: the model is sharded over that many processes (transformers' tensor parallelism,
+    one torch.distributed group of all of them), which run every forward together.
+    """
 
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase
     info: TeacherInfo
     tokenizer_info: TokenizerInfo
+    tp: int = 1
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -57,12 +62,27 @@ def load_teacher(
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    tp: int = 1,
+    device_map: str | None = None,
+    max_memory: dict[str | int, str] | None = None,
+    offload_folder: str | None = None,
 ) -> Teacher:
     """Load a frozen teacher and its tokenizer, and fingerprint both.
 
     `dtype` (a torch dtype or its name; None or "auto": bfloat16 on CUDA, float32 on CPU) is what
     the forward pass runs in. The weights fingerprint is taken
     over the tensors as loaded, i.e. in the dtype the forward pass runs in.
+
+    `tp` > 1 shards the model over the processes of the initialized torch.distributed group,
+    which must number exactly `tp` (torchrun), with the model's own tensor-parallel plan
+    (`tp_plan="auto"`); every process calls this. The fingerprint is that of the whole model.
+
+    `device_map` ("auto", "balanced", "sequential": accelerate's placement) spreads the layers
+    over the visible GPUs instead, each up to its `max_memory` ({0: "70GiB", "cpu": "200GiB"}),
+    then the CPU (offloaded: weights in CPU memory, computed on a GPU layer by layer), then
+    `offload_folder` on disk when given; `device` only sets the
+    default dtype then. Offloaded weights are fingerprinted as well, read back one module at a
+    time.
     """
     src = resolve_teacher_source(name_or_path)
     dev = resolve_device(device)
@@ -73,6 +93,12 @@ def load_teacher(
     kwargs: dict[str, Any] = {}
     if src.gguf_file is not None:
         kwargs["gguf_file"] = src.gguf_file
+    if tp > 1:
+        if device_map is not None:
+            raise TeacherError("tensor parallelism (tp) and device_map are two ways to split a teacher; give one")
+        kwargs["distributed_config"] = _tensor_parallel_config(tp)
+    if device_map is not None:
+        kwargs.update(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
 
     started = time.perf_counter()
     try:
@@ -80,7 +106,13 @@ def load_teacher(
         model = AutoModelForCausalLM.from_pretrained(src.path_or_id, dtype=dtype, **kwargs)
     except Exception as e:  # anything from a corrupt or foreign file: report it as a teacher problem
         raise _load_error(src, e) from e
-    model.to(dev)
+    if tp == 1 and device_map is None:  # else the shards are already where they run
+        model.to(dev)
+    elif tp > 1 and not _is_sharded(model):
+        raise TeacherError(
+            f"{src.location}: {type(model).__name__} has no tensor-parallel plan in this transformers version, so "
+            f"--tp {tp} would run {tp} whole copies; use --device-map auto to spread it over the GPUs instead"
+        )
     model.eval()
     model.requires_grad_(False)
 
@@ -116,7 +148,36 @@ def load_teacher(
         logits_width,
         time.perf_counter() - started,
     )
-    return Teacher(model=model, tokenizer=tokenizer, info=info, tokenizer_info=tokenizer_info)
+    return Teacher(model=model, tokenizer=tokenizer, info=info, tokenizer_info=tokenizer_info, tp=tp)
+
+
+def _onloaded(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The value of offloaded tensor `name`, read back to the CPU by its module's accelerate hook."""
+    from accelerate.utils import align_module_device
+
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    with align_module_device(module, "cpu"):
+        return getattr(module, leaf).detach().clone()
+
+
+def _is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _tensor_parallel_config(tp: int) -> Any:
+    import torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world != tp:
+        raise TeacherError(
+            f"tensor parallelism over {tp} processes needs exactly {tp} in the process group, got {world}; "
+            f"run it as `logitstore capture --tp {tp}` (which starts them under torchrun)"
+        )
+    return DistributedConfig(tp_plan="auto")
 
 
 def _load_error(src: TeacherSource, e: Exception) -> TeacherError:
@@ -151,16 +212,29 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     names with one storage; only the first name in sorted order is hashed, so that tying does
     not double the work. Every field is length-prefixed so no two layouts hash alike.
     """
+    from torch.distributed.tensor import DTensor
+
     h = hashlib.sha256()
-    seen: set[tuple[int, torch.dtype, tuple[int, ...], tuple[int, ...]]] = set()
-    state = model.state_dict()
+    seen: set[tuple] = set()
+    state = model.state_dict(keep_vars=True)  # the parameters themselves: tied ones are one object
     for name in sorted(state):
         t = state[name]
-        key = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-        if t.data_ptr() != 0:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if local.is_meta:  # offloaded by accelerate: no storage to compare, but tied weights are one object
+            key = ("offloaded", id(t))
+        else:
+            key = (local.data_ptr(), t.dtype, tuple(t.shape), tuple(local.stride()))
+        if local.is_meta or local.data_ptr() != 0:
             if key in seen:
                 continue
             seen.add(key)
+        # Hashed whole, so that a split teacher has the fingerprint of the unsplit one: a
+        # tensor-parallel shard is gathered (every process gathers the same tensors in the same
+        # order), an offloaded weight is read back.
+        if isinstance(t, DTensor):
+            t = t.full_tensor()
+        elif t.is_meta:
+            t = _onloaded(model, name)
         header = json.dumps([name, str(t.dtype).removeprefix("torch."), list(t.shape)]).encode()
         h.update(len(header).to_bytes(8, "little"))
         h.update(header)

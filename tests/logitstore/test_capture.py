@@ -129,6 +129,19 @@ def test_packed_documents_need_an_attention_that_keeps_documents_apart(tiny_teac
         check_document_attention(_PrefixMeanLM(), "teacher")
 
 
+def test_a_teacher_placed_by_device_map_and_offloaded_writes_the_same_store(tiny_teacher, tiny_teacher_dir, tmp_path):
+    """device_map="auto" with no room in memory: accelerate offloads every weight to disk (meta
+    parameters, read back per module). Same fingerprint, and the store of the plain teacher."""
+    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300)
+    offloaded = load_teacher(str(tiny_teacher_dir), device_map="auto", max_memory={"cpu": "64KB"},
+                             offload_folder=str(tmp_path / "offload"))  # fmt: skip
+    assert any(p.is_meta for p in offloaded.model.parameters())  # really offloaded
+    assert offloaded.info == tiny_teacher.info
+    a = capture(offloaded, [CORPUS], str(tmp_path / "a"), spec)
+    b = capture(tiny_teacher, [CORPUS], str(tmp_path / "b"), spec)
+    assert verify(a.url).digest == verify(b.url).digest
+
+
 def test_units_and_batches_do_not_change_content(tiny_teacher, tmp_path):
     """Segment and batch boundaries are bookkeeping: the digest depends on content only."""
     spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300, packing="document")
@@ -217,6 +230,15 @@ def test_cli_capture_info_verify(tiny_teacher_dir, tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["ok"] and report["tokens"] == 200 and len(report["digest"]) == 64
 
+    # The same capture with the teacher offloaded to disk by --device-map: the same store.
+    offloaded = tmp_path / "offloaded"
+    rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out", str(offloaded),
+                   "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "200",
+                   "--device-map", "auto", "--max-memory", "cpu=64KB", "--offload-folder", str(tmp_path / "w"),
+                   "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert verify(str(offloaded)).digest == report["digest"]
+
 
 def test_cli_counts_only_capture(tiny_teacher_dir, tmp_path, capsys):
     args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out", str(tmp_path / "c"),
@@ -243,6 +265,9 @@ def test_cli_counts_only_capture(tiny_teacher_dir, tmp_path, capsys):
         (["--corpus", "empty.txt"], "the corpus is empty"),
         (["--out", "existing"], "already holds a store"),
         (["--out", "nothing", "--resume"], "holds no store to resume"),
+        (["--gpus", "2", "--tp", "2"], "--gpus and --tp: data parallelism over tensor-parallel groups"),
+        (["--device-map", "auto", "--tp", "2"], "--device-map places one teacher over all the GPUs"),
+        (["--max-memory", "0=70GiB"], "--max-memory and --offload-folder apply to --device-map"),
     ],
 )
 def test_cli_refuses_bad_input_before_loading_the_teacher(tmp_path, capsys, monkeypatch, flags, expected):

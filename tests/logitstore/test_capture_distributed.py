@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from logitstore import open_store
@@ -71,3 +72,26 @@ def test_a_failure_on_the_ranks_is_reported_once_per_rank_and_by_the_launcher(ti
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert len(errors) == 3 and "rank(s) [0, 1]" in errors[-1], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_teacher_gives_the_one_process_store(tiny_teacher_dir, tmp_path):
+    """`--tp 2`: the teacher sharded over two gloo processes (transformers' tp_plan) writes the store
+    of the unsharded teacher, up to the rounding of its split matmuls: same fingerprint, ids and
+    sequences; log-probs within one quantization step; lse within 1e-5."""
+    one = capture(load_teacher(str(tiny_teacher_dir), device="cpu"), [CORPUS], str(tmp_path / "one"),
+                  SPEC, tuning=TUNING)
+    args = [sys.executable, "-m", "logitstore.cli", "capture", "--tp", "2", "--teacher", str(tiny_teacher_dir),
+            "--corpus", str(CORPUS), "--out", str(tmp_path / "tp"), "--k", "8", "--temperatures", "1,2",
+            "--max-len", "64", "--max-tokens", "600", "--unit-tokens", "100", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("600 tokens") == 1  # rank 0 alone writes and reports
+    tp = open_store(str(tmp_path / "tp"))
+    assert verify(tp.url).ok and tp.meta.teacher == one.meta.teacher and len(tp.segments) == len(one.segments)
+    a, b = tp.read(0, 600), one.read(0, 600)
+    np.testing.assert_array_equal(a.input_ids, b.input_ids)
+    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+    bound = TUNING.logp_codec.topk_error_bound(b.topk_logp) + 1e-5
+    assert np.all(np.abs(a.topk_logp - b.topk_logp) <= 2 * bound)
+    np.testing.assert_allclose(a.lse, b.lse, atol=1e-5, rtol=0)
