@@ -59,10 +59,13 @@ HELP = {
     "num_workers": "DataLoader worker processes per rank",
     "device": "auto, cpu, cuda or cuda:N",
     "resume": "continue from the newest checkpoint in --out",
+    "report_to": "where records go besides OUT/metrics.jsonl: none, or tensorboard (event files in "
+    "OUT/tensorboard/; needs the tensorboard package)",
 }
 REQUIRED = ("store", "student", "out")
 # What a --config value must be, by the TrainConfig field's type (a string: postponed annotations).
-KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "dict[str, Any]": "a table (object)"}
+KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "dict[str, Any]": "a table (object)",
+         "list[str]": "a string or a list of strings"}
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -83,6 +86,8 @@ def _train_parser() -> argparse.ArgumentParser:
         text = (HELP[f.name] + _default_note(f)).replace("%", "%%")
         if f.type == "bool":
             group.add_argument(flag, action="store_true", default=None, help=text)
+        elif f.type == "list[str]":  # --report-to tensorboard [OTHER ...], as HF Trainer's report_to
+            group.add_argument(flag, nargs="+", default=None, help=text)
         else:
             kind = {"int": int, "float": float}.get(f.type, str)  # a JSON object (dict) is parsed in _config
             group.add_argument(flag, type=kind, default=None, help=text)
@@ -98,6 +103,8 @@ def _default_note(f: dataclasses.Field) -> str:
         value = f.default_factory()
     else:
         return ""
+    if isinstance(value, list):
+        value = " ".join(value)
     return "" if value is None or value is False else f" (default: {value})"
 
 
@@ -139,6 +146,8 @@ def _check_type(what: str, value: Any, hint: str) -> None:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     elif hint == "dict[str, Any]":
         ok = isinstance(value, dict)
+    elif hint == "list[str]":  # one string is a list of one (TrainConfig makes it so)
+        ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
     else:  # str, str | None, a Literal of strings
         ok = isinstance(value, str) or (value is None and "None" in hint)
     if not ok:

@@ -7,12 +7,14 @@ student is loaded.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from logitstore.errors import CorpusError, LogitStoreError
 from trainer.losses.config import LossConfig
+from trainer.report import REPORT_TO
 
 # The flag of each LossConfig field that TrainConfig sets, for its error messages.
 _LOSS_FLAGS = {"temperature": "--temperature", "divergence": "--divergence", "alpha": "--alpha",
@@ -56,6 +58,12 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "auto"
     resume: bool = False
+    # Where records go besides metrics.jsonl (HF Trainer's report_to): "none" or "tensorboard".
+    report_to: list[str] = field(default_factory=lambda: ["none"])
+
+    def __post_init__(self) -> None:
+        if isinstance(self.report_to, str):  # report_to="tensorboard", as HF Trainer accepts it
+            self.report_to = [self.report_to]
 
     def loss_config(self) -> LossConfig:
         """The KD loss's settings (raises ValueError naming the LossConfig field when one is invalid)."""
@@ -96,8 +104,22 @@ class TrainConfig:
                 f"--token is the API key of a store served by logitstore-server (http(s)://...); "
                 f"--store {self.store} is not one: drop --token"
             )
+        _check_report_to(self.report_to)
         if self.eval_text:
             _check_eval_text(self.eval_text)
+
+
+def _check_report_to(report_to: list[str]) -> None:
+    """Known destinations, "none" alone, and the packages they need installed."""
+    unknown = [value for value in report_to if value not in REPORT_TO]
+    if unknown or not report_to:
+        got = ", ".join(map(repr, unknown)) or "nothing"
+        raise LogitStoreError(f"--report-to must be one or more of {', '.join(REPORT_TO)}, got {got}")
+    if "none" in report_to and len(set(report_to)) > 1:
+        raise LogitStoreError(f"--report-to none goes alone, got {' '.join(report_to)}")
+    # Found, not imported: checked before the run starts instead of failing after the student loaded.
+    if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
+        raise LogitStoreError("--report-to tensorboard needs the tensorboard package: pip install 'logitstore[train]'")
 
 
 def _check_eval_text(path: str) -> None:

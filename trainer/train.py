@@ -53,7 +53,8 @@ from trainer.losses.config import LossConfig
 from trainer.losses.from_hidden import kd_loss_from_hidden
 from trainer.losses.kd_loss import kd_loss
 from trainer.losses.sparse_target import SparseTarget
-from trainer.losses.targets import sampled_target, topk_target
+from trainer.losses.targets import StoreTarget
+from trainer.report import RunRecords
 from trainer.student import load_student
 
 log = logging.getLogger(__name__)
@@ -147,12 +148,9 @@ def _train(
         token=cfg.token, storage_options=cfg.storage_options or None, rank=rank, world_size=world,
     )  # fmt: skip
     meta = dataset.meta
-    temps = meta.capture.temperatures
-    one_col = temps.index(1.0)
     # Online KD computes the teacher at any temperature; the store's lse is not needed then.
-    t_col = one_col if cfg.loss == "online" else _temperature_column(cfg.temperature, temps, cfg.store)
-    draws = meta.capture.draws if meta.capture.mode == "sampled" else None
-    if draws is not None and cfg.loss == "kd" and (cfg.divergence != "fkl" or cfg.topk_renormalize):
+    store_target = StoreTarget.of(meta, 1.0 if cfg.loss == "online" else cfg.temperature, cfg.store)
+    if store_target.draws is not None and cfg.loss == "kd" and (cfg.divergence != "fkl" or cfg.topk_renormalize):
         raise LogitStoreError(f"{cfg.store} is a sampled-mode store: its draws estimate the forward KL only "
                               "(--divergence fkl, without --topk-renormalize)")
     student = load_student(cfg.student, meta, tokenizer=cfg.tokenizer, seed=cfg.seed)
@@ -163,7 +161,7 @@ def _train(
         for role, m in (("student", model), ("online teacher", teacher)):
             if m is not None:
                 check_document_attention(m, role)
-    targets = Targets(vocab, t_col, one_col, device, draws, teacher, meta.capture.head)
+    targets = Targets(vocab, store_target, device, teacher)
 
     optimizer = _optimizer(model, cfg, device)
     warmup = min(cfg.warmup_steps, cfg.steps)
@@ -191,7 +189,7 @@ def _train(
     body = HiddenStates(model) if from_hidden else model
     ddp = DistributedDataParallel(body) if world > 1 else None
     eval_stores = _open_eval_store(cfg)
-    metrics = open(out / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115 (closed below)
+    metrics = RunRecords(out, cfg.report_to, step) if rank == 0 else None  # closed below
     bar = _progress_bar(cfg.steps, step, enabled=progress and rank == 0)
     batches = iter(loader)
     window_tokens, window_start = 0, time.perf_counter()
@@ -268,12 +266,9 @@ class Targets:
     """What turns a batch into the teacher's side of the loss."""
 
     vocab: int  # student output columns that are tokens (the store's vocab_size)
-    t_col: int  # lse column of the training temperature
-    one_col: int  # lse column of T = 1
+    store: StoreTarget  # a batch -> the sparse target at the training temperature
     device: torch.device
-    draws: int | None = None  # a sampled-mode store: draws per token
     teacher: torch.nn.Module | None = None  # loss "online": the teacher in the loop
-    head: int = 0  # a sampled-mode store: top ids kept exactly before the draws
 
 
 class HiddenStates(torch.nn.Module):
@@ -287,6 +282,31 @@ class HiddenStates(torch.nn.Module):
         return self.model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
 
 
+def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor | bool]:
+    """The student's forward arguments for a store batch. A packed-documents store adds position ids
+    (and no attention mask or cache), so that each document attends only to itself, as the
+    teacher's did (logitstore/capture/document_attention.py)."""
+    inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"].to(device, non_blocking=True).long()}
+    if "position_ids" in batch:
+        inputs.update(position_ids=batch["position_ids"].to(device, non_blocking=True).long(), use_cache=False)
+    return inputs
+
+
+def kd_loss_from_hidden_states(
+    hidden: torch.Tensor, model: torch.nn.Module, target: SparseTarget, loss_config: LossConfig, vocab: int, *,
+    labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(loss, kd, ce) of the fused loss on the student's final hidden states [B, L, H] and its output
+    projection's first `vocab` rows (padded rows are not tokens); on CUDA in bfloat16, what
+    autocast would have run the head in."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    weight = model.get_output_embeddings().weight[:vocab]
+    if hidden.is_cuda:
+        hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
+    return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target, loss_config, labels=labels,
+                               return_parts=True)  # fmt: skip
+
+
 def _micro_step(
     model: torch.nn.Module, runner: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
     loss_config: LossConfig, targets: Targets, *, measure: bool,
@@ -296,17 +316,11 @@ def _micro_step(
     computed only when `measure` (a logging step); it is NaN otherwise. Nothing is read back to
     the host."""
     device = targets.device
-    ids = batch["input_ids"].to(device, non_blocking=True).long()
-    # The model's inputs. A packed-documents store adds position ids (and no attention mask or
-    # cache), so that each document attends only to itself, as the teacher's did
-    # (logitstore/capture/document_attention.py).
-    inputs = {"input_ids": ids}
-    if "position_ids" in batch:
-        inputs.update(position_ids=batch["position_ids"].to(device, non_blocking=True).long(), use_cache=False)
+    inputs = model_inputs(batch, device)
     labels = batch["labels"].to(device, non_blocking=True).reshape(-1)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     if cfg.loss == "kd" and not cfg.topk_renormalize:
-        target = _target(batch, cfg, targets)
+        target = targets.store(batch, device)
         kw = dict(labels=labels if cfg.alpha > 0 or measure else None, return_parts=True)
         if cfg.materialize_logits:
             with autocast:
@@ -317,11 +331,7 @@ def _micro_step(
             return kd_loss(z, target, loss_config, inplace_grad=z.is_cuda, **kw)
         with autocast:
             hidden = runner(**inputs)
-        hidden = hidden.reshape(-1, hidden.shape[-1])
-        weight = model.get_output_embeddings().weight[: targets.vocab]  # padded rows are not tokens
-        if device.type == "cuda":  # what autocast would have run the head in
-            hidden, weight = hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-        return kd_loss_from_hidden(hidden, weight.to(hidden.dtype), target, loss_config, **kw)
+        return kd_loss_from_hidden_states(hidden, model, target, loss_config, targets.vocab, labels=kw["labels"])
 
     with autocast:
         logits = runner(**inputs).logits
@@ -350,24 +360,8 @@ def _torch_kd(z: torch.Tensor, inputs: dict[str, torch.Tensor], batch: dict[str,
             teacher_logits = targets.teacher(**inputs).logits
         teacher_z = teacher_logits.reshape(-1, teacher_logits.shape[-1])[:, : targets.vocab]
         return full_vocab_kl(z, teacher_z, mask, cfg.temperature)
-    target = _target(batch, cfg, targets)
+    target = targets.store(batch, device)
     return renormalized_topk_kl(z, target.ids, target.logp, mask, cfg.temperature)
-
-
-def _target(batch: dict[str, torch.Tensor], cfg: TrainConfig, targets: Targets) -> SparseTarget:
-    """The batch's sparse teacher target at the training temperature, on the device."""
-    device = targets.device
-
-    def rows(name: str) -> torch.Tensor | None:
-        t = batch.get(name)
-        return None if t is None else t.to(device, non_blocking=True).reshape(-1, *t.shape[2:])
-
-    ids, logp, lse = rows("topk_ids"), rows("topk_logp"), rows("lse")
-    lse_1, lse_t = lse[:, targets.one_col], lse[:, targets.t_col]
-    if targets.draws is None:
-        return topk_target(ids, logp, lse_1, lse_t, cfg.temperature)
-    return sampled_target(ids, rows("counts"), targets.draws, temperature=cfg.temperature, teacher_logp=logp,
-                          lse_1=lse_1, lse_t=lse_t, head=targets.head)  # fmt: skip
 
 
 def _stored_kd(
@@ -375,7 +369,7 @@ def _stored_kd(
 ) -> torch.Tensor:
     """The store's KD value for the student (for the log, when it is not the loss): the K+1-bucket
     divergence of a top-k store, the draws' estimate of a sampled one. The KD part alone (alpha 0)."""
-    target = _target(batch, cfg, targets)
+    target = targets.store(batch, targets.device)
     with torch.no_grad():
         return kd_loss(z, target, replace(loss_config, alpha=0.0))
 
@@ -397,15 +391,6 @@ def _open_eval_store(cfg: TrainConfig) -> Store | None:
         return None
     token = cfg.token if cfg.eval_store.startswith(("http://", "https://")) else None
     return open_store(cfg.eval_store, token=token, storage_options=cfg.storage_options or None)
-
-
-def _temperature_column(temperature: float, captured: tuple[float, ...], url: str) -> int:
-    for i, t in enumerate(captured):
-        if abs(t - temperature) <= 1e-6 * max(1.0, t):
-            return i
-    raise LogitStoreError(
-        f"--temperature {temperature:g} was not captured in {url}; captured: {', '.join(f'{t:g}' for t in captured)}"
-    )
 
 
 def _online_teacher(cfg: TrainConfig, meta: StoreMeta, device: torch.device) -> torch.nn.Module:
@@ -459,10 +444,9 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in keep))
 
 
-def _write(f, record: dict) -> None:
-    if f is not None:
-        f.write(json.dumps(record) + "\n")
-        f.flush()
+def _write(records: RunRecords | None, record: dict) -> None:
+    if records is not None:  # rank 0
+        records.write(record)
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -43,13 +43,54 @@ the student's gradient q − p needs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from logitstore.errors import LogitStoreError
+from logitstore.schema import StoreMeta
 from trainer.losses.config import LossConfig
 from trainer.losses.kd_loss import kd_loss, teacher_logprobs_at_temperature
 from trainer.losses.sparse_target import SparseTarget
 
-__all__ = ["sampled_kd_loss", "sampled_target", "topk_target"]
+__all__ = ["StoreTarget", "sampled_kd_loss", "sampled_target", "topk_target"]
+
+
+@dataclass(frozen=True)
+class StoreTarget:
+    """How a batch of one store (trainer.data.StoreDataset) becomes the target at one training
+    temperature: `StoreTarget.of(meta, T)(batch, device)`."""
+
+    temperature: float
+    t_col: int  # lse column of the training temperature
+    one_col: int  # lse column of T = 1
+    draws: int | None = None  # a sampled-mode store: draws per token
+    head: int = 0  # a sampled-mode store: top ids kept exactly before the draws
+
+    @classmethod
+    def of(cls, meta: StoreMeta, temperature: float, url: str = "the store") -> StoreTarget:
+        """LogitStoreError when `temperature` was not captured (its lse is needed)."""
+        captured = meta.capture.temperatures
+        t_col = next((i for i, t in enumerate(captured) if abs(t - temperature) <= 1e-6 * max(1.0, t)), None)
+        if t_col is None:
+            raise LogitStoreError(f"--temperature {temperature:g} was not captured in {url}; captured: "
+                                  f"{', '.join(f'{t:g}' for t in captured)}")  # fmt: skip
+        draws = meta.capture.draws if meta.capture.mode == "sampled" else None
+        return cls(temperature, t_col, captured.index(1.0), draws, meta.capture.head)
+
+    def __call__(self, batch: dict[str, torch.Tensor], device: torch.device) -> SparseTarget:
+        """The batch's [B * L, K] target on `device`."""
+
+        def rows(name: str) -> torch.Tensor | None:
+            t = batch.get(name)
+            return None if t is None else t.to(device, non_blocking=True).reshape(-1, *t.shape[2:])
+
+        ids, logp, lse = rows("topk_ids"), rows("topk_logp"), rows("lse")
+        lse_1, lse_t = lse[:, self.one_col], lse[:, self.t_col]
+        if self.draws is None:
+            return topk_target(ids, logp, lse_1, lse_t, self.temperature)
+        return sampled_target(ids, rows("counts"), self.draws, temperature=self.temperature, teacher_logp=logp,
+                              lse_1=lse_1, lse_t=lse_t, head=self.head)  # fmt: skip
 
 
 def topk_target(
