@@ -44,6 +44,9 @@ HELP = {
     "batch_size": "blocks per micro-batch per rank",
     "seq_len": "tokens per block",
     "grad_accum": "micro-batches per optimizer step",
+    "fsdp": "under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2: each "
+    "decoder layer, then the root; bf16 compute with fp32 reduction on CUDA) instead of replicating them "
+    "(DDP); checkpoints are then sharded (torch.distributed.checkpoint)",
     "lr": "peak learning rate (AdamW)",
     "min_lr_ratio": "final learning rate as a fraction of --lr (cosine)",
     "warmup_steps": "linear warmup steps",

@@ -43,6 +43,7 @@ class TrainConfig:
     batch_size: int = 8
     seq_len: int = 512
     grad_accum: int = 1
+    fsdp: bool = False  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100

@@ -18,8 +18,8 @@ endless (epoch after epoch): give `TrainingArguments(max_steps=...)`, and keep
 `dataloader_num_workers=0` (the store is read and decoded in bulk by the dataset itself).
 
 `KDTrainer.compute_loss` runs the model through whatever wrapper Trainer put around it (DDP,
-FSDP, DeepSpeed), keeping only the final hidden states (a hook on the decoder; the logits of
-no position are computed), and applies the fused KD loss from hidden states of
+FSDP, DeepSpeed), keeping only the final hidden states (`trainer.train.final_hidden_states`:
+a hook on the decoder; the logits of no position are computed), and applies the fused KD loss from hidden states of
 trainer/losses to them and the output projection, as `logitstore-train` does.
 """
 
@@ -38,7 +38,7 @@ from logitstore.schema import StoreMeta
 from trainer.data import StoreDataset
 from trainer.losses.config import LossConfig
 from trainer.losses.targets import StoreTarget
-from trainer.train import kd_loss_from_hidden_states, model_inputs
+from trainer.train import final_hidden_states, kd_loss_from_hidden_states, model_inputs
 
 __all__ = ["KDTrainer", "StoreExamples", "collate"]
 
@@ -113,15 +113,9 @@ class KDTrainer(transformers.Trainer):
         num_items_in_batch: Any = None,
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
         unwrapped = self.accelerator.unwrap_model(model)
-        device = unwrapped.get_output_embeddings().weight.device
-        captured: list[torch.Tensor] = []
-        hook = unwrapped.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
-        try:
-            # Through the wrapper (DDP and FSDP hook their forward), with no logits to compute.
-            model(**model_inputs(inputs, device), logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
-        finally:
-            hook.remove()
+        device = unwrapped.get_input_embeddings().weight.device
+        hidden = final_hidden_states(model, unwrapped, **model_inputs(inputs, device))
         labels = inputs["labels"].to(device).reshape(-1) if self.loss_config.alpha > 0 else None
-        loss, kd, ce = kd_loss_from_hidden_states(captured[0], unwrapped, self.store_target(inputs, device),
+        loss, kd, ce = kd_loss_from_hidden_states(hidden, unwrapped, self.store_target(inputs, device),
                                                   self.loss_config, self.vocab, labels=labels)  # fmt: skip
         return (loss, {"kd": kd, "ce": ce}) if return_outputs else loss

@@ -44,7 +44,14 @@ from logitstore.capture.teacher import load_teacher, resolve_device
 from logitstore.errors import LogitStoreError
 from logitstore.reader import Store, open_store
 from logitstore.schema import StoreMeta
-from trainer.checkpoint import checkpoint_dir, checkpoints, load_checkpoint, save_checkpoint
+from trainer.checkpoint import (
+    checkpoint_dir,
+    checkpoints,
+    load_checkpoint,
+    load_sharded_checkpoint,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from trainer.config import TrainConfig
 from trainer.data import StoreDataset, make_loader
 from trainer.evaluate import eval_store, eval_text
@@ -162,6 +169,8 @@ def _train(
             if m is not None:
                 check_document_attention(m, role)
     targets = Targets(vocab, store_target, device, teacher)
+    if cfg.fsdp:
+        _fully_shard(model, device)
 
     optimizer = _optimizer(model, cfg, device)
     warmup = min(cfg.warmup_steps, cfg.steps)
@@ -171,9 +180,15 @@ def _train(
     loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
 
     step = 0
-    if cfg.resume:
+    if cfg.resume and cfg.fsdp != (found[-1] / "sharded").is_dir():
+        raise LogitStoreError(f"--resume: {found[-1]} was written {'without' if cfg.fsdp else 'with'} --fsdp; "
+                              "resume it the same way")  # fmt: skip
+    if cfg.resume and cfg.fsdp:
+        state = load_sharded_checkpoint(found[-1], model, optimizer)
+    elif cfg.resume:
         state = load_checkpoint(found[-1], model)
         optimizer.load_state_dict(state["optimizer"])
+    if cfg.resume:
         scheduler.load_state_dict(state["scheduler"])
         loader.load_state_dict(state["data"][rank])
         step = state["step"]
@@ -187,7 +202,7 @@ def _train(
     # through DDP for the gradients to be averaged; lm_head's weight gets its gradient from the loss.
     from_hidden = cfg.loss == "kd" and not cfg.topk_renormalize and not cfg.materialize_logits
     body = HiddenStates(model) if from_hidden else model
-    ddp = DistributedDataParallel(body) if world > 1 else None
+    ddp = DistributedDataParallel(body) if world > 1 and not cfg.fsdp else None  # FSDP hooks the model itself
     eval_stores = _open_eval_store(cfg)
     metrics = RunRecords(out, cfg.report_to, step) if rank == 0 else None  # closed below
     bar = _progress_bar(cfg.steps, step, enabled=progress and rank == 0)
@@ -236,23 +251,27 @@ def _train(
                     dist.all_gather_object(data_states, loader.state_dict())
                 else:
                     data_states = [loader.state_dict()]
-                if rank == 0:
-                    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "data": data_states, "config": asdict(cfg) | {"token": None}}
-                    save_checkpoint(out, step, model, state)
+                state = {"scheduler": scheduler.state_dict(), "data": data_states,
+                         "config": asdict(cfg) | {"token": None}}
+                if cfg.fsdp:  # every rank writes its shards
+                    save_sharded_checkpoint(out, step, model, optimizer, state)
+                elif rank == 0:
+                    save_checkpoint(out, step, model, {**state, "optimizer": optimizer.state_dict()})
             if stopping:
                 raise TrainingInterrupted(checkpoint_dir(out, step))
             if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps:
-                if rank == 0 and (cfg.eval_text or eval_stores):
+                # A sharded model's forward is collective: every rank evaluates, rank 0 writes.
+                if (rank == 0 or cfg.fsdp) and (cfg.eval_text or eval_stores):
                     _write(metrics, {"step": step, **_evaluate(model, student.tokenizer, vocab, cfg, eval_stores)})
                 window_start = time.perf_counter()  # eval time is not training throughput
         interrupt.remove()  # from here on Ctrl-C stops at once
+        # final/ before the last evaluation: an evaluation that fails must not lose the trained student.
+        full_state = _full_state_dict(model) if cfg.fsdp else None  # gathered by every rank, kept by rank 0
         if rank == 0:
-            # final/ before the last evaluation: an evaluation that fails must not lose the trained student.
-            model.save_pretrained(out / "final")
+            model.save_pretrained(out / "final", state_dict=full_state)
             student.tokenizer.save_pretrained(out / "final")
-            if started_at < cfg.steps and (cfg.eval_text or eval_stores):
-                _write(metrics, {"step": step, **_evaluate(model, student.tokenizer, vocab, cfg, eval_stores)})
+        if (rank == 0 or cfg.fsdp) and started_at < cfg.steps and (cfg.eval_text or eval_stores):
+            _write(metrics, {"step": step, **_evaluate(model, student.tokenizer, vocab, cfg, eval_stores)})
     finally:
         interrupt.remove()
         bar.close()
@@ -272,23 +291,41 @@ class Targets:
 
 
 class HiddenStates(torch.nn.Module):
-    """A causal LM's body: input ids -> final hidden states (after the last norm), no logits."""
+    """A causal LM run for its final hidden states (after the last norm), without logits."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        return self.model.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
+        return final_hidden_states(self.model, self.model, input_ids=input_ids, **kwargs)
+
+
+def final_hidden_states(runner: torch.nn.Module, model: torch.nn.Module, **inputs: Any) -> torch.Tensor:
+    """The decoder's last hidden states [B, L, H] of `model`, run through `runner` (the model, or
+    the DDP / FSDP / DeepSpeed wrapper around it) with the logits of no position computed.
+
+    Through the whole model, not its decoder alone: FSDP gathers the root's parameters (the
+    embedding, the last norm, the head) in the root's forward, and wrappers hook their forward.
+    A forward hook on the decoder catches its output."""
+    captured: list[torch.Tensor] = []
+    hook = model.get_decoder().register_forward_hook(lambda _m, _a, out: captured.append(out[0]))
+    try:
+        device = inputs["input_ids"].device
+        runner(**inputs, logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
+    finally:
+        hook.remove()
+    return captured[0]
 
 
 def model_inputs(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor | bool]:
-    """The student's forward arguments for a store batch. A packed-documents store adds position ids
-    (and no attention mask or cache), so that each document attends only to itself, as the
-    teacher's did (logitstore/capture/document_attention.py)."""
-    inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"].to(device, non_blocking=True).long()}
+    """The student's forward arguments for a store batch: no KV cache (training keeps nothing for
+    later tokens). A packed-documents store adds position ids (and no attention mask), so that
+    each document attends only to itself, as the teacher's did (logitstore/capture/document_attention.py)."""
+    inputs: dict[str, torch.Tensor | bool] = {"input_ids": batch["input_ids"].to(device, non_blocking=True).long(),
+                                              "use_cache": False}  # fmt: skip
     if "position_ids" in batch:
-        inputs.update(position_ids=batch["position_ids"].to(device, non_blocking=True).long(), use_cache=False)
+        inputs["position_ids"] = batch["position_ids"].to(device, non_blocking=True).long()
     return inputs
 
 
@@ -434,6 +471,29 @@ def _setup_distributed(device_spec: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _fully_shard(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2: each decoder layer its own unit (gathered for its forward and backward only), then the
+    root (embedding, last norm, head). On CUDA the gathered weights compute in bfloat16 and the
+    gradients are reduced in float32; the sharded master weights stay float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()  # fmt: skip
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise LogitStoreError(f"--fsdp: {type(model).__name__}'s decoder has no `layers` to shard one by one")
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def _full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole weights on rank 0's CPU (every rank must call it; the others get {})."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
