@@ -44,6 +44,8 @@ HELP = {
     "batch_size": "blocks per micro-batch per rank",
     "seq_len": "tokens per block",
     "grad_accum": "micro-batches per optimizer step",
+    "grad_checkpointing": "keep only each decoder layer's input and recompute the rest in the backward: "
+    "activation memory of one layer instead of all, for about a third more compute",
     "fsdp": "under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2: each "
     "decoder layer, then the root; bf16 compute with fp32 reduction on CUDA) instead of replicating them "
     "(DDP); checkpoints are then sharded (torch.distributed.checkpoint)",

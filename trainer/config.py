@@ -44,6 +44,7 @@ class TrainConfig:
     seq_len: int = 512
     grad_accum: int = 1
     fsdp: bool = False  # FSDP2: parameters, gradients and optimizer state sharded over the ranks
+    grad_checkpointing: bool = False  # recompute each decoder layer's activations in the backward
     lr: float = 3e-4
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = 100

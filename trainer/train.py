@@ -169,6 +169,8 @@ def _train(
             if m is not None:
                 check_document_attention(m, role)
     targets = Targets(vocab, store_target, device, teacher)
+    if cfg.grad_checkpointing:  # before sharding: the checkpoint wrappers sit inside the FSDP units
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.fsdp:
         _fully_shard(model, device)
 

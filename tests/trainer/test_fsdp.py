@@ -41,13 +41,14 @@ def run(args: list[str]) -> None:
 
 
 def test_fsdp_two_processes_equal_one_process_with_twice_the_batch(tiny_store, student_config, tmp_path):
-    """As for DDP: 2 ranks with batch B train like 1 process with 2B. alpha 0: every rank counts the
+    """As for DDP: 2 ranks with batch B train like 1 process with 2B (with gradient checkpointing
+    inside the FSDP units, which recomputes the same activations). alpha 0: every rank counts the
     same tokens, so the mean of the ranks' means is the whole batch's mean (with alpha > 0 the
     labelled tokens, fewer at sequence ends, would fall unevenly between the ranks)."""
     common = ["--store", tiny_store, "--student", str(student_config), "--steps", "4", "--seq-len", "32",
               "--lr", "3e-3", "--warmup-steps", "1", "--save-every", "2", "--log-every", "1", "--device", "cpu",
               "--temperature", "2"]  # fmt: skip
-    run([*common, "--batch-size", "2", "--out", str(tmp_path / "fsdp")])
+    run([*common, "--batch-size", "2", "--grad-checkpointing", "--out", str(tmp_path / "fsdp")])
     assert train_main([*common, "--batch-size", "4", "--out", str(tmp_path / "one"), "--no-progress"]) == 0
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final").state_dict()

@@ -292,6 +292,18 @@ def test_cli_errors_are_one_line(tiny_store, student_config, tmp_path, capsys):
     assert "missing --store, --out" in capsys.readouterr().err
 
 
+def test_gradient_checkpointing_trains_the_same_student(tiny_store, student_config, tmp_path):
+    runs = {}
+    for name, extra in (("plain", {}), ("checkpointed", {"grad_checkpointing": True})):
+        train(base_config(tiny_store, student_config, tmp_path / name, steps=3, save_every=0, **extra), progress=False)
+        runs[name] = metrics(tmp_path / name), AutoModelForCausalLM.from_pretrained(tmp_path / name / "final")
+    assert [r["loss"] for r in runs["plain"][0]] == pytest.approx([r["loss"] for r in runs["checkpointed"][0]],
+                                                                  rel=1e-6)  # fmt: skip
+    for (k, a), b in zip(runs["plain"][1].state_dict().items(), runs["checkpointed"][1].state_dict().values(),
+                         strict=True):  # fmt: skip
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_ddp_two_processes_equal_one_process_with_twice_the_batch(tiny_store, student_config, tmp_path):
     """2 gloo ranks with batch B see disjoint halves of the 1-rank batch 2B: averaged gradients
     equal the big batch's, so the weights after training match (up to reduction order)."""
