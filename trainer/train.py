@@ -170,7 +170,10 @@ def _train(
                 check_document_attention(m, role)
     targets = Targets(vocab, store_target, device, teacher)
     if cfg.grad_checkpointing:  # before sharding: the checkpoint wrappers sit inside the FSDP units
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.fsdp:
         _fully_shard(model, device)
 
