@@ -170,10 +170,7 @@ def _train(
                 check_document_attention(m, role)
     targets = Targets(vocab, store_target, device, teacher)
     if cfg.grad_checkpointing:  # before sharding: the checkpoint wrappers sit inside the FSDP units
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_grad_checkpointing(model)
     if cfg.fsdp:
         _fully_shard(model, device)
 
@@ -476,6 +473,16 @@ def _setup_distributed(device_spec: str) -> tuple[int, int, torch.device]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def enable_grad_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer in the backward (transformers' non-reentrant checkpointing)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # its name in recent transformers
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        raise LogitStoreError(f"--grad-checkpointing: {type(model).__name__} does not support it")
 
 
 def _fully_shard(model: torch.nn.Module, device: torch.device) -> None:

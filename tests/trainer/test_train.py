@@ -30,7 +30,7 @@ from trainer.cli import main as train_main
 from trainer.data import StoreDataset
 from trainer.evaluate import eval_store
 from trainer.student import StudentError, load_student
-from trainer.train import TrainConfig, lr_factor, train
+from trainer.train import TrainConfig, enable_grad_checkpointing, lr_factor, train
 
 
 def write_student_config(path: Path, vocab_size: int = 49152, **overrides) -> Path:
@@ -293,6 +293,9 @@ def test_cli_errors_are_one_line(tiny_store, student_config, tmp_path, capsys):
 
 
 def test_gradient_checkpointing_trains_the_same_student(tiny_store, student_config, tmp_path):
+    model = load_student(str(student_config), open_store(tiny_store).meta).model
+    enable_grad_checkpointing(model)
+    assert model.get_decoder().gradient_checkpointing  # on, not silently ignored
     runs = {}
     for name, extra in (("plain", {}), ("checkpointed", {"grad_checkpointing": True})):
         train(base_config(tiny_store, student_config, tmp_path / name, steps=3, save_every=0, **extra), progress=False)
