@@ -114,7 +114,7 @@ class SharedForward(torch.nn.Module):
     Every capture of this benchmark packs the same tokens into the same batches, so the decoder
     (the expensive part on a CPU) runs once per batch; the capture engine still projects,
     reduces, encodes and writes in each capture. Exposes what `capture` uses of a model: its
-    parameters, config, decoder and output projection (anything else fails loudly).
+    parameters, config, decoder, input and output embeddings (anything else fails loudly).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -122,6 +122,9 @@ class SharedForward(torch.nn.Module):
         self.inner = model
         self.config = model.config
         self.cache: dict[str, torch.Tensor] = {}
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.inner.get_input_embeddings()
 
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.inner.get_output_embeddings()
@@ -219,10 +222,11 @@ def heldout_windows(heldout_file: Path, tokenizer, seq_len: int, max_tokens: int
 @torch.inference_mode()
 def evaluate(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], windows: list[np.ndarray],
              vocab: int, batch: int, device: torch.device) -> dict[str, dict]:
-    """Exact full-vocabulary KL(teacher || student) at T=1, top-1 agreement, next-token perplexity;
-    the teacher runs once per batch of windows and every model sees the same windows."""
+    """Exact full-vocabulary KL(teacher || student) at T=1, top-1 agreement, next-token perplexity,
+    and the speculative-decoding acceptance rate sum_v min(p_v, q_v) of the student as a draft for
+    the teacher; the teacher runs once per batch of windows and every model sees the same windows."""
     models = {"teacher": teacher, **students}
-    sums = {name: np.zeros(4) for name in models}  # kl, top1, nll, next-token count
+    sums = {name: np.zeros(5) for name in models}  # kl, top1, nll, next-token count, acceptance
     positions = 0
     for i in range(0, len(windows), batch):
         chunk = windows[i : i + batch]
@@ -245,13 +249,15 @@ def evaluate(teacher: torch.nn.Module, students: dict[str, torch.nn.Module], win
             rows_t, rows_s = t_logp[mask], logp[mask]
             kl = (rows_t.exp() * (rows_t - rows_s)).sum(-1)
             top1 = rows_t.argmax(-1) == rows_s.argmax(-1)
+            accept = torch.minimum(rows_t.exp(), rows_s.exp()).sum(-1)
             nll = F.nll_loss(logp[:, :-1][nxt], targets, reduction="sum")
-            sums[name] += [kl.double().sum().item(), top1.sum().item(), nll.double().item(), int(nxt.sum())]
+            sums[name] += [kl.double().sum().item(), top1.sum().item(), nll.double().item(), int(nxt.sum()),
+                           accept.double().sum().item()]  # fmt: skip
             del logits, logp
         positions += int(mask.sum())
     return {
         name: {"heldout_kl": float(s[0] / positions), "heldout_top1": float(s[1] / positions),
-               "heldout_ppl": math.exp(s[2] / s[3])}
+               "heldout_ppl": math.exp(s[2] / s[3]), "heldout_accept": float(s[4] / positions)}
         for name, s in sums.items()
     }
 
@@ -392,7 +398,8 @@ def main() -> None:
         del run["final"]
         print(json.dumps({**common, "arm": run["arm"], "seed": run["seed"], "what": what,
                           "bytes_per_token": round(bpt, 1) if bpt else None,
-                          **{k: round(run[k], 4) for k in ("heldout_ppl", "heldout_kl", "heldout_top1")},
+                          **{k: round(run[k], 4) for k in ("heldout_ppl", "heldout_kl", "heldout_top1",
+                                                           "heldout_accept")},
                           "train_wall_s": round(run["train_wall_s"], 1),
                           "train_tokens_per_s": round(run["train_tokens_per_s"], 1),
                           "final_train_loss": round(run["curve"][-1]["loss"], 4)}), flush=True)
@@ -413,7 +420,7 @@ def main() -> None:
                               for a in ("ce", arm, "online"))
             summary[f"recovery_{arm}_{metric}"] = recovery(ce, kd, online, metric)
     if all(f"{a}_s{s0}" in runs for a in KEY_ARMS):
-        for metric in ("heldout_kl", "heldout_ppl", "heldout_top1"):
+        for metric in ("heldout_kl", "heldout_ppl", "heldout_top1", "heldout_accept"):
             per_seed = [recovery(runs[f"ce_s{s}"], runs[f"topk64_s{s}"], runs[f"online_s{s}"], metric)
                         for s in seeds if all(f"{a}_s{s}" in runs for a in KEY_ARMS)]
             summary[f"recovery_{metric}"] = per_seed[0]
@@ -422,7 +429,7 @@ def main() -> None:
                      for a in KEY_ARMS}
             summary[f"recovery_{metric}_seed_mean"] = recovery(means["ce"], means["topk64"], means["online"], metric)
         for a in KEY_ARMS:
-            for metric in ("heldout_kl", "heldout_ppl", "heldout_top1"):
+            for metric in ("heldout_kl", "heldout_ppl", "heldout_top1", "heldout_accept"):
                 values = [runs[f"{a}_s{s}"][metric] for s in seeds if f"{a}_s{s}" in runs]
                 summary[f"spread_{a}_{metric}"] = max(values) - min(values)
         bpt = stores["topk64"]["bytes_per_token"]

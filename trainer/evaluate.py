@@ -62,14 +62,18 @@ def eval_store(
     batch_size: int,
     max_tokens: int | None = None,
 ) -> dict[str, float]:
-    """{"eval_kl" (counts_only: "eval_teacher_xent"), "eval_top1", "eval_store_ppl"} of the student
-    against the store's teacher. A packed-documents store is evaluated with its documents apart,
+    """{"eval_kl" (counts_only: "eval_teacher_xent"), "eval_top1", "eval_store_ppl",
+    "eval_accept_min", "eval_accept_max"} of the student against the store's teacher.
+
+    eval_accept_*: bounds on the expected speculative-decoding acceptance rate of the student as
+    a draft for the teacher at T = 1 (`acceptance_bounds`); not for a counts-only store, which
+    keeps no probabilities. A packed-documents store is evaluated with its documents apart,
     as the teacher and the trainer see them (`_document_positions`)."""
     counts_only = store.meta.capture.counts_only
     document_starts = None
     if store.meta.capture.packing == "packed-documents":
         document_starts = store.manifest().column("token_start").to_numpy()
-    kl = top1 = nll = n_kd = n_ce = 0.0
+    kl = top1 = nll = n_kd = n_ce = accept_min = accept_max = 0.0
     for spans in _chunks(list(_windows(store, seq_len, max_tokens)), batch_size):
         blocks = [store.read(a, b) for a, b in spans]
         ids, mask = _pad([b.input_ids for b in blocks], len(blocks))
@@ -94,15 +98,42 @@ def eval_store(
         else:
             kl += float(kd_loss(z, SparseTarget(t_ids, t_weights), LossConfig(backend="torch"))) * tokens  # T = 1, fkl
             teacher_top = t_ids[:, 0]
+            low, high = acceptance_bounds(z, t_ids, t_weights)
+            accept_min, accept_max = accept_min + float(low.sum()), accept_max + float(high.sum())
         top1 += float((z.argmax(-1) == teacher_top).sum())
         n_kd += tokens
         s, c = _next_token_nll(logits, ids, mask, positions)
         nll, n_ce = nll + s, n_ce + c
-    return {
+    result = {
         "eval_teacher_xent" if counts_only else "eval_kl": kl / max(n_kd, 1),
         "eval_top1": top1 / max(n_kd, 1),
         "eval_store_ppl": float(np.exp(nll / max(n_ce, 1))),
     }
+    if not counts_only:
+        result |= {"eval_accept_min": accept_min / max(n_kd, 1), "eval_accept_max": accept_max / max(n_kd, 1)}
+    return result
+
+
+def acceptance_bounds(
+    logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, bounds on the speculative-decoding acceptance rate a = sum_v min(p_v, q_v) of the
+    student q = softmax(logits) as a draft for the teacher p (T = 1), from the K stored ids S.
+
+    The stored ids are exact: sum_S min(p, q) is a lower bound (the tail adds >= 0). Over the
+    tail, sum_tail min(p_v, q_v) <= min(p_tail, q_tail) (a sum of minima is at most the minimum
+    of the sums), so adding that gives an upper bound: the K+1-bucket acceptance. Both are equal
+    to `a` when S holds the whole vocabulary. Ids < 0 are padding (repeats are not expected).
+    """
+    log_q = logits.float().log_softmax(-1)
+    valid = teacher_ids >= 0
+    ids = torch.where(valid, teacher_ids, 0).long()
+    q_s = torch.where(valid, log_q.gather(1, ids).exp(), 0.0)
+    p_s = torch.where(valid, teacher_logp.float().exp(), 0.0)
+    low = torch.minimum(p_s, q_s).sum(-1)
+    p_tail = (1 - p_s.double().sum(-1)).clamp(min=0).float()
+    q_tail = (1 - q_s.double().sum(-1)).clamp(min=0).float()
+    return low, low + torch.minimum(p_tail, q_tail)
 
 
 def _windows(store: Store, seq_len: int, max_tokens: int | None) -> Iterator[tuple[int, int]]:

@@ -73,6 +73,9 @@ def test_teacher_as_student_agrees_with_its_own_store(peaked_teacher_dir, tiny_s
     m = eval_store(student.model, store, vocab_size=student.vocab_size, seq_len=64, batch_size=8, max_tokens=640)
     assert m["eval_kl"] < 1e-4
     assert m["eval_top1"] > 0.99  # exact ties between random logits may break either way
+    # As its own draft the teacher is always accepted: the upper bound is 1, the lower bound the
+    # stored ids' mass (k = 8 of a peaked teacher: most of it).
+    assert m["eval_accept_max"] == pytest.approx(1.0, abs=1e-3) and 0.5 < m["eval_accept_min"] < m["eval_accept_max"]
     # Perplexity: against a direct forward over the same windows (whole sequences of 64 here).
     nll = n = 0.0
     with torch.no_grad():
