@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 from transformers import TrainingArguments
 
 from logitstore import open_store
@@ -33,9 +34,11 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.0, help="weight of the hard-label cross-entropy")
     args = ap.parse_args()
 
+    # use_cpu without CUDA: that is what makes Trainer run several CPU processes (torchrun) as DDP.
     training = TrainingArguments(output_dir=args.out, max_steps=args.max_steps, learning_rate=args.lr,
                                  per_device_train_batch_size=args.batch_size, logging_steps=10, report_to=[],
-                                 save_strategy="no", dataloader_num_workers=0)  # fmt: skip
+                                 save_strategy="no", dataloader_num_workers=0,
+                                 use_cpu=not torch.cuda.is_available())  # fmt: skip
     student = load_student(args.student, open_store(args.store).meta)
     train_dataset = StoreExamples(args.store, seq_len=args.seq_len, batch_size=args.batch_size)  # logitstore
     trainer = KDTrainer(model=student.model, args=training, train_dataset=train_dataset, data_collator=collate,

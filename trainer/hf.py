@@ -29,8 +29,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import transformers
+from accelerate import PartialState
 from torch.utils.data import IterableDataset
 
 from logitstore.capture.document_attention import check_document_attention
@@ -49,8 +49,8 @@ class StoreExamples(IterableDataset):
     Each example is a dict of tensors for one block of `seq_len` tokens: `input_ids`, `labels`
     (next tokens, -100 where none), the teacher's `topk_ids` / `topk_logp` / `lse` (and
     `counts`, `position_ids` for the stores that have them), `mask`. `batch_size` is the
-    per-device batch size; `world_size` the number of training processes (default: the
-    initialized torch.distributed group's, else 1), read when iteration starts.
+    per-device batch size; `world_size` the number of training processes (default: Accelerate's,
+    which is what Trainer splits the examples over), read when iteration starts.
     """
 
     def __init__(
@@ -73,7 +73,7 @@ class StoreExamples(IterableDataset):
                             token=self.token, storage_options=self.storage_options, rank=0, world_size=1)  # fmt: skip
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        world = self.world_size or (dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1)
+        world = self.world_size or PartialState().num_processes
         for batch in self._global_batches(world):
             for row in range(len(batch["input_ids"])):
                 yield {name: t[row] for name, t in batch.items()}

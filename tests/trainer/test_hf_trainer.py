@@ -4,6 +4,7 @@ script runs as a user would run it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from itertools import islice
@@ -15,7 +16,7 @@ from accelerate.data_loader import IterableDatasetShard
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from logitstore import open_store
-from tests.trainer.test_train import base_config, metrics, write_student_config
+from tests.trainer.test_train import _free_port, base_config, metrics, write_student_config
 from trainer.data import StoreDataset
 from trainer.hf import KDTrainer, StoreExamples, collate
 from trainer.student import load_student
@@ -72,3 +73,21 @@ def test_the_example_script_distills_and_saves_a_loadable_student(tiny_store, st
     assert proc.returncode == 0, proc.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == open_store(tiny_store).meta.tokenizer.vocab_size
+
+
+def test_two_trainer_processes_train_like_one_with_the_whole_batch(tiny_store, student_config, tmp_path):
+    """torchrun with 2 CPU processes: Trainer's DDP (through KDTrainer's forward of the wrapped model)
+    and Accelerate's split of the examples give the weights of one process with twice the batch."""
+    args = ["--store", tiny_store, "--student", str(student_config), "--max-steps", "3", "--seq-len", "32"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    script = str(ROOT / "examples" / "hf_trainer.py")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+              str(_free_port())]
+    for cmd in ([*launch, script, *args, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                [sys.executable, script, *args, "--batch-size", "4", "--out", str(tmp_path / "one")]):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
