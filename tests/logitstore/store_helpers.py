@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from logitstore.codecs import LogProbCodec
 from logitstore.layout import PIECES_SCHEMA
+from logitstore.reader import Store
 from logitstore.schema import CaptureSettings, CorpusInfo, StoreMeta, TeacherInfo, TokenizerInfo
 from logitstore.writer import SegmentData, StoreWriter
 
@@ -200,3 +201,16 @@ def concat(segments: Sequence[SegmentData]) -> dict[str, np.ndarray]:
 def quantized(codec: LogProbCodec, logp: np.ndarray) -> np.ndarray:
     """What the store must give back for `logp`: the codec's exact decode of its top-k encode."""
     return codec.decode(codec.encode_topk(logp))
+
+
+def assert_same_soft_labels(a: Store, b: Store, codec: LogProbCodec) -> None:
+    """Two stores of the same tokens whose teachers computed them in a different order (packing,
+    a split teacher): same tokens and ids; log-probs within one quantization step of each other
+    (the fp32 values differ by rounding, so they may round to neighbouring codes); lse to 1e-5."""
+    assert a.num_tokens == b.num_tokens
+    x, y = a.read(0, a.num_tokens), b.read(0, b.num_tokens)
+    np.testing.assert_array_equal(x.input_ids, y.input_ids)
+    np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
+    bound = codec.topk_error_bound(y.topk_logp) + 1e-5
+    assert np.all(np.abs(x.topk_logp - y.topk_logp) <= 2 * bound)
+    np.testing.assert_allclose(x.lse, y.lse, atol=1e-5, rtol=0)

@@ -20,6 +20,7 @@ from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError, StoreExistsError
 from logitstore.spec import CaptureSpec, CaptureTuning, SpecError
 from logitstore.verify import verify
+from tests.logitstore.store_helpers import assert_same_soft_labels
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
 
@@ -97,12 +98,7 @@ def test_packed_documents_equal_each_document_captured_alone(tiny_teacher, tmp_p
     pieces = packed.manifest().column("sequence").to_numpy()
     assert np.bincount(pieces).max() >= 3  # some sequence holds three documents or more
     assert np.all(packed.sequence_lengths() <= 96)
-    a, b = packed.read(0, 900), alone.read(0, 900)
-    np.testing.assert_array_equal(a.input_ids, b.input_ids)
-    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-    bound = tuning.logp_codec.topk_error_bound(b.topk_logp) + 1e-5
-    assert np.all(np.abs(a.topk_logp - b.topk_logp) <= 2 * bound)
-    np.testing.assert_allclose(a.lse, b.lse, atol=1e-5, rtol=0)
+    assert_same_soft_labels(packed, alone, tuning.logp_codec)
     assert verify(packed.url).ok
 
 

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from logitstore import open_store
@@ -16,6 +15,7 @@ from logitstore.capture.engine import capture
 from logitstore.capture.teacher import load_teacher
 from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
+from tests.logitstore.store_helpers import assert_same_soft_labels
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
 SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=600), CaptureTuning(unit_tokens=100)
@@ -89,9 +89,4 @@ def test_a_tensor_parallel_teacher_gives_the_one_process_store(tiny_teacher_dir,
     assert proc.stdout.count("600 tokens") == 1  # rank 0 alone writes and reports
     tp = open_store(str(tmp_path / "tp"))
     assert verify(tp.url).ok and tp.meta.teacher == one.meta.teacher and len(tp.segments) == len(one.segments)
-    a, b = tp.read(0, 600), one.read(0, 600)
-    np.testing.assert_array_equal(a.input_ids, b.input_ids)
-    np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
-    bound = TUNING.logp_codec.topk_error_bound(b.topk_logp) + 1e-5
-    assert np.all(np.abs(a.topk_logp - b.topk_logp) <= 2 * bound)
-    np.testing.assert_allclose(a.lse, b.lse, atol=1e-5, rtol=0)
+    assert_same_soft_labels(tp, one, TUNING.logp_codec)

@@ -140,6 +140,11 @@ def test_a_failing_final_evaluation_keeps_final(tiny_store, student_config, tmp_
         ([], ("run.json", "[1, 2]"), "expected an object of settings, got list"),
         # The loss settings: LossConfig checks them, the message names the flag (or --config key).
         (["--divergence", "kl"], None, "--divergence must be one of fkl, rkl, jsd, tvd, got 'kl'"),
+        (["--report-to", "wandb"], None, "--report-to must be one or more of none, tensorboard, got 'wandb'"),
+        (["--report-to", "tensorboard", "mlflow"], None, "got 'mlflow'"),
+        (["--report-to", "none", "tensorboard"], None, "--report-to none goes alone"),
+        ([], ("run.toml", 'report_to = ["wandb"]\n'), "--report-to must be one or more of none, tensorboard"),
+        ([], ("run.toml", "report_to = 1\n"), "report_to must be a string or a list of strings, got 1"),
         (["--temperature", "0"], None, "--temperature must be a finite number > 0, got 0.0"),
         (["--loss-backend", "cuda"], None, "--loss-backend must be one of auto, triton, torch, got 'cuda'"),
         ([], ("run.toml", "alpha = 1.5\n"), "--alpha must be in [0, 1], got 1.5"),

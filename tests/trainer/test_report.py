@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import SCALARS, EventAccumulator
 
-from tests.trainer.test_cli import REPO, metrics, one_line_error, run_args
+from tests.trainer.test_cli import REPO, metrics, run_args
 from tests.trainer.test_train import write_student_config
 from trainer.checkpoint import checkpoints
 from trainer.cli import main
@@ -87,28 +87,6 @@ def test_without_report_to_nothing_imports_or_writes_tensorboard(tiny_store, stu
     assert done.returncode == 0, done.stderr
     assert [r["step"] for r in metrics(out)] == [1, 2]
     assert not (out / "tensorboard").exists()
-
-
-@pytest.mark.parametrize(
-    ("extra", "config", "message"),
-    [
-        (["--report-to", "wandb"], None, "--report-to must be one or more of none, tensorboard, got 'wandb'"),
-        (["--report-to", "tensorboard", "mlflow"], None, "got 'mlflow'"),
-        (["--report-to", "none", "tensorboard"], None, "--report-to none goes alone"),
-        ([], ("run.toml", 'report_to = ["wandb"]\n'), "--report-to must be one or more of none, tensorboard"),
-        ([], ("run.toml", "report_to = 1\n"), "report_to must be a string or a list of strings, got 1"),
-    ],
-)
-def test_a_bad_report_to_gets_a_one_line_error(extra, config, message, tiny_store, student_config, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = [*run_args(tiny_store, student_config, out), *extra]
-    if config is not None:
-        name, text = config
-        (tmp_path / name).write_text(text)
-        argv += ["--config", str(tmp_path / name)]
-    assert main(argv) == 1
-    assert message in one_line_error(capsys)
-    assert not out.exists()
 
 
 def test_report_to_in_a_config_file_and_as_one_string(tiny_store, student_config, tmp_path):
