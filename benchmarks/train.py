@@ -29,6 +29,7 @@ from logitstore import open_store
 from logitstore.capture.teacher import resolve_device
 from trainer.data import StoreDataset, make_loader
 from trainer.losses.config import LossConfig
+from trainer.losses.targets import StoreTarget
 from trainer.train import HiddenStates, Targets, TrainConfig, _micro_step
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "data" / "tinyshakespeare.txt"
@@ -60,7 +61,7 @@ def time_steps(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, tokens = time.perf_counter(), 0
-        loss, _, _ = _micro_step(model, runner, batch, cfg, loss_config, targets, measure=False)
+        loss, _, _ = _micro_step(model, runner, batch, cfg, loss_config, targets, [], measure=False)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -91,9 +92,8 @@ def main() -> None:
         url = args.store or _capture(args.teacher, args.tokens, args.seq_len, tmp, device)
         store = open_store(url)
         vocab = store.meta.tokenizer.vocab_size
-        temps = store.meta.capture.temperatures
         cfg = TrainConfig(store=url, student="-", out=tmp, temperature=args.temperature)
-        targets = Targets(vocab, temps.index(args.temperature), temps.index(1.0), device)
+        targets = Targets(vocab, StoreTarget.of(store.meta, args.temperature, url), device)
         size = args.student or ("small" if device.type == "cuda" else "tiny")
         common = {"device": str(device), "student": size, "batch_size": args.batch_size, "seq_len": args.seq_len,
                   "vocab": vocab, "k": store.meta.capture.k, "num_workers": args.num_workers}

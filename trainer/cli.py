@@ -22,7 +22,8 @@ from logitstore.errors import LogitStoreError
 from trainer.config import TrainConfig
 
 HELP = {
-    "store": "the store to train from: a path, s3://..., or http(s)://HOST/v1/stores/ID/zarr",
+    "store": "the store to train from: a path, s3://..., or http(s)://HOST/v1/stores/ID/zarr; repeat it for "
+    "several teachers' stores of the same corpus (see --store-weights)",
     "student": "a config.json (fresh weights) or a model directory / .gguf / hub id (pretrained)",
     "out": "run directory: metrics.jsonl, checkpoints/, final/",
     "tokenizer": "the student's tokenizer (default: its own, else the store's teacher's)",
@@ -64,13 +65,15 @@ HELP = {
     "num_workers": "DataLoader worker processes per rank",
     "device": "auto, cpu, cuda or cuda:N",
     "resume": "continue from the newest checkpoint in --out",
+    "store_weights": "with several --store: each teacher's weight in the KD loss, comma-separated in --store "
+    "order, summing to 1 (default: equal)",
     "report_to": "where records go besides OUT/metrics.jsonl: none, or tensorboard (event files in "
     "OUT/tensorboard/; needs the tensorboard package)",
 }
 REQUIRED = ("store", "student", "out")
 # What a --config value must be, by the TrainConfig field's type (a string: postponed annotations).
 KINDS = {"bool": "true or false", "int": "an integer", "float": "a number", "dict[str, Any]": "a table (object)",
-         "list[str]": "a string or a list of strings"}
+         "list[str]": "a string or a list of strings", "list[float]": "a list of numbers"}
 
 
 def _train_parser() -> argparse.ArgumentParser:
@@ -84,13 +87,19 @@ def _train_parser() -> argparse.ArgumentParser:
     required = p.add_argument_group("required (on the command line or in --config)")
     options = p.add_argument_group("training options (also keys of --config)")
     for f in dataclasses.fields(TrainConfig):
+        if f.name == "extra_stores":  # the second and later --store (a key of --config too)
+            continue
         flag = "--" + f.name.replace("_", "-")
         group = required if f.name in REQUIRED else options
         # The parser's defaults stay None, so that a flag not given leaves --config's value;
         # the help shows TrainConfig's default. argparse %-formats help texts.
         text = (HELP[f.name] + _default_note(f)).replace("%", "%%")
-        if f.type == "bool":
+        if f.name == "store":  # repeatable: the first is the store, the others are extra_stores
+            group.add_argument(flag, action="append", default=None, help=text)
+        elif f.type == "bool":
             group.add_argument(flag, action="store_true", default=None, help=text)
+        elif f.type == "list[float]":
+            group.add_argument(flag, type=_numbers, default=None, help=text)
         elif f.type == "list[str]":  # --report-to tensorboard [OTHER ...], as HF Trainer's report_to
             group.add_argument(flag, nargs="+", default=None, help=text)
         else:
@@ -131,6 +140,10 @@ def _config(args: argparse.Namespace) -> TrainConfig:
             raise LogitStoreError(f"--config {path}: unknown keys {', '.join(unknown)}")
         for key, value in values.items():
             _check_type(f"--config {path}: {key}", value, types[key])
+    if args.store:  # --store A --store B: A, and B as an extra store
+        args.store, stores = args.store[0], args.store[1:]
+        if stores:
+            values["extra_stores"] = stores
     for name, value in vars(args).items():
         if name in types and value is not None:
             is_object = types[name] == "dict[str, Any]"
@@ -151,12 +164,21 @@ def _check_type(what: str, value: Any, hint: str) -> None:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
     elif hint == "dict[str, Any]":
         ok = isinstance(value, dict)
+    elif hint == "list[float]":
+        ok = isinstance(value, list) and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
     elif hint == "list[str]":  # one string is a list of one (TrainConfig makes it so)
         ok = isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
     else:  # str, str | None, a Literal of strings
         ok = isinstance(value, str) or (value is None and "None" in hint)
     if not ok:
         raise LogitStoreError(f"{what} must be {KINDS.get(hint, 'a string')}, got {value!r}")
+
+
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated numbers (e.g. 0.7,0.3)") from None
 
 
 def _json_object(flag: str, text: str) -> dict[str, Any]:

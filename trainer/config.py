@@ -62,10 +62,19 @@ class TrainConfig:
     resume: bool = False
     # Where records go besides metrics.jsonl (HF Trainer's report_to): "none" or "tensorboard".
     report_to: list[str] = field(default_factory=lambda: ["none"])
+    # More teachers: stores of the same corpus (`--store A --store B`); the KD term is
+    # sum_i w_i T^2 D(p_i || q) with `store_weights` w (one per store, `store` first; default equal).
+    extra_stores: list[str] = field(default_factory=list)
+    store_weights: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # report_to="tensorboard", as HF Trainer accepts it
             self.report_to = [self.report_to]
+
+    def weights(self) -> list[float]:
+        """The weight of each store's teacher, `store` first."""
+        n = 1 + len(self.extra_stores)
+        return list(self.store_weights) or [1.0 / n] * n
 
     def loss_config(self) -> LossConfig:
         """The KD loss's settings (raises ValueError naming the LossConfig field when one is invalid)."""
@@ -107,6 +116,14 @@ class TrainConfig:
                 f"--store {self.store} is not one: drop --token"
             )
         _check_report_to(self.report_to)
+        if self.extra_stores and (self.loss != "kd" or self.topk_renormalize or self.materialize_logits):
+            raise LogitStoreError("several --store train the KD loss from hidden states only: --loss kd, without "
+                                  "--topk-renormalize or --materialize-logits")  # fmt: skip
+        n = 1 + len(self.extra_stores)
+        weights = self.store_weights
+        if weights and (len(weights) != n or not all(w > 0 for w in weights) or abs(sum(weights) - 1) > 1e-6):
+            raise LogitStoreError(f"--store-weights must be {n} positive numbers, one per --store, summing to 1; "
+                                  f"got {','.join(f'{w:g}' for w in weights)}")  # fmt: skip
         if self.eval_text:
             _check_eval_text(self.eval_text)
 

@@ -30,10 +30,11 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -150,16 +151,22 @@ def _train(
         raise LogitStoreError(f"--resume: {out} has no checkpoint to continue from; run without --resume to start")
     if found and not cfg.resume:
         raise LogitStoreError(f"{out} has checkpoints of an earlier run: pass --resume to continue it or a new --out")
-    dataset = StoreDataset(
-        cfg.store, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
+    datasets = [StoreDataset(
+        url, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
         token=cfg.token, storage_options=cfg.storage_options or None, rank=rank, world_size=world,
-    )  # fmt: skip
+    ) for url in (cfg.store, *cfg.extra_stores)]  # fmt: skip
+    dataset = datasets[0]
+    for url, other in zip(cfg.extra_stores, datasets[1:], strict=True):
+        _check_same_blocks(dataset, cfg.store, other, url)
     meta = dataset.meta
     # Online KD computes the teacher at any temperature; the store's lse is not needed then.
     store_target = StoreTarget.of(meta, 1.0 if cfg.loss == "online" else cfg.temperature, cfg.store)
-    if store_target.draws is not None and cfg.loss == "kd" and (cfg.divergence != "fkl" or cfg.topk_renormalize):
-        raise LogitStoreError(f"{cfg.store} is a sampled-mode store: its draws estimate the forward KL only "
-                              "(--divergence fkl, without --topk-renormalize)")
+    more_targets = [StoreTarget.of(d.meta, cfg.temperature, url)
+                    for url, d in zip(cfg.extra_stores, datasets[1:], strict=True)]  # fmt: skip
+    for url, t in ((cfg.store, store_target), *zip(cfg.extra_stores, more_targets, strict=True)):
+        if t.draws is not None and cfg.loss == "kd" and (cfg.divergence != "fkl" or cfg.topk_renormalize):
+            raise LogitStoreError(f"{url} is a sampled-mode store: its draws estimate the forward KL only "
+                                  "(--divergence fkl, without --topk-renormalize)")
     student = load_student(cfg.student, meta, tokenizer=cfg.tokenizer, seed=cfg.seed)
     model, vocab = student.model.to(device), student.vocab_size
     _check_positions(model, cfg.seq_len)
@@ -168,7 +175,7 @@ def _train(
         for role, m in (("student", model), ("online teacher", teacher)):
             if m is not None:
                 check_document_attention(m, role)
-    targets = Targets(vocab, store_target, device, teacher)
+    targets = Targets(vocab, store_target, device, teacher, more_targets, cfg.weights())
     if cfg.grad_checkpointing:  # before sharding: the checkpoint wrappers sit inside the FSDP units
         enable_grad_checkpointing(model)
     if cfg.fsdp:
@@ -179,7 +186,9 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, warmup, cfg.steps, cfg.min_lr_ratio)
     )
-    loader = make_loader(dataset, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
+    # One loader per store, in lockstep: the stores' blocks are the same (checked above).
+    loaders = [make_loader(d, num_workers=cfg.num_workers, pin_memory=device.type == "cuda") for d in datasets]
+    loader = loaders[0]
 
     step = 0
     if cfg.resume and cfg.fsdp != (found[-1] / "sharded").is_dir():
@@ -192,7 +201,8 @@ def _train(
         optimizer.load_state_dict(state["optimizer"])
     if cfg.resume:
         scheduler.load_state_dict(state["scheduler"])
-        loader.load_state_dict(state["data"][rank])
+        for each in loaders:
+            each.load_state_dict(state["data"][rank])
         step = state["step"]
         log.info("resumed from %s", found[-1])
     if rank == 0:
@@ -208,7 +218,7 @@ def _train(
     eval_stores = _open_eval_store(cfg)
     metrics = RunRecords(out, cfg.report_to, step) if rank == 0 else None  # closed below
     bar = _progress_bar(cfg.steps, step, enabled=progress and rank == 0)
-    batches = iter(loader)
+    batches = [iter(each) for each in loaders]
     window_tokens, window_start = 0, time.perf_counter()
     started_at = step
     interrupt = _Interrupt()
@@ -218,10 +228,10 @@ def _train(
             model.train()
             sums = torch.zeros(3, device=device)  # loss, kd, ce summed over micro-batches
             for micro in range(cfg.grad_accum):
-                batch = next(batches)
+                batch, *more = (next(each) for each in batches)
                 sync = ddp is None or micro == cfg.grad_accum - 1
                 with nullcontext() if sync else ddp.no_sync():
-                    loss, kd, ce = _micro_step(model, ddp or body, batch, cfg, loss_config, targets,
+                    loss, kd, ce = _micro_step(model, ddp or body, batch, cfg, loss_config, targets, more,
                                                measure=(step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps)
                     (loss / cfg.grad_accum).backward()
                 sums += torch.stack([loss.detach(), kd, ce]) / cfg.grad_accum
@@ -290,6 +300,8 @@ class Targets:
     store: StoreTarget  # a batch -> the sparse target at the training temperature
     device: torch.device
     teacher: torch.nn.Module | None = None  # loss "online": the teacher in the loop
+    more: list[StoreTarget] = field(default_factory=list)  # the extra stores' teachers, in --store order
+    weights: list[float] = field(default_factory=lambda: [1.0])  # each teacher's, the store's first
 
 
 class HiddenStates(torch.nn.Module):
@@ -348,12 +360,12 @@ def kd_loss_from_hidden_states(
 
 def _micro_step(
     model: torch.nn.Module, runner: torch.nn.Module, batch: dict[str, torch.Tensor], cfg: TrainConfig,
-    loss_config: LossConfig, targets: Targets, *, measure: bool,
+    loss_config: LossConfig, targets: Targets, more: list[dict[str, torch.Tensor]], *, measure: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(loss to backpropagate, kd part, ce part) of one micro-batch. `runner` is what the forward
-    goes through (the DDP wrapper, or the model / its body). The part that is not in the loss is
-    computed only when `measure` (a logging step); it is NaN otherwise. Nothing is read back to
-    the host."""
+    goes through (the DDP wrapper, or the model / its body); `more` are the extra stores' batches
+    of the same blocks. The part that is not in the loss is computed only when `measure` (a
+    logging step); it is NaN otherwise. Nothing is read back to the host."""
     device = targets.device
     inputs = model_inputs(batch, device)
     labels = batch["labels"].to(device, non_blocking=True).reshape(-1)
@@ -370,7 +382,15 @@ def _micro_step(
             return kd_loss(z, target, loss_config, inplace_grad=z.is_cuda, **kw)
         with autocast:
             hidden = runner(**inputs)
-        return kd_loss_from_hidden_states(hidden, model, target, loss_config, targets.vocab, labels=kw["labels"])
+        # Several teachers: sum_i w_i ((1 - alpha) T^2 D(p_i || q) + alpha CE) = (1 - alpha) sum_i w_i
+        # T^2 D(p_i || q) + alpha CE, the weights summing to 1; the hidden states are computed once,
+        # the head's GEMM once per teacher (each fused call walks the rows in chunks).
+        parts = [kd_loss_from_hidden_states(hidden, model, t, loss_config, targets.vocab, labels=kw["labels"])
+                 for t in (target, *(s(b, device) for s, b in zip(targets.more, more, strict=True)))]  # fmt: skip
+        if len(parts) == 1:
+            return parts[0]
+        loss, kd = (sum(w * p[i] for w, p in zip(targets.weights, parts, strict=True)) for i in (0, 1))
+        return loss, kd, parts[0][2]
 
     with autocast:
         logits = runner(**inputs).logits
@@ -483,6 +503,26 @@ def enable_grad_checkpointing(model: torch.nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         raise LogitStoreError(f"--grad-checkpointing: {type(model).__name__} does not support it")
+
+
+def _check_same_blocks(dataset: StoreDataset, url: str, other: StoreDataset, other_url: str) -> None:
+    """Another teacher's store must hold the same tokens, cut the same way: same tokenizer, corpus
+    (the documents used), packing and max_len, hence the same sequences; and the same blocks in the
+    same order, which also depends on how the capture cut work units and chunks. LogitStoreError
+    naming the first difference."""
+    a, b = dataset.meta, other.meta
+    for what, x, y in (("tokenizer fingerprint", a.tokenizer.fingerprint[:12], b.tokenizer.fingerprint[:12]),
+                       ("corpus fingerprint", a.corpus.fingerprint[:12], b.corpus.fingerprint[:12]),
+                       ("packing", a.capture.packing, b.capture.packing),
+                       ("max_len", a.capture.max_len, b.capture.max_len)):  # fmt: skip
+        if x != y:
+            raise LogitStoreError(f"--store {other_url}: its {what} ({y}) is not that of --store {url} ({x}): "
+                                  "several teachers' stores must hold the same corpus")  # fmt: skip
+    if not (all(np.array_equal(x, y) for x, y in zip(dataset.blocks, other.blocks, strict=True))
+            and np.array_equal(dataset.run_offsets, other.run_offsets)):  # fmt: skip
+        raise LogitStoreError(f"--store {other_url}: its segments or chunks are cut unlike --store {url}'s (captured "
+                              "with other --unit-tokens or chunk_tokens), so its blocks would be read in another "
+                              "order; capture it with the same settings")  # fmt: skip
 
 
 def _fully_shard(model: torch.nn.Module, device: torch.device) -> None:

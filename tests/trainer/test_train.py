@@ -231,6 +231,45 @@ def test_signal_options_are_checked(tiny_store, tiny_store_factory, tiny_teacher
         train(base_config(sampled, student_config, tmp_path, divergence="jsd"), progress=False)
 
 
+def test_several_teachers_train_on_the_weighted_sum_of_their_losses(tiny_store_factory, student_config, tmp_path):
+    """`--store A --store B --store-weights 0.7,0.3`: the first step's loss (same data, same initial
+    student) is 0.7 x A's alone + 0.3 x B's alone, for the loss and its KD part; the CE part is one."""
+    a, b = tiny_store_factory(), tiny_store_factory(k=4, temperatures=(1.0, 2.0, 4.0))  # same corpus, other signal
+    common = ["--student", str(student_config), "--steps", "1", "--batch-size", "4", "--seq-len", "32",
+              "--save-every", "0", "--temperature", "2", "--alpha", "0.3", "--device", "cpu", "--no-progress"]
+    runs = {}
+    for name, stores in (("a", ["--store", a]), ("b", ["--store", b]),
+                         ("ab", ["--store", a, "--store", b, "--store-weights", "0.7,0.3"])):  # fmt: skip
+        assert train_main([*stores, *common, "--out", str(tmp_path / name)]) == 0
+        runs[name] = metrics(tmp_path / name)[0]
+    for key in ("loss", "kd_loss"):
+        assert runs["ab"][key] == pytest.approx(0.7 * runs["a"][key] + 0.3 * runs["b"][key], rel=1e-5)
+    assert runs["ab"]["ce_loss"] == pytest.approx(runs["a"]["ce_loss"], rel=1e-6)
+    saved = json.loads((tmp_path / "ab" / "config.json").read_text())
+    assert (saved["store"], saved["extra_stores"], saved["store_weights"]) == (a, [b], [0.7, 0.3])
+
+
+@pytest.mark.parametrize(
+    ("other", "message"),
+    [
+        (dict(max_tokens=2000), "its corpus fingerprint"),  # fewer documents
+        (dict(max_len=32), "its max_len (32) is not that of --store"),
+        (dict(unit_tokens=700), "its segments or chunks are cut unlike"),
+        (dict(corpus="heldout"), "several teachers' stores must hold the same corpus"),
+    ],
+)
+def test_several_teachers_stores_must_hold_the_same_blocks(other, message, tiny_store, tiny_store_factory,
+                                                           heldout_text, student_config, tmp_path, capsys):  # fmt: skip
+    if other.get("corpus") == "heldout":
+        other = dict(corpus=heldout_text, max_tokens=1500)
+    argv = ["--store", tiny_store, "--store", tiny_store_factory(**other), "--student", str(student_config),
+            "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu", "--no-progress"]
+    assert train_main(argv) == 1
+    assert message in capsys.readouterr().err
+    assert train_main([*argv, "--store-weights", "0.5,0.6"]) == 1
+    assert "--store-weights must be 2 positive numbers, one per --store, summing to 1" in capsys.readouterr().err
+
+
 def test_resume_reproduces_the_uninterrupted_run_exactly(tiny_store, student_config, tmp_path):
     full = tmp_path / "full"
     train(base_config(tiny_store, student_config, full, temperature=2.0, alpha=0.3), progress=False)
