@@ -108,6 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--gpus-per-job", type=int,
                         help="0: capture on CPU, 1: on the CUDA device, N > 1: on N GPUs, one process each "
                         "(default: CUDA when present, else CPU)")
+    common.add_argument("--teacher-device-map", choices=("auto", "balanced", "sequential"),
+                        help="spread each teacher over the visible GPUs (accelerate), for teachers larger than one GPU")
     common.add_argument("--stale-after-s", type=float, help="reclaim a running job silent this long")
     common.add_argument("--heartbeat-s", type=float, help="heartbeat period of a running job")
 
@@ -130,8 +132,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = ("data_dir", "database_url", "storage_root", "storage_options", "gpus_per_job", "stale_after_s",
-             "heartbeat_s", "admin_key", "max_upload_bytes", "embedded_worker")
+    names = ("data_dir", "database_url", "storage_root", "storage_options", "gpus_per_job", "teacher_device_map",
+             "stale_after_s", "heartbeat_s", "admin_key", "max_upload_bytes", "embedded_worker")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.teacher:
         out["teachers"] = dict(args.teacher)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +48,11 @@ class Settings(BaseSettings):
         "CPU; 1: one GPU; N > 1: N rank processes, one per visible GPU (N CPU processes without CUDA). Workers on "
         "one box split its GPUs with CUDA_VISIBLE_DEVICES",
     )  # fmt: skip
+    teacher_device_map: Literal["auto", "balanced", "sequential"] | None = Field(
+        None,
+        description="spread each teacher over the worker's visible GPUs, layer by layer (accelerate's placement, "
+        "offloading what does not fit), for teachers larger than one GPU; one process per job",
+    )
     embedded_worker: bool = Field(True, description="`serve` starts one worker process beside the API")
     heartbeat_s: float = Field(5.0, gt=0, description="how often a worker marks its running job alive")
     stale_after_s: float = Field(60.0, gt=0, description="a running job silent this long is reclaimed")
@@ -68,6 +73,13 @@ class Settings(BaseSettings):
         if not teachers:
             raise ValueError("at least one teacher must be offered")
         return teachers
+
+    @model_validator(mode="after")
+    def _one_way_to_use_gpus(self) -> Settings:
+        if self.teacher_device_map and (self.gpus_per_job or 1) > 1:
+            raise ValueError("teacher_device_map places one teacher over the GPUs; gpus_per_job > 1 runs one "
+                             "teacher per GPU: give one of them")
+        return self
 
     @model_validator(mode="after")
     def _beats_within_the_lease(self) -> Settings:

@@ -195,9 +195,10 @@ class Worker:
             devices = rank_devices(ranks)
         else:
             if (source, spec.dtype) not in self._teachers:
-                self._teachers[source, spec.dtype] = load_teacher(source, device=self.settings.device,
-                                                                  dtype=spec.dtype)  # fmt: skip
-            devices = [str(next(self._teachers[source, spec.dtype].model.parameters()).device)]
+                self._teachers[source, spec.dtype] = load_teacher(
+                    source, device=self.settings.device, dtype=spec.dtype, device_map=self.settings.teacher_device_map
+                )
+            devices = teacher_devices(self._teachers[source, spec.dtype].model)
         self._record_devices(job.id, [physical_device(d) for d in devices])
         out, options = self.settings.store_url(job.store_id), self.settings.storage_options
         resume = storage.key_exists(storage.open_kv(out, read_only=True, storage_options=options), "zarr.json")
@@ -268,6 +269,16 @@ class Worker:
                 update(Job).where(Job.id == job_id, Job.worker_id == self.id).values(state="queued", worker_id=None)
             )
         log.info("job %s handed back to the queue", job_id)
+
+
+def teacher_devices(model: object) -> list[str]:
+    """Where a loaded teacher computes: the devices of its layers when placed by a device map
+    (offloaded ones shown as "cpu" or "disk"), else the device of its weights."""
+    placed = getattr(model, "hf_device_map", None)
+    if placed:
+        names = {f"cuda:{d}" if isinstance(d, int) else str(d) for d in placed.values()}
+        return sorted(names)
+    return [str(next(model.parameters()).device)]
 
 
 def physical_device(device: str) -> str:

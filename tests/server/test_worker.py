@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 from logitstore import open_store
 from logitstore.verify import verify
 from server.db import Database, Job
-from server.worker import Worker, physical_device
+from server.worker import Worker, physical_device, teacher_devices
 from tests.server.conftest import Api
 
 
@@ -72,6 +72,23 @@ def test_a_job_on_two_ranks_writes_the_store_of_one_process(make_settings, api: 
     worker.db.dispose()
 
 
+def test_a_worker_places_its_teacher_by_device_map(make_settings, api: Api, corpus_slice: Path,
+                                                   reference_store: Path) -> None:
+    """teacher_device_map: the job runs on a teacher loaded with accelerate's placement (on a machine
+    without GPUs transformers keeps it whole on the CPU) and writes the reference store."""
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    job = api.capture(key, corpus).json()
+    worker = Worker(make_settings(teacher_device_map="auto"))
+    assert worker.run_once() == job["id"]
+    done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
+    assert (done["state"], done["devices"]) == ("succeeded", ["cpu"]), done
+    assert verify(str(api.settings.stores_dir / job["store_id"])).digest == verify(str(reference_store)).digest
+    with pytest.raises(ValidationError, match="give one of them"):
+        make_settings(teacher_device_map="auto", gpus_per_job=2)
+    worker.db.dispose()
+
+
 def test_cancelling_a_job_on_two_ranks_ends_both(make_settings, api: Api, corpus_slice: Path) -> None:
     key, [job_id] = _queue_jobs(api, corpus_slice, 1)
     worker = Worker(make_settings(gpus_per_job=2))
@@ -82,6 +99,15 @@ def test_cancelling_a_job_on_two_ranks_ends_both(make_settings, api: Api, corpus
     assert (r["state"], r["error"]) == ("cancelled", "cancelled by request")
     assert multiprocessing.active_children() == []  # no rank left running
     worker.db.dispose()
+
+
+def test_a_teacher_placed_by_a_device_map_shows_where_its_layers_went(tiny_teacher_dir, tmp_path) -> None:
+    from logitstore.capture.teacher import load_teacher
+
+    offloaded = load_teacher(str(tiny_teacher_dir), device_map="auto", max_memory={"cpu": "64KB"},
+                             offload_folder=str(tmp_path))  # fmt: skip
+    assert teacher_devices(offloaded.model) == ["disk"]
+    assert teacher_devices(load_teacher(str(tiny_teacher_dir)).model) == ["cpu"]
 
 
 def test_devices_are_named_as_the_machine_numbers_them(monkeypatch) -> None:
