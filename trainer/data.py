@@ -69,6 +69,14 @@ def drop_non_token_ids(topk_ids: np.ndarray, topk_logp: np.ndarray | None, count
             counts[non_token] = 0
 
 
+def store_document_starts(store: Store) -> np.ndarray | None:
+    """Global token offsets where a run of one document starts (the manifest's `token_start`) in a
+    packed-documents store; None for the other packings, whose blocks need no position ids."""
+    if store.meta.capture.packing != "packed-documents":
+        return None
+    return store.manifest().column("token_start").to_numpy()
+
+
 class StoreDataset(IterableDataset):
     """Collated training batches from a store, forever (epoch after epoch).
 
@@ -174,10 +182,9 @@ class StoreDataset(IterableDataset):
 
     @property
     def document_starts(self) -> np.ndarray | None:
-        """Global token offsets where a run of one document starts (the manifest's `token_start`),
-        for a packed-documents store; None for the other packings (no position ids needed)."""
-        if self._document_starts is None and self.meta.capture.packing == "packed-documents":
-            self._document_starts = self.store.manifest().column("token_start").to_numpy()
+        """`store_document_starts` of this store, read once."""
+        if self._document_starts is None:
+            self._document_starts = store_document_starts(self.store)
         return self._document_starts
 
     @property

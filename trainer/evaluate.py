@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from logitstore.capture.corpus import document_positions, read_documents, tokenize_and_pack
 from logitstore.reader import Store
-from trainer.data import drop_non_token_ids
+from trainer.data import drop_non_token_ids, store_document_starts
 from trainer.losses.config import LossConfig
 from trainer.losses.kd_loss import kd_loss
 from trainer.losses.sparse_target import SparseTarget
@@ -70,9 +70,7 @@ def eval_store(
     keeps no probabilities. A packed-documents store is evaluated with its documents apart,
     as the teacher and the trainer see them (`_document_positions`)."""
     counts_only = store.meta.capture.counts_only
-    document_starts = None
-    if store.meta.capture.packing == "packed-documents":
-        document_starts = store.manifest().column("token_start").to_numpy()
+    document_starts = store_document_starts(store)
     kl = top1 = nll = n_kd = n_ce = accept_min = accept_max = 0.0
     for spans in _chunks(list(_windows(store, seq_len, max_tokens)), batch_size):
         blocks = [store.read(a, b) for a, b in spans]
