@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     _add_spec_flags(cap)
     cap.add_argument("--text-field", default="text",
                      help="JSONL field / Parquet column holding the text (default: text)")
+    cap.add_argument("--messages-field", default="messages",
+                     help="JSONL field / Parquet column holding a chat row's messages (default: messages); rows "
+                     "with prompt and completion are chat rows too")
     cap.add_argument("--unit-tokens", type=int, default=CaptureTuning.unit_tokens,
                      help="tokens per work unit (= segment, = the step a resume restarts from) (default: %(default)s)")
     cap.add_argument("--batch-tokens", type=int, default=CaptureTuning.batch_tokens,
@@ -115,7 +118,8 @@ def _capture(args: argparse.Namespace) -> int:
         raise LogitStoreError(str(e).replace("CaptureTuning.", "--").replace("_", "-")) from None
     if "RANK" not in os.environ:  # under torchrun the launcher (this branch) has checked already
         # Seconds now rather than after the teacher has loaded.
-        check_inputs(args.corpus, args.out, text_field=args.text_field, resume=args.resume)
+        check_inputs(args.corpus, args.out, text_field=args.text_field, messages_field=args.messages_field,
+                     resume=args.resume)
         _check_context(spec, args)
         if args.gpus > 1 or args.tp > 1:  # become torchrun's launcher
             return distributed.launch(max(args.gpus, args.tp),
@@ -135,7 +139,7 @@ def _capture(args: argparse.Namespace) -> int:
             bar.update(p.tokens_done - bar.n)
 
         store = capture(teacher, args.corpus, args.out, spec, tuning=tuning, text_field=args.text_field,
-                        resume=args.resume, progress=progress)
+                        messages_field=args.messages_field, resume=args.resume, progress=progress)
     if rank == 0:
         print(f"{store.url}: {store.num_tokens} tokens, {store.num_sequences} sequences, "
               f"{store.meta.capture.mode} k={store.meta.capture.k}")

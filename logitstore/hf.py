@@ -137,6 +137,15 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def chat_template_sha256(tokenizer: Any) -> str | None:
+    """sha256 of the tokenizer's chat template (a named set of them as canonical JSON); None without one."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template is None:
+        return None
+    text = template if isinstance(template, str) else json.dumps(template, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def context_length(config: dict[str, Any]) -> int | None:
     """The longest sequence a model was trained for, from its Hugging Face config (None if
     the config does not say): `max_position_embeddings`, times the RoPE scaling factor where

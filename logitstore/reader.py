@@ -28,7 +28,8 @@ class TokenBlock:
     `topk_ids` and `topk_logp` are in the teacher's rank order (descending log-prob);
     padding slots (adaptive/sampled captures) have id -1 and log-prob -inf. A counts_only
     store (sampled, T=1) has no log-probs (`topk_logp` None), and a token's slots are in the
-    order of its segment's id table, not in rank order.
+    order of its segment's id table, not in rank order. A store with chat rows keeps soft labels
+    only at the positions of its loss mask (`loss_mask`); elsewhere a token has padding only.
     """
 
     input_ids: np.ndarray  # int32 [n]
@@ -36,6 +37,7 @@ class TokenBlock:
     topk_logp: np.ndarray | None  # float32 [n, K], log p at T=1 over the full vocabulary; None if counts_only
     lse: np.ndarray  # float32 [n, n_T], log-normalizer at each captured T (docs/format.md)
     counts: np.ndarray | None = None  # uint8 [n, K], sampled captures only: draws per id (0 at padding)
+    loss_mask: np.ndarray | None = None  # bool [n], stores with chat rows only: the positions with soft labels
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -339,6 +341,8 @@ class Store:
         table = seg.id_table()
         if indices.max(initial=0) >= len(table):  # so that the cheaper mode="clip" below never clips
             raise seg.corrupt("topk_ids", s0, s1, f"an index beyond the segment's {len(table)}-entry id table")
+        if block.loss_mask is not None:  # positions without soft labels store no slots
+            block.loss_mask[rows] = np.diff(offsets[a : b + 1]) > 0
         if s1 - s0 == (b - a) * k or offsets is None:  # every row full (or format 1): slots are [n, K] rows
             np.take(table, indices.reshape(b - a, k), out=block.topk_ids[rows], mode="clip")
             if has_logp:
@@ -366,13 +370,14 @@ class Store:
         k, n_t = self.meta.capture.k, len(self.temperatures)
         logp = None if self.meta.capture.counts_only else np.empty((n, k), np.float32)
         counts = np.empty((n, k), np.uint8) if self.meta.capture.mode == "sampled" else None
+        loss_mask = np.empty(n, bool) if self.meta.capture.train_on is not None else None
         return TokenBlock(np.empty(n, np.int32), np.empty((n, k), np.int32), logp, np.empty((n, n_t), np.float32),
-                          counts=counts)
+                          counts=counts, loss_mask=loss_mask)
 
     def _views(self, out: TokenBlock, n: int) -> TokenBlock:
         """The first `n` rows of a caller's block, after checking that it fits this store's reads."""
         like = self._allocate(0)
-        for name in ("input_ids", "topk_ids", "topk_logp", "lse", "counts"):
+        for name in ("input_ids", "topk_ids", "topk_logp", "lse", "counts", "loss_mask"):
             want, have = getattr(like, name), getattr(out, name)
             if want is None and have is None:
                 continue
@@ -380,7 +385,7 @@ class Store:
                     or len(have) < n or not have.flags.c_contiguous):
                 raise ValueError(f"out= must be a block of at least {n} tokens from a read of this store; its "
                                  f"'{name}' is {None if have is None else f'{have.dtype} {have.shape}'}")
-        arrays = (out.input_ids, out.topk_ids, out.topk_logp, out.lse, out.counts)
+        arrays = (out.input_ids, out.topk_ids, out.topk_logp, out.lse, out.counts, out.loss_mask)
         return TokenBlock(*(None if a is None else a[:n] for a in arrays))
 
 

@@ -50,6 +50,18 @@ class TokenizerInfo(_Frozen):
     bos_id: int | None = None
     eos_id: int | None = None
     pad_id: int | None = None
+    chat_template_sha256: str | None = Field(
+        default=None,
+        description="sha256 of the chat template the corpus's chat rows were rendered with; only in stores "
+        "with chat rows, whose students must render chats the same way",
+    )
+
+    @model_serializer(mode="wrap")
+    def _template_when_set(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)  # written only when set: older readers read every store without chat rows
+        if self.chat_template_sha256 is None:
+            data.pop("chat_template_sha256", None)
+        return data
 
 
 class CaptureSettings(_Frozen):
@@ -87,6 +99,11 @@ class CaptureSettings(_Frozen):
     )
     logp_codec: dict[str, Any] = Field(description="the LogProbCodec's to_dict()")
     chunk_tokens: int = Field(gt=0, description="tokens per Zarr chunk (inner chunk of a shard)")
+    train_on: Literal["assistant", "all"] | None = Field(
+        default=None,
+        description="stores with chat rows only: which of their positions have soft labels (assistant: those "
+        "predicting an assistant token); a position without them stores no slots (row_len 0) and lse 0",
+    )
 
     @field_validator("temperatures")
     @classmethod
@@ -107,6 +124,8 @@ class CaptureSettings(_Frozen):
             data.pop("counts_only", None)
         if not self.head:
             data.pop("head", None)
+        if self.train_on is None:
+            data.pop("train_on", None)
         return data
 
     @model_validator(mode="after")

@@ -99,6 +99,11 @@ class CaptureSpec(BaseModel):
     max_tokens: int | None = Field(
         None, ge=1, description="stop after this many corpus tokens (default: the whole corpus)"
     )
+    train_on: Literal["assistant", "all"] = Field(
+        "assistant",
+        description="chat rows: soft labels at the positions that predict the assistant messages (assistant) "
+        "or at every position (all); plain text rows keep every position",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="the teacher's compute dtype; auto: bfloat16 on CUDA, float32 on CPU. The store records "
@@ -138,14 +143,15 @@ class CaptureSpec(BaseModel):
     @model_serializer(mode="wrap")
     def _without_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Settings the mode ignores (always at their defaults, see above) are left out, and so are
-        # head, counts_only and dtype at their defaults: job rows and dedup keys written before
-        # these fields existed read the same.
+        # head, counts_only, train_on and dtype at their defaults: job rows and dedup keys written
+        # before these fields existed read the same.
         data = handler(self)
         for name in _MODE_SPECIFIC:
             if name not in _MODE_FIELDS[self.mode] or (name in ("head", "counts_only") and not data[name]):
                 data.pop(name)
-        if self.dtype == "auto":
-            data.pop("dtype")
+        for name in ("train_on", "dtype"):
+            if data[name] == type(self).model_fields[name].default:
+                data.pop(name)
         return data
 
     @property
@@ -179,8 +185,9 @@ class CaptureSpec(BaseModel):
         if problems:
             raise SpecError(problems)
 
-    def stored(self, *, logp_codec: dict[str, Any], chunk_tokens: int) -> CaptureSettings:
-        """The store's capture metadata: the on-disk names, with `k` = the slot width."""
+    def stored(self, *, logp_codec: dict[str, Any], chunk_tokens: int, chat: bool = False) -> CaptureSettings:
+        """The store's capture metadata: the on-disk names, with `k` = the slot width; `train_on`
+        only when the corpus had chat rows (`chat`), the only ones it applies to."""
         sampled = self.mode == "sampled"
         return CaptureSettings(
             mode=self.mode,
@@ -195,6 +202,7 @@ class CaptureSpec(BaseModel):
             packing=self.packing,
             logp_codec=logp_codec,
             chunk_tokens=chunk_tokens,
+            train_on=self.train_on if chat else None,
         )
 
 

@@ -63,7 +63,8 @@ class SegmentData:
             raise ValueError("padding ids (-1) must come after every stored id of their row")
         if np.any(padding != np.isneginf(self.topk_logp)):
             raise ValueError("topk_logp must be -inf exactly at padding ids (-1)")
-        if np.any(padding[:, 0]):
+        if meta.capture.train_on is None and np.any(padding[:, 0]):
+            # Only a store with chat rows has positions without soft labels (docs/format.md).
             raise ValueError("every token needs at least one stored id (its row starts with padding)")
         if (self.counts is not None) != (meta.capture.mode == "sampled"):
             raise ValueError(f"counts are stored in sampled mode only (this store's mode is {meta.capture.mode!r})")

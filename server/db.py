@@ -84,14 +84,15 @@ class ApiKey(Base):
 
 class Corpus(Base):
     """An uploaded corpus file, read as its suffix says with `text_field` (JSONL field or Parquet
-    column; "text" for .txt). Its id is a sha256 over its bytes, suffix and text_field
-    (`server.routers.corpora.corpus_key`); rows from before revision 0002 keep the sha256 of
-    their bytes alone."""
+    column; "text" for .txt) and, for chat rows, `messages_field`. Its id is a sha256 over its
+    bytes, suffix and fields (`server.routers.corpora.corpus_key`); rows from before revision
+    0002 keep the sha256 of their bytes alone."""
 
     __tablename__ = "corpora"
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     suffix: Mapped[str] = mapped_column(String(16))
     text_field: Mapped[str] = mapped_column(String(255), default="text", server_default="text")
+    messages_field: Mapped[str] = mapped_column(String(255), default="messages", server_default="messages")
     size_bytes: Mapped[int] = mapped_column(Count)
     documents: Mapped[int] = mapped_column(Count)
     created_at: Mapped[float] = mapped_column(Float, default=now)

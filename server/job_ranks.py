@@ -51,15 +51,16 @@ def rank_devices(world: int) -> list[str]:
 
 def run_ranks(
     world: int, source: str, corpus: Path, out: str, spec: CaptureSpec, tuning: CaptureTuning, *,
-    text_field: str, resume: bool, storage_options: dict[str, Any] | None, progress: ProgressCallback,
+    text_field: str, messages_field: str, resume: bool, storage_options: dict[str, Any] | None,
+    progress: ProgressCallback,
 ) -> None:  # fmt: skip
     """Run the capture on `world` rank processes; return when all succeeded, raise otherwise."""
     rank_devices(world)  # enough GPUs, before anything starts
     ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or database handles
     reports: mp.Queue = ctx.Queue()
     port = _free_port()
-    args = (os.getpid(), world, port, source, str(corpus), out, spec.model_dump(), tuning, text_field, resume,
-            storage_options)
+    args = (os.getpid(), world, port, source, str(corpus), out, spec.model_dump(), tuning, text_field,
+            messages_field, resume, storage_options)
     ranks = [ctx.Process(target=_rank_main, args=(rank, *args, reports), name=f"capture-rank{rank}")
              for rank in range(world)]  # fmt: skip
     for p in ranks:
@@ -110,7 +111,8 @@ def _free_port() -> int:
 
 def _rank_main(
     rank: int, worker_pid: int, world: int, port: int, source: str, corpus: str, out: str, spec: dict,
-    tuning: CaptureTuning, text_field: str, resume: bool, storage_options: dict[str, Any] | None, reports: mp.Queue,
+    tuning: CaptureTuning, text_field: str, messages_field: str, resume: bool, storage_options: dict[str, Any] | None,
+    reports: mp.Queue,
 ) -> None:  # fmt: skip
     # A worker killed outright (SIGKILL, out of memory) must not leave its ranks writing segments
     # while another worker resumes the job: they die with it. Uncommitted units are redone.
@@ -133,8 +135,8 @@ def _rank_main(
         def report(p: CaptureProgress) -> None:
             reports.put(("progress", rank, (p.tokens_done, p.tokens_total, p.tokens_this_run, p.elapsed_s)))
 
-        capture(teacher, [corpus], out, spec_, tuning=tuning, text_field=text_field, resume=resume,
-                progress=report, storage_options=storage_options)  # fmt: skip
+        capture(teacher, [corpus], out, spec_, tuning=tuning, text_field=text_field, messages_field=messages_field,
+                resume=resume, progress=report, storage_options=storage_options)  # fmt: skip
     except LogitStoreError as e:
         reports.put(("error", rank, str(e)))
         raise SystemExit(1) from None

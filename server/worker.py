@@ -67,6 +67,7 @@ class ClaimedJob:
     settings: dict
     store_id: str
     text_field: str  # the corpus's, given at upload
+    messages_field: str  # the corpus's chat rows' field, given at upload
 
 
 class Worker:
@@ -140,6 +141,7 @@ class Worker:
                 settings=dict(job.settings),
                 store_id=job.store_id,
                 text_field=corpus.text_field,
+                messages_field=corpus.messages_field,
             )
         log.info("worker %s claimed job %s", self.id, claimed.id)
         return claimed
@@ -229,11 +231,13 @@ class Worker:
 
         text_field = legacy_text_field or job.text_field
         if ranks > 1:
-            run_ranks(ranks, source, job.corpus_path, out, spec, tuning, text_field=text_field, resume=resume,
-                      storage_options=options, progress=progress)  # fmt: skip
+            run_ranks(ranks, source, job.corpus_path, out, spec, tuning, text_field=text_field,
+                      messages_field=job.messages_field, resume=resume, storage_options=options,
+                      progress=progress)  # fmt: skip
             return
         capture(self._teachers[source, spec.dtype], [job.corpus_path], out, spec, tuning=tuning,
-                text_field=text_field, resume=resume, progress=progress, storage_options=options)
+                text_field=text_field, messages_field=job.messages_field, resume=resume, progress=progress,
+                storage_options=options)
 
     def _record_devices(self, job_id: str, devices: list[str]) -> None:
         with self.db.session() as s:

@@ -85,7 +85,10 @@ class StoreDataset(IterableDataset):
     (-1: padding), `topk_logp` [B, L, K] log p at T=1 (bfloat16 when the store's codec is
     exactly representable in it, which the default codec is; else float32), `lse` float32
     [B, L, n_T], `mask` bool [B, L] (real tokens), and `counts` uint8 [B, L, K] for
-    sampled-mode stores. A counts_only store's batches have no `topk_logp`.
+    sampled-mode stores. A counts_only store's batches have no `topk_logp`. In a store with
+    chat rows `mask` holds only the positions with soft labels (its loss mask: those predicting
+    an assistant token, by default), and every other position's label is -100 too: neither the
+    KD nor the CE part of any loss sees them, while the student still reads them as context.
 
     A packed-documents store's batches also have `position_ids` int32 [B, L]: each token's
     position inside its document (from the block's start at the latest), restarting where the
@@ -310,6 +313,9 @@ class StoreDataset(IterableDataset):
                         topk_logp[i, j, :n] = data.topk_logp[s:z]
                     lse[i, j, :n] = data.lse[s:z]
                     mask[i, j, :n] = True
+                    if data.loss_mask is not None:  # chat rows: only the positions with soft labels train
+                        mask[i, j, :n] = data.loss_mask[s:z]
+                        labels[i, j, :nxt][~data.loss_mask[s : s + nxt]] = IGNORE_INDEX
                     if position_ids is not None:
                         # Positions one token past the labels: a next token at position 0 opens a
                         # new document, whose first token the teacher never predicted.

@@ -68,7 +68,8 @@ def eval_store(
     eval_accept_*: bounds on the expected speculative-decoding acceptance rate of the student as
     a draft for the teacher at T = 1 (`acceptance_bounds`); not for a counts-only store, which
     keeps no probabilities. A packed-documents store is evaluated with its documents apart,
-    as the teacher and the trainer see them (`_document_positions`)."""
+    as the teacher and the trainer see them (`_document_positions`); a store with chat rows on
+    the positions of its loss mask only."""
     counts_only = store.meta.capture.counts_only
     document_starts = store_document_starts(store)
     kl = top1 = nll = n_kd = n_ce = accept_min = accept_max = 0.0
@@ -85,7 +86,11 @@ def eval_store(
             drop_non_token_ids(b.topk_ids, b.topk_logp, b.counts, vocab_size)
             topk_ids[row, : len(b)] = torch.from_numpy(b.topk_ids.astype(np.int64))
             weights[row, : len(b)] = torch.from_numpy(b.counts if counts_only else b.topk_logp)
-        flat_mask = mask.reshape(-1).to(logits.device)
+        trained = mask.clone()  # the positions the student learns, all of a window's but in a chat store
+        for row, b in enumerate(blocks):
+            if b.loss_mask is not None:
+                trained[row, : len(b)] = torch.from_numpy(b.loss_mask)
+        flat_mask = trained.reshape(-1).to(logits.device)
         z = logits.reshape(-1, vocab_size)[flat_mask]
         t_ids = topk_ids.reshape(-1, k).to(z.device)[flat_mask]
         t_weights = weights.reshape(-1, k).to(z.device)[flat_mask]
@@ -100,7 +105,7 @@ def eval_store(
             accept_min, accept_max = accept_min + float(low.sum()), accept_max + float(high.sum())
         top1 += float((z.argmax(-1) == teacher_top).sum())
         n_kd += tokens
-        s, c = _next_token_nll(logits, ids, mask, positions)
+        s, c = _next_token_nll(logits, ids, mask, positions, trained)
         nll, n_ce = nll + s, n_ce + c
     result = {
         "eval_teacher_xent" if counts_only else "eval_kl": kl / max(n_kd, 1),
@@ -194,11 +199,13 @@ def _logits(
 
 
 def _next_token_nll(
-    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None
+    logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None = None,
+    trained: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Summed next-token negative log-likelihood inside each window (and inside each document, with
-    `positions`: a next token at position 0 starts another one), and the number of tokens."""
-    valid = mask[:, 1:] & mask[:, :-1]
+    `positions`: a next token at position 0 starts another one; only from the positions `trained`
+    when given), and the number of tokens."""
+    valid = mask[:, 1:] & mask[:, :-1] & (True if trained is None else trained[:, :-1])
     if positions is not None:
         valid &= positions[:, 1:] != 0
     valid = valid.to(logits.device)

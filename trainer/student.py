@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from logitstore.errors import LogitStoreError, TeacherError
-from logitstore.hf import resolve_teacher_source, tokenizer_fingerprint
+from logitstore.hf import chat_template_sha256, resolve_teacher_source, tokenizer_fingerprint
 from logitstore.schema import StoreMeta
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,14 @@ def check_student(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, me
             f"{got_fp[:12]}… vs the store's {want.name!r}, {want.vocab_size} tokens, fingerprint "
             f"{want.fingerprint[:12]}…; the soft labels are indexed by the teacher's token ids, so the student "
             f"must use the teacher's tokenizer (pass it with --tokenizer)"
+        )
+    if want.chat_template_sha256 is not None and chat_template_sha256(tokenizer) != want.chat_template_sha256:
+        got = chat_template_sha256(tokenizer)
+        raise StudentError(
+            f"the student's chat template differs from the one the store's chat rows were rendered with "
+            f"({'none' if got is None else got[:12] + '…'} vs {want.chat_template_sha256[:12]}…): the student would "
+            f"be trained on conversations laid out differently from how it will be prompted; pass the teacher's "
+            f"tokenizer with --tokenizer"
         )
     head = model.get_output_embeddings()
     width = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)

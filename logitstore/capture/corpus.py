@@ -4,11 +4,13 @@ Two steps, both streaming:
 
 - `read_documents` turns files (plain text, JSON Lines, Parquet) into `Document`s, with a
   `source` that points back at the file and line (or row) each came from, and a
-  `CorpusError` naming the file and line/row for anything it cannot read.
+  `CorpusError` naming the file and line/row for anything it cannot read. JSON Lines and
+  Parquet rows may be chat rows (`messages`, or `prompt` / `completion`; chat.py).
 - `tokenize_and_pack` tokenizes the documents in batches and cuts the token stream into
   sequences of at most `max_len` tokens, recording for every sequence which runs of which
   documents it holds (`Piece`s; these become the store's Parquet sequence manifest), and
-  computing the corpus fingerprint over the documents actually used.
+  computing the corpus fingerprint over the documents actually used. Chat rows are rendered
+  with the tokenizer's chat template and carry a loss mask (the positions with soft labels).
 
 This module does not import torch: the tokenizer is any Hugging Face tokenizer object.
 """
@@ -25,6 +27,7 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
+from logitstore.capture.chat import TrainOn, chat_messages, render_chat
 from logitstore.errors import CorpusError
 
 logger = logging.getLogger(__name__)
@@ -62,15 +65,19 @@ class Document:
     `doc_id` is a running index over all files, in order (empty documents are skipped and
     get no id). `source` is ``"path:LINE"`` for text and JSON Lines files (1-based line of
     the document's first line) and ``"path:row N"`` for Parquet (0-based row, as pyarrow
-    and pandas count), with the path exactly as given.
+    and pandas count), with the path exactly as given. A chat row has its `messages` (role, content) and, as its
+    `text`, their compact JSON (what the fingerprint covers).
     """
 
     doc_id: int
     source: str
     text: str
+    messages: tuple[dict[str, str], ...] | None = None
 
 
-def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> Iterator[Document]:
+def read_documents(
+    paths: Sequence[str | Path], *, text_field: str = "text", messages_field: str = "messages"
+) -> Iterator[Document]:
     """Yield the documents of `paths`, file after file, streaming.
 
     Formats, by suffix:
@@ -79,8 +86,11 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> 
       lines; the newlines inside a paragraph are kept. Line endings are normalized to
       ``"\\n"`` so that a CRLF file has the same fingerprint as its LF twin.
     - ``.jsonl`` / ``.json``: JSON Lines, one object per non-empty line, whose `text_field`
-      must be a string.
-    - ``.parquet``: a `text_field` column of strings, read in row batches.
+      must be a string; or a chat row, with `messages_field` (a list of {role, content}) or
+      `prompt` and `completion` strings.
+    - ``.parquet``: a `text_field` column of strings, read in row batches; or chat rows, in a
+      `messages_field` column (a list of {role, content} structs) or `prompt` and `completion`
+      columns.
 
     A UTF-8 byte order mark at the start of a text or JSON Lines file is ignored. Documents
     whose text is empty or whitespace-only are skipped. Every file is checked to exist and
@@ -105,15 +115,15 @@ def read_documents(paths: Sequence[str | Path], *, text_field: str = "text") -> 
         if suffix in TEXT_SUFFIXES:
             records = _read_txt(Path(path), shown)
         elif suffix in JSONL_SUFFIXES:
-            records = _read_jsonl(Path(path), shown, text_field)
+            records = _read_jsonl(Path(path), shown, text_field, messages_field)
         else:
-            records = _read_parquet(Path(path), shown, text_field)
+            records = _read_parquet(Path(path), shown, text_field, messages_field)
         in_file = skipped = 0
-        for source, text in records:
-            if not text.strip():
+        for source, text, messages in records:
+            if messages is None and not text.strip():
                 skipped += 1
                 continue
-            yield Document(doc_id=doc_id, source=source, text=text)
+            yield Document(doc_id=doc_id, source=source, text=text, messages=messages)
             doc_id += 1
             in_file += 1
         logger.debug("%s: %d documents (%d empty skipped)", shown, in_file, skipped)
@@ -153,7 +163,15 @@ def _decoded_lines(path: Path, shown: str) -> Iterator[tuple[int, str]]:
             yield lineno, line.rstrip("\r\n")
 
 
-def _read_txt(path: Path, shown: str) -> Iterator[tuple[str, str]]:
+# (source, text, messages of a chat row or None)
+_Record = tuple[str, str, tuple[dict[str, str], ...] | None]
+
+
+def _chat_record(source: str, messages: list[dict[str, str]]) -> _Record:
+    return source, json.dumps(messages, ensure_ascii=False, separators=(",", ":")), tuple(messages)
+
+
+def _read_txt(path: Path, shown: str) -> Iterator[_Record]:
     paragraph: list[str] = []
     first_line = 0
     for lineno, line in _decoded_lines(path, shown):
@@ -162,13 +180,13 @@ def _read_txt(path: Path, shown: str) -> Iterator[tuple[str, str]]:
                 first_line = lineno
             paragraph.append(line)
         elif paragraph:
-            yield f"{shown}:{first_line}", "\n".join(paragraph)
+            yield f"{shown}:{first_line}", "\n".join(paragraph), None
             paragraph = []
     if paragraph:
-        yield f"{shown}:{first_line}", "\n".join(paragraph)
+        yield f"{shown}:{first_line}", "\n".join(paragraph), None
 
 
-def _read_jsonl(path: Path, shown: str, text_field: str) -> Iterator[tuple[str, str]]:
+def _read_jsonl(path: Path, shown: str, text_field: str, messages_field: str) -> Iterator[_Record]:
     for lineno, line in _decoded_lines(path, shown):
         if not line.strip():
             continue
@@ -183,16 +201,23 @@ def _read_jsonl(path: Path, shown: str, text_field: str) -> Iterator[tuple[str, 
             raise CorpusError(
                 f"{shown}:{lineno}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
             )
+        messages = None
+        if messages_field in record or text_field not in record:  # a chat row
+            messages = chat_messages(record, f"{shown}:{lineno}", messages_field)
+        if messages is not None:
+            yield _chat_record(f"{shown}:{lineno}", messages)
+            continue
         if text_field not in record:
             present = ", ".join(repr(k) for k in record) or "none"
             raise CorpusError(
                 f"{shown}:{lineno}: missing field {text_field!r} (fields present: {present}); "
-                "choose the text field with text_field / --text-field"
+                "choose the text field with text_field / --text-field, or give chat rows "
+                f"{messages_field!r} (or 'prompt' and 'completion')"
             )
         text = record[text_field]
         if not isinstance(text, str):
             raise CorpusError(f"{shown}:{lineno}: field {text_field!r} must be a string, got {_json_type(text)}")
-        yield f"{shown}:{lineno}", text
+        yield f"{shown}:{lineno}", text, None
 
 
 def _json_type(value: Any) -> str:
@@ -203,7 +228,7 @@ def _json_type(value: Any) -> str:
     )
 
 
-def _read_parquet(path: Path, shown: str, text_field: str) -> Iterator[tuple[str, str]]:
+def _read_parquet(path: Path, shown: str, text_field: str, messages_field: str) -> Iterator[_Record]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -212,11 +237,16 @@ def _read_parquet(path: Path, shown: str, text_field: str) -> Iterator[tuple[str
     except (pa.ArrowException, OSError) as e:
         raise CorpusError(f"{shown}: not a readable Parquet file: {e}") from None
     schema = pf.schema_arrow
+    if messages_field in schema.names or {"prompt", "completion"} <= set(schema.names):
+        columns = [messages_field] if messages_field in schema.names else ["prompt", "completion"]
+        yield from _parquet_chat_rows(pf, shown, columns)
+        return
     if text_field not in schema.names:
         present = ", ".join(repr(n) for n in schema.names) or "none"
         raise CorpusError(
             f"{shown}: missing column {text_field!r} (columns present: {present}); "
-            "choose the text column with text_field / --text-field"
+            "choose the text column with text_field / --text-field, or give chat rows a "
+            f"{messages_field!r} column (or 'prompt' and 'completion')"
         )
     col_type = schema.field(text_field).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type) or pa.types.is_string_view(col_type)):
@@ -227,7 +257,20 @@ def _read_parquet(path: Path, shown: str, text_field: str) -> Iterator[tuple[str
             for text in batch.column(0).to_pylist():
                 if text is None:
                     raise CorpusError(f"{shown}:row {row}: column {text_field!r} is null; it must be a string")
-                yield f"{shown}:row {row}", text
+                yield f"{shown}:row {row}", text, None
+                row += 1
+    except pa.ArrowException as e:
+        raise CorpusError(f"{shown}: cannot read Parquet data after row {row}: {e}") from None
+
+
+def _parquet_chat_rows(pf: Any, shown: str, columns: list[str]) -> Iterator[_Record]:
+    import pyarrow as pa
+
+    row = 0
+    try:
+        for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
+            for record in batch.to_pylist():
+                yield _chat_record(f"{shown}:row {row}", chat_messages(record, f"{shown}:row {row}", columns[0]))
                 row += 1
     except pa.ArrowException as e:
         raise CorpusError(f"{shown}: cannot read Parquet data after row {row}: {e}") from None
@@ -247,10 +290,13 @@ class Piece:
 
 @dataclass(frozen=True)
 class PackedSequence:
-    """One sequence the teacher sees: int32 `input_ids` [L], 1 <= L <= max_len, tiled by `pieces`."""
+    """One sequence the teacher sees: int32 `input_ids` [L], 1 <= L <= max_len, tiled by `pieces`.
+    `loss_mask`, bool [L]: the positions whose soft labels are kept (chat rows: those predicting an
+    assistant token); None when every position's are."""
 
     input_ids: np.ndarray
     pieces: tuple[Piece, ...]
+    loss_mask: np.ndarray | None = None
 
     def document_positions(self) -> np.ndarray:
         """Each token's position inside its document run: the position ids of a packed-documents capture."""
@@ -263,7 +309,7 @@ class PackedCorpus:
 
     `fingerprint`, `documents` and `sources` cover only the documents that contributed at
     least one token (all of them unless `max_tokens` cut the corpus short); `sources` are
-    the file paths as given, in order of first use.
+    the file paths as given, in order of first use; `chat_documents` of them were chat rows.
     """
 
     sequences: list[PackedSequence]
@@ -271,6 +317,7 @@ class PackedCorpus:
     sources: tuple[str, ...]
     documents: int
     tokens: int
+    chat_documents: int = 0
 
 
 class _Packer:
@@ -280,24 +327,30 @@ class _Packer:
         self.max_len = max_len
         self.sequences: list[PackedSequence] = []
         self._ids: list[np.ndarray] = []
+        self._masks: list[np.ndarray | None] = []
         self._pieces: list[Piece] = []
         self._fill = 0
 
     def flush(self) -> None:
         if self._fill:
             ids = np.concatenate(self._ids) if len(self._ids) > 1 else self._ids[0]
-            self.sequences.append(PackedSequence(input_ids=ids, pieces=tuple(self._pieces)))
-            self._ids, self._pieces, self._fill = [], [], 0
+            mask = None
+            if any(m is not None for m in self._masks):
+                mask = np.concatenate([np.ones(len(i), bool) if m is None else m
+                                       for i, m in zip(self._ids, self._masks, strict=True)])
+            self.sequences.append(PackedSequence(input_ids=ids, pieces=tuple(self._pieces), loss_mask=mask))
+            self._ids, self._masks, self._pieces, self._fill = [], [], [], 0
 
     def fits(self, tokens: int) -> bool:
         """Whether `tokens` more fit in the sequence being filled."""
         return self._fill + tokens <= self.max_len
 
-    def add(self, doc: Document, sha: str, ids: np.ndarray) -> None:
+    def add(self, doc: Document, sha: str, ids: np.ndarray, mask: np.ndarray | None) -> None:
         start = 0
         while start < len(ids):
             take = min(self.max_len - self._fill, len(ids) - start)
             self._ids.append(ids[start : start + take])
+            self._masks.append(None if mask is None else mask[start : start + take])
             self._pieces.append(
                 Piece(
                     doc_id=doc.doc_id,
@@ -321,6 +374,7 @@ def tokenize_and_pack(
     max_len: int,
     packing: Packing = "packed",
     max_tokens: int | None = None,
+    train_on: TrainOn = "assistant",
     batch_size: int = 256,
 ) -> PackedCorpus:
     """Tokenize `docs` and pack their tokens into sequences of at most `max_len` tokens.
@@ -329,7 +383,9 @@ def tokenize_and_pack(
     (``add_special_tokens=True``, so a BOS is prepended if and only if the tokenizer adds
     one); then, if the tokenizer has an ``eos_token_id`` and the ids do not already end
     with it, EOS is appended so that documents stay separated once packed. Documents are
-    tokenized `batch_size` at a time (fast tokenizers are much faster batched).
+    tokenized `batch_size` at a time (fast tokenizers are much faster batched). A chat row is
+    the tokens of the tokenizer's chat template (no EOS added: the template ends its turns), with
+    the loss mask `train_on` asks for (`chat.render_chat`); other documents train on every position.
 
     Packing:
 
@@ -362,22 +418,31 @@ def tokenize_and_pack(
     packer = _Packer(max_len)
     fingerprint = hashlib.sha256()
     sources: dict[str, None] = {}  # insertion-ordered set
-    used_docs = 0
+    used_docs = chat_docs = trained = 0
     total = 0
     empty_docs = 0
 
     for batch in _batched(docs, batch_size):
-        encoded = tokenizer([d.text for d in batch], add_special_tokens=True, verbose=False)["input_ids"]
-        for doc, ids_list in zip(batch, encoded, strict=True):
-            if eos is not None and (not ids_list or ids_list[-1] != eos):
-                ids_list.append(eos)
-            if not ids_list:
+        plain = [d.text for d in batch if d.messages is None]
+        encoded = iter(tokenizer(plain, add_special_tokens=True, verbose=False)["input_ids"] if plain else ())
+        for doc in batch:
+            mask = None
+            if doc.messages is not None:
+                ids, mask = render_chat(tokenizer, doc.messages, train_on)
+            else:
+                ids_list = next(encoded)
+                if eos is not None and (not ids_list or ids_list[-1] != eos):
+                    ids_list.append(eos)
+                ids = np.asarray(ids_list, dtype=np.int32)
+            if not len(ids):
                 # Only possible for a tokenizer with no EOS whose normalizer erases the text.
                 empty_docs += 1
                 continue
-            ids = np.asarray(ids_list, dtype=np.int32)
             if max_tokens is not None:
                 ids = ids[: max_tokens - total]
+                mask = None if mask is None else mask[: len(ids)]
+            chat_docs += doc.messages is not None
+            trained += len(ids) if mask is None else int(mask.sum())
             data = doc.text.encode("utf-8")
             fingerprint.update(len(data).to_bytes(8, "little"))
             fingerprint.update(data)
@@ -385,7 +450,7 @@ def tokenize_and_pack(
             used_docs += 1
             if packing == "document" or (packing == "packed-documents" and not packer.fits(len(ids))):
                 packer.flush()
-            packer.add(doc, hashlib.sha256(data).hexdigest(), ids)
+            packer.add(doc, hashlib.sha256(data).hexdigest(), ids, mask)
             total += len(ids)
             if max_tokens is not None and total >= max_tokens:
                 break
@@ -397,6 +462,9 @@ def tokenize_and_pack(
         logger.warning("%d documents produced no tokens and were left out", empty_docs)
     if total == 0:
         raise CorpusError("the corpus produced no tokens to capture")
+    if trained == 0:
+        raise CorpusError("no position to train on: the chat rows hold no assistant message "
+                          "(train on every token with train_on='all' / --train-on all)")
     logger.info(
         "packed %d documents into %d sequences, %d tokens (max_len=%d, packing=%s)",
         used_docs,
@@ -411,6 +479,7 @@ def tokenize_and_pack(
         sources=tuple(sources),
         documents=used_docs,
         tokens=total,
+        chat_documents=chat_docs,
     )
 
 

@@ -34,7 +34,7 @@ from logitstore.capture.document_attention import check_document_attention
 from logitstore.capture.reduce import Reduction
 from logitstore.capture.teacher import Teacher
 from logitstore.errors import LogitStoreError
-from logitstore.hf import context_length
+from logitstore.hf import chat_template_sha256, context_length
 from logitstore.layout import PIECES_SCHEMA
 from logitstore.reader import Store, open_store
 from logitstore.schema import CorpusInfo, StoreMeta
@@ -105,6 +105,7 @@ def capture(
     *,
     tuning: CaptureTuning = CaptureTuning(),
     text_field: str = "text",
+    messages_field: str = "messages",
     resume: bool = False,
     progress: ProgressCallback | None = None,
     storage_options: dict[str, Any] | None = None,
@@ -120,17 +121,19 @@ def capture(
 
     `out` is a local directory or an fsspec URL (`s3://bucket/prefix/store`); `storage_options`
     go to fsspec as they are (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
+    `text_field` and `messages_field` name the rows' fields (corpus.read_documents).
     """
     spec.check_teacher(logits_width=teacher.tokenizer_info.logits_width,
                        context_length=context_length(teacher.model.config.to_dict()), dtype=teacher.info.dtype)
     if spec.packing == "packed-documents":
         check_document_attention(teacher.model, "teacher")
     packed = tokenize_and_pack(
-        read_documents(corpus, text_field=text_field),
+        read_documents(corpus, text_field=text_field, messages_field=messages_field),
         teacher.tokenizer,
         max_len=spec.max_len,
         packing=spec.packing,
         max_tokens=spec.max_tokens,
+        train_on=spec.train_on,
     )
     lengths = [len(s.input_ids) for s in packed.sequences]
     units = plan_units(lengths, tuning.unit_tokens)
@@ -185,6 +188,7 @@ def check_inputs(
     out: str,
     *,
     text_field: str = "text",
+    messages_field: str = "messages",
     resume: bool = False,
     storage_options: dict[str, Any] | None = None,
 ) -> None:
@@ -192,7 +196,7 @@ def check_inputs(
     the corpus files exist, have a known suffix and hold a document (up to the first one), and
     `out` holds a store exactly when resuming. The CLI calls it before loading the teacher (and
     before launching torchrun); `capture` finds the same problems later, rank-safely."""
-    next(iter(read_documents(corpus, text_field=text_field)))
+    next(iter(read_documents(corpus, text_field=text_field, messages_field=messages_field)))
     check_target(storage.open_kv(out, read_only=True, storage_options=storage_options), out, resume=resume)
 
 
@@ -266,6 +270,13 @@ def capture_unit(
             on_batch(len(keys))
     if pending is not None:
         scatter(*pending)
+    if any(s.loss_mask is not None for s in seqs):
+        # Positions outside the loss mask (chat prompts) keep no soft labels: no slots, lse 0.
+        # The teacher still ran over them: they are the context of the positions that do.
+        out = ~np.concatenate([np.ones(len(s.input_ids), bool) if s.loss_mask is None else s.loss_mask for s in seqs])
+        topk_ids[out], topk_logp[out], lse[out] = -1, -np.inf, 0
+        if counts is not None:
+            counts[out] = 0
     return SegmentData(
         input_ids=np.concatenate([s.input_ids for s in seqs]).astype(np.int32),
         topk_ids=topk_ids,
@@ -424,12 +435,15 @@ def _pieces_table(seqs: list[PackedSequence]) -> pa.Table:
 def _store_meta(
     teacher: Teacher, packed: PackedCorpus, spec: CaptureSpec, tuning: CaptureTuning, num_units: int
 ) -> StoreMeta:
+    # Chat rows were rendered with the tokenizer's template: a student must render chats the same way.
+    template = chat_template_sha256(teacher.tokenizer) if packed.chat_documents else None
     return StoreMeta(
         producer=f"logitstore {__version__}",
         created_at=now_iso(),
         teacher=teacher.info,
-        tokenizer=teacher.tokenizer_info,
-        capture=spec.stored(logp_codec=tuning.logp_codec.to_dict(), chunk_tokens=tuning.chunk_tokens),
+        tokenizer=teacher.tokenizer_info.model_copy(update={"chat_template_sha256": template}),
+        capture=spec.stored(logp_codec=tuning.logp_codec.to_dict(), chunk_tokens=tuning.chunk_tokens,
+                            chat=packed.chat_documents > 0),
         corpus=CorpusInfo(
             fingerprint=packed.fingerprint,
             sources=packed.sources,

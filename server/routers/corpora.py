@@ -4,9 +4,10 @@ The request body is the file itself (`application/octet-stream`), named by the `
 query parameter whose suffix says the format. The body is hashed and written chunk by
 chunk as it arrives, so an upload never sits in memory whole, and it is refused with 413
 as soon as it passes the limit. A corpus is its bytes read one way: the id is a sha256 over
-the bytes, the suffix and the `text_field` (`corpus_key`), so the same bytes as .txt and as
-.jsonl, or read by another field, are two corpora. A team that uploaded a corpus may delete
-its upload; the file goes when no team holds it and no job waits for it.
+the bytes, the suffix, the `text_field` and the chat rows' `messages_field` (`corpus_key`), so
+the same bytes as .txt and as .jsonl, or read by another field, are two corpora. A team that
+uploaded a corpus may delete its upload; the file goes when no team holds it and no job waits
+for it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class CorpusOut(BaseModel):
     filename: str
     format: str
     text_field: str
+    messages_field: str
     bytes: int
     documents: int
 
@@ -77,13 +79,17 @@ async def upload_corpus(
     text_field: Annotated[str, Query(min_length=1, max_length=255, description="JSONL field or Parquet column")] = (
         "text"
     ),
+    messages_field: Annotated[str, Query(
+        min_length=1, max_length=255,
+        description="JSONL field or Parquet column of chat rows' messages (rows with prompt and completion are "
+        "chat rows too); they are rendered with the teacher's chat template")] = "messages",
 ) -> CorpusOut:
     # Release the database (on SQLite the request's transaction holds the write lock) while the body streams in.
     await run_in_threadpool(session.commit)
     name = _clean_filename(filename)
     suffix = Path(name).suffix.lower()
-    if suffix in TEXT_SUFFIXES:  # paragraphs have no fields: any text_field would only split the same corpus in two
-        text_field = "text"
+    if suffix in TEXT_SUFFIXES:  # paragraphs have no fields: any field would only split the same corpus in two
+        text_field, messages_field = "text", "messages"
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > settings.max_upload_bytes:
         raise HTTPException(413, f"upload of {declared} bytes exceeds the limit of {settings.max_upload_bytes} bytes")
@@ -101,9 +107,9 @@ async def upload_corpus(
                     raise HTTPException(413, f"upload exceeds the limit of {settings.max_upload_bytes} bytes")
                 sha.update(chunk)
                 f.write(chunk)
-        documents = await run_in_threadpool(_count_documents, tmp, name, text_field)
-        corpus = Corpus(id=corpus_key(sha.hexdigest(), suffix, text_field), suffix=suffix, text_field=text_field,
-                        size_bytes=size, documents=documents)
+        documents = await run_in_threadpool(_count_documents, tmp, name, text_field, messages_field)
+        corpus = Corpus(id=corpus_key(sha.hexdigest(), suffix, text_field, messages_field), suffix=suffix,
+                        text_field=text_field, messages_field=messages_field, size_bytes=size, documents=documents)
         created = await run_in_threadpool(_register, session, settings, principal.team_id, corpus, tmp, name)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -163,9 +169,11 @@ def delete_corpus(corpus_id: str, principal: TeamPrincipalDep, session: SessionD
     session.commit()
 
 
-def corpus_key(content_sha256: str, suffix: str, text_field: str) -> str:
-    """A corpus id: sha256 over the sha256 of the bytes, the suffix (the format) and the field read."""
-    return hashlib.sha256(json.dumps([content_sha256, suffix, text_field]).encode()).hexdigest()
+def corpus_key(content_sha256: str, suffix: str, text_field: str, messages_field: str = "messages") -> str:
+    """A corpus id: sha256 over the sha256 of the bytes, the suffix (the format) and the fields read
+    (the messages field only when not the default: ids from before it existed stay the same)."""
+    fields = [text_field] if messages_field == "messages" else [text_field, messages_field]
+    return hashlib.sha256(json.dumps([content_sha256, suffix, *fields]).encode()).hexdigest()
 
 
 def corpus_path(settings: Settings, corpus: Corpus) -> Path:
@@ -188,7 +196,7 @@ def remove_stale_uploads(settings: Settings, older_than_s: float = STALE_UPLOAD_
 
 def _out(c: Corpus, filename: str) -> CorpusOut:
     return CorpusOut(id=c.id, filename=filename, format=c.suffix.lstrip("."), text_field=c.text_field,
-                     bytes=c.size_bytes, documents=c.documents)
+                     messages_field=c.messages_field, bytes=c.size_bytes, documents=c.documents)
 
 
 def _clean_filename(filename: str) -> str:
@@ -201,10 +209,10 @@ def _clean_filename(filename: str) -> str:
     return name
 
 
-def _count_documents(path: Path, name: str, text_field: str) -> int:
+def _count_documents(path: Path, name: str, text_field: str, messages_field: str) -> int:
     """Read the whole corpus once, as the capture will; a bad line or row is a 422 naming it."""
     try:
-        return sum(1 for _ in read_documents([path], text_field=text_field))
+        return sum(1 for _ in read_documents([path], text_field=text_field, messages_field=messages_field))
     except CorpusError as e:
         raise HTTPException(422, str(e).replace(str(path), name)) from None
 

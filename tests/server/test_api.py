@@ -325,6 +325,39 @@ def test_the_corpus_text_field_is_used_and_a_failed_capture_reports_the_error(ap
     assert str(api.settings.data_dir) not in done["error"]
 
 
+def test_a_chat_corpus_is_captured_as_the_cli_captures_it(api: Api, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """Chat rows under a field named at upload: the worker renders them with the teacher's chat
+    template and keeps soft labels at the assistant positions only, exactly as `logitstore capture`."""
+    from logitstore.cli import main as cli_main
+
+    key = api.team("alpha")
+    rows = [{"conversation": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there."}]},
+            {"prompt": "What is 2+2?", "completion": "4, of course."}]
+    data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    upload = api.upload(key, data, filename="chat.jsonl", messages_field="conversation")
+    assert upload.status_code == 201 and upload.json()["messages_field"] == "conversation"
+    assert upload.json()["documents"] == 2
+    corpus = upload.json()["id"]
+    by_default = api.upload(key, data, filename="chat.jsonl")  # read for "messages" (or "text"): neither is there
+    assert by_default.status_code == 422 and "chat.jsonl:1: missing field 'text'" in by_default.json()["detail"]
+    jobs = {on: api.capture(key, corpus, max_tokens=None, **({} if on == "assistant" else {"train_on": on})).json()
+            for on in ("assistant", "all")}  # fmt: skip
+    for on, job in jobs.items():
+        assert Worker(api.settings).run_once() == job["id"]
+        done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
+        assert done["state"] == "succeeded", done["error"]
+        store = open_store(str(api.settings.stores_dir / job["store_id"]))
+        assert store.meta.capture.train_on == on
+        assert store.read(0, store.num_tokens).loss_mask.all() == (on == "all")
+
+    (tmp_path / "chat.jsonl").write_bytes(data)
+    flags = ["--k", "8", "--temperatures", "1,2", "--max-len", "64", "--unit-tokens", "128", "--no-progress"]
+    assert cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(tmp_path / "chat.jsonl"),
+                     "--out", str(tmp_path / "cli"), "--messages-field", "conversation", *flags]) == 0
+    served = api.settings.stores_dir / jobs["assistant"]["store_id"]
+    assert verify(str(served)).digest == verify(str(tmp_path / "cli")).digest
+
+
 def test_metrics_and_health(api: Api, corpus_slice: Path) -> None:
     assert api.client.get("/healthz").json()["ok"] is True
     key = api.team("alpha")

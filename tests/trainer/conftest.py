@@ -80,3 +80,25 @@ def heldout_text(tmp_path_factory) -> Path:
 def heldout_store(tiny_store_factory, heldout_text) -> str:
     """The peaked tiny teacher's store of the held-out text (1500 tokens)."""
     return tiny_store_factory(corpus=heldout_text, max_tokens=1500)
+
+
+@pytest.fixture(scope="session")
+def chat_corpus(tmp_path_factory) -> Path:
+    """Chat rows made from tinyshakespeare: the user gives a paragraph's first line, the assistant
+    answers with the rest (multi-turn every third row, prompt / completion rows every fifth)."""
+    import json
+
+    rows = []
+    paragraphs = [p.split("\n") for p in CORPUS.read_text().split("\n\n")[:150] if p.count("\n") >= 2]
+    for i, lines in enumerate(paragraphs):
+        first, rest = lines[0], "\n".join(lines[1:])
+        if i % 5 == 0:
+            rows.append({"prompt": f"Continue: {first}", "completion": rest})
+            continue
+        messages = [{"role": "user", "content": f"Continue: {first}"}, {"role": "assistant", "content": rest}]
+        if i % 3 == 0:
+            messages += [{"role": "user", "content": "Who speaks?"}, {"role": "assistant", "content": lines[0]}]
+        rows.append({"messages": messages})
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
