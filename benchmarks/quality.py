@@ -154,50 +154,58 @@ def student_config(name: str, work: Path) -> str:
     return str(path)
 
 
-def capture_stores(teacher: Teacher, train_file: Path, names: list[str], args, work: Path) -> dict[str, dict]:
+def store_spec(kwargs: dict, args) -> CaptureSpec:
+    """The capture of one setting (`kwargs`: CaptureSpec fields; temperatures 1 and 2 unless given) from
+    the first `args.train_tokens` tokens in sequences of `args.seq_len`."""
+    return CaptureSpec(**{"temperatures": (1.0, 2.0), **kwargs}, max_len=args.seq_len, max_tokens=args.train_tokens)
+
+
+def store_info(url: str) -> dict:
+    """Tokens, sequences, bytes/token (what `logitstore info` reports) and stored ids per token."""
+    store = open_store(url)
+    ids = 0.0
+    for a in range(0, store.num_tokens, 65_536):
+        ids += float((store.read(a, min(a + 65_536, store.num_tokens)).topk_ids >= 0).sum())
+    return {"tokens": store.num_tokens, "sequences": store.num_sequences,
+            "bytes_per_token": describe(url)["bytes_per_token"], "ids_per_token": ids / store.num_tokens}
+
+
+def token_layout(url: str) -> tuple:
+    """What the trainer's data order depends on: the corpus, the tokens, the sequences, the segments.
+    Stores with the same layout give every arm the same tokens in the same order."""
+    store = open_store(url)
+    return (store.meta.corpus.fingerprint, store.num_tokens, tuple(store.sequence_lengths().tolist()),
+            len(store.segments))
+
+
+def capture_stores(teacher: Teacher, train_file: Path, specs: dict[str, dict], args, work: Path) -> dict[str, dict]:
+    """Capture every {name: CaptureSpec fields} setting into `work/stores/name`; its info by name."""
     shared = SharedForward(teacher.model) if args.share_forward else None
     runner = dataclasses.replace(teacher, model=shared) if shared is not None else teacher
     stores = {}
-    for name in names:
-        spec = CaptureSpec(temperatures=(1.0, 2.0), max_len=args.seq_len, max_tokens=args.train_tokens,
-                           **STORES[name])
+    for name, kwargs in specs.items():
         url = str(work / "stores" / name)
         started = time.perf_counter()
-        store = capture(runner, [train_file], url, spec)
+        capture(runner, [train_file], url, store_spec(kwargs, args))
         elapsed = time.perf_counter() - started
-        info = describe(url)
-        ids_per_token = 0.0
-        for a in range(0, store.num_tokens, 65_536):
-            block = store.read(a, min(a + 65_536, store.num_tokens))
-            ids_per_token += float((block.topk_ids >= 0).sum())
-        stores[name] = {
-            "url": url, **STORES[name], "tokens": store.num_tokens, "sequences": store.num_sequences,
-            "bytes_per_token": info["bytes_per_token"], "ids_per_token": ids_per_token / store.num_tokens,
-            "capture_s": elapsed, "sequence_lengths": store.sequence_lengths().tolist(),
-            "corpus_fingerprint": store.meta.corpus.fingerprint,
-        }
+        stores[name] = {"url": url, **kwargs, **store_info(url), "capture_s": elapsed}
     if shared is not None:
         shared.cache.clear()
     # Same tokens, same sequences, same segments: the trainer's data order is then the same for all.
-    first = next(iter(stores.values()))
+    first = token_layout(next(iter(stores.values()))["url"])
     for name, s in stores.items():
-        same = (s["corpus_fingerprint"], s["tokens"], s["sequence_lengths"]) == (
-            first["corpus_fingerprint"], first["tokens"], first["sequence_lengths"])
-        if not same:
-            raise SystemExit(f"store {name} does not hold the same tokens as the others")
-        if len(open_store(s["url"]).segments) != len(open_store(first["url"]).segments):
-            raise SystemExit(f"store {name} is not cut into the same segments as the others")
-    for s in stores.values():
-        del s["sequence_lengths"], s["corpus_fingerprint"]
+        if token_layout(s["url"]) != first:
+            raise SystemExit(f"store {name} does not hold the same tokens, sequences and segments as the others")
     return stores
 
 
-def train_arm(arm: str, seed: int, stores: dict[str, dict], student: str, args, work: Path) -> dict:
-    store, loss, renorm, _ = ARMS[arm]
-    out = work / "runs" / f"{arm}_s{seed}"
+def train_arm(url: str, loss: str, renorm: bool, seed: int, student: str, args, out: Path, *, alpha: float,
+              temperature: float = 1.0) -> dict:
+    """Train `student` on the store at `url` with `loss` ("kd", "ce" or "online"; `renorm`: top-k
+    renormalized) into `out`, with the step, batch, length, lr and schedule of `args`."""
     cfg = TrainConfig(
-        store=stores[store]["url"], student=student, out=str(out), loss=loss, topk_renormalize=renorm,
-        temperature=args.temperature, alpha=args.alpha, steps=args.steps, batch_size=args.batch_size,
+        store=url, student=student, out=str(out), loss=loss, topk_renormalize=renorm,
+        temperature=temperature, alpha=alpha, steps=args.steps, batch_size=args.batch_size,
         seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, seed=seed,
         log_every=max(1, args.steps // 12), save_every=0, device=args.device,
     )  # fmt: skip
@@ -364,7 +372,8 @@ def main() -> None:
         student = student_config(args.student, work) if args.student in STUDENTS else args.student
         common = {"bench": "quality", "preset": preset, "device": str(device), "threads": torch.get_num_threads()}
 
-        stores = capture_stores(teacher, train_file, sorted({ARMS[a][0] for a in arms}), args, work)
+        stores = capture_stores(teacher, train_file, {n: STORES[n] for n in sorted({ARMS[a][0] for a in arms})},
+                                args, work)
         for name, s in stores.items():
             print(json.dumps({**common, "store": name, **{k: v for k, v in s.items() if k != "url"},
                               "fp16_full_over_store": round(FP16_BYTES_PER_VALUE * vocab / s["bytes_per_token"], 1)}),
@@ -372,7 +381,10 @@ def main() -> None:
 
         runs = {}
         for arm, seed in runs_to_do:
-            runs[f"{arm}_s{seed}"] = {"arm": arm, "seed": seed, **train_arm(arm, seed, stores, student, args, work)}
+            store, loss, renorm, _ = ARMS[arm]
+            run = train_arm(stores[store]["url"], loss, renorm, seed, student, args, work / "runs" / f"{arm}_s{seed}",
+                            alpha=args.alpha, temperature=args.temperature)
+            runs[f"{arm}_s{seed}"] = {"arm": arm, "seed": seed, **run}
             print(json.dumps({**common, "trained": arm, "seed": seed,
                               "train_wall_s": round(runs[f"{arm}_s{seed}"]["train_wall_s"], 1)}), flush=True)
 
