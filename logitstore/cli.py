@@ -1,4 +1,4 @@
-"""`logitstore`: capture a teacher into a store, describe a store, verify it.
+"""`logitstore`: capture a teacher into a store, or its generations; describe a store, verify it.
 
 Errors a user can cause print one line (`error: ...`) and exit 1; never a traceback.
 `verify` exits 2 for an intact store whose capture is not finished (INCOMPLETE).
@@ -16,6 +16,7 @@ from typing import Literal, get_args, get_origin
 
 from logitstore.errors import LogitStoreError
 from logitstore.reader import describe
+from logitstore.schema import GenerationSettings
 from logitstore.spec import CaptureSpec, CaptureTuning, SpecError
 from logitstore.verify import verify
 
@@ -70,6 +71,28 @@ def _parser() -> argparse.ArgumentParser:
     cap.add_argument("--resume", action="store_true", help="continue a killed capture of the same settings")
     cap.add_argument("--no-progress", action="store_true", help="no progress bar")
     cap.set_defaults(run=_capture)
+
+    gen = sub.add_parser("generate", help="let a teacher write completions for prompts and store its soft labels "
+                         "along them")
+    gen.add_argument("--teacher", required=True, help="HF model dir, .gguf file, hub id, or alias smollm2-135m")
+    gen.add_argument("--prompts", required=True, nargs="+",
+                     help=".jsonl or .parquet chat rows (messages, or prompt) or text rows, or .txt paragraphs")
+    gen.add_argument("--out", required=True, help="directory of the new store")
+    for name, info in GenerationSettings.model_fields.items():
+        flag = "--n" if name == "n" else _flag(name)
+        gen.add_argument(flag, dest=f"gen_{name}", type=type(info.default), default=info.default, metavar=name.upper(),
+                         help=f"{info.description} (default: {info.default})")
+    _add_spec_flags(gen, skip=("packing", "train_on", "max_tokens"), rename={"seed": "draws_seed"})
+    gen.add_argument("--text-field", default="text", help="JSONL field / Parquet column of text prompts")
+    gen.add_argument("--messages-field", default="messages", help="JSONL field / Parquet column of chat prompts")
+    gen.add_argument("--unit-tokens", type=int, default=CaptureTuning.unit_tokens,
+                     help="prompt + completion budget per work unit (= the step a resume restarts from)")
+    gen.add_argument("--batch-tokens", type=int, default=CaptureTuning.batch_tokens,
+                     help="prompt + completion budget per batch of samples (default: %(default)s)")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    gen.add_argument("--resume", action="store_true", help="continue a killed generation of the same settings")
+    gen.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gen.set_defaults(run=_generate)
 
     token_help = "API key for a store served by logitstore-server (http(s)://HOST/v1/stores/ID/zarr)"
     info = sub.add_parser("info", help="describe a store")
@@ -146,27 +169,79 @@ def _capture(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per CaptureSpec field (`max_len` -> `--max-len`), with its default and description."""
+def _generate(args: argparse.Namespace) -> int:
+    if args.no_progress:
+        os.environ.setdefault("TQDM_DISABLE", "1")  # as in _capture: before tqdm is imported
+    from tqdm import tqdm
+
+    from logitstore.capture.engine import CaptureProgress
+    from logitstore.capture.generate import generate
+    from logitstore.capture.teacher import load_teacher
+
+    spec = _spec_from_flags(args)
+    try:
+        tuning = CaptureTuning(unit_tokens=args.unit_tokens, batch_tokens=args.batch_tokens)
+    except ValueError as e:
+        raise LogitStoreError(str(e).replace("CaptureTuning.", "--").replace("_", "-")) from None
+    from logitstore.capture.engine import check_inputs
+
+    check_inputs(args.prompts, args.out, text_field=args.text_field, messages_field=args.messages_field,
+                 resume=args.resume)
+    _check_context(spec, args)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    teacher = load_teacher(args.teacher, device=args.device, dtype=spec.dtype)
+    # The bar counts the generation budget (n x max_new_tokens per prompt; a sample that ends early
+    # spends the rest of its budget at once), the rate the tokens actually generated.
+    with tqdm(total=0, unit="tok", unit_scale=True, disable=args.no_progress, desc="generate") as bar:
+
+        def progress(p: CaptureProgress) -> None:
+            bar.total = p.tokens_total
+            bar.set_postfix_str(f"{p.tokens_per_s:.0f} generated tok/s", refresh=False)
+            bar.update(p.tokens_done - bar.n)
+
+        store = generate(teacher, args.prompts, args.out, spec, tuning=tuning, text_field=args.text_field,
+                         messages_field=args.messages_field, resume=args.resume, progress=progress)
+    samples = store.samples()
+    ended = sum(1 for r in samples.column("finish_reason").to_pylist() if r == "eos")
+    print(f"{store.url}: {store.num_sequences} samples of {store.meta.corpus.documents} prompts ({ended} ended, "
+          f"the others reached --max-new-tokens), {store.num_tokens} tokens, {store.meta.capture.mode} "
+          f"k={store.meta.capture.k}")
+    return 0
+
+
+def _add_spec_flags(
+    parser: argparse.ArgumentParser, skip: tuple[str, ...] = (), rename: dict[str, str] | None = None
+) -> None:
+    """One flag per CaptureSpec field (`max_len` -> `--max-len`), with its default and description;
+    `rename` gives a field another flag (its value still lands under the field's name)."""
     for name, info in CaptureSpec.model_fields.items():
-        flag, kind = _flag(name), info.annotation
+        if name == "generate" or name in skip:  # generate: its own flags, on `logitstore generate`
+            continue
+        flag, kind = _flag((rename or {}).get(name, name)), info.annotation
         shown = ",".join(f"{t:g}" for t in info.default) if name == "temperatures" else info.default
         help_text = info.description if shown is None else f"{info.description} (default: {shown})"
         if kind is bool:
-            parser.add_argument(flag, action="store_true", help=info.description)
+            parser.add_argument(flag, dest=name, action="store_true", help=info.description)
         elif get_origin(kind) is Literal:
-            parser.add_argument(flag, choices=get_args(kind), default=info.default, help=help_text)
+            parser.add_argument(flag, dest=name, choices=get_args(kind), default=info.default, help=help_text)
         elif name == "temperatures":
-            parser.add_argument(flag, type=_numbers, default=info.default, help=f"comma-separated; {help_text}")
+            parser.add_argument(flag, dest=name, type=_numbers, default=info.default,
+                                help=f"comma-separated; {help_text}")
         else:
             number = int if int in (kind, *get_args(kind)) else float
-            parser.add_argument(flag, type=number, default=info.default, help=help_text)
+            parser.add_argument(flag, dest=name, type=number, default=info.default, help=help_text)
 
 
 def _spec_from_flags(args: argparse.Namespace) -> CaptureSpec:
     """The spec, or the spec's own error re-phrased with the flags that set each field."""
+    fields = {name: getattr(args, name) for name in CaptureSpec.model_fields if hasattr(args, name)}
+    if hasattr(args, "gen_n"):
+        fields["generate"] = {name: getattr(args, f"gen_{name}") for name in GenerationSettings.model_fields}
     try:
-        return CaptureSpec.parse({name: getattr(args, name) for name in CaptureSpec.model_fields})
+        return CaptureSpec.parse(fields)
     except SpecError as e:
         raise _as_flags(e, args) from None
 
@@ -192,6 +267,11 @@ def _flag(name: str) -> str:
 
 def _flag_with_value(args: argparse.Namespace, name: str) -> str:
     """`--k 0`, `--temperatures 1,1`, `--counts-only`: the flag as the user typed it."""
+    if name.startswith("generate."):  # `logitstore generate`'s own flags
+        name = name.removeprefix("generate.")
+        return f"--{name.replace('_', '-')} {getattr(args, f'gen_{name}', '')}".rstrip()
+    if name == "seed" and hasattr(args, "gen_n"):
+        return f"--draws-seed {args.seed}"
     value = getattr(args, name, None)
     if isinstance(value, bool) or value is None:
         return _flag(name)

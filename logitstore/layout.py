@@ -13,6 +13,7 @@ STORE/
       seq_offsets/ int64  [m + 1]      sequence boundaries inside the segment
       counts/      uint8  [S]          sampled mode only: draws that hit each stored id
       manifest.parquet                 the document pieces of the segment's sequences
+      samples.parquet                  generated stores only: one row per sample (= sequence)
   commits/000017.json            create-only commit record; a segment exists only once this exists
   index.json, manifest.parquet   written by finalize(): all commit records / pieces in one read
 ```
@@ -61,6 +62,7 @@ COUNTS_ARRAY = "counts"  # sampled mode only
 SLOT_ARRAYS = ("topk_ids", "topk_logp", COUNTS_ARRAY)  # one value per stored slot (format 1: [n, K])
 INDEX_KEY = "index.json"
 MANIFEST_KEY = "manifest.parquet"
+SAMPLES_KEY = "samples.parquet"  # generated stores: per segment only
 MANIFEST_SHA256_KEY = "manifest_sha256"  # in index.json: sha256 of the consolidated manifest.parquet
 PCODEC_LEVEL = 8
 ZSTD_LEVEL = 9
@@ -85,6 +87,10 @@ def commit_key(segment: int) -> str:
 
 def segment_manifest_key(segment: int) -> str:
     return f"{segment_prefix(segment)}/{MANIFEST_KEY}"
+
+
+def segment_samples_key(segment: int) -> str:
+    return f"{segment_prefix(segment)}/{SAMPLES_KEY}"
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,29 @@ PIECES_SCHEMA = pa.schema(
 # The consolidated manifest: segment-local sequence numbers become global, and each piece
 # gets its global token position.
 MANIFEST_SCHEMA = PIECES_SCHEMA.append(pa.field("token_start", pa.int64()))
+
+# A generated store's samples, one row per sequence (= one completion after its prompt).
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("sequence", pa.int64()),  # inside its segment (global from Store.samples())
+        ("prompt", pa.int64()),  # the prompt's doc_id: its row in the prompts files
+        ("sample", pa.int32()),  # 0 .. n-1
+        ("prompt_tokens", pa.int32()),
+        ("completion_tokens", pa.int32()),
+        ("finish_reason", pa.string()),  # "eos" (an end token was sampled) or "length" (max_new_tokens)
+        ("teacher_logprob", pa.float64()),  # sum over the completion of the teacher's log p at T = 1
+    ]
+)
+
+
+def check_samples(samples: pa.Table, seq_offsets: np.ndarray) -> None:
+    """ValueError unless a segment's samples are one row per sequence, in order, whose prompt and
+    completion tokens add up to the sequence's length."""
+    lengths = np.diff(seq_offsets)
+    seq = samples.column("sequence").to_numpy()
+    total = samples.column("prompt_tokens").to_numpy() + samples.column("completion_tokens").to_numpy()
+    if not np.array_equal(seq, np.arange(len(lengths))) or not np.array_equal(total, lengths):
+        raise ValueError(f"its {len(samples)} rows are not the segment's {len(lengths)} sequences in order")
 
 
 def globalize_pieces(pieces: pa.Table, seq_start: int, token_start: int, seq_offsets: np.ndarray) -> pa.Table:

@@ -147,7 +147,7 @@ class _Segment:
             start = int(np.searchsorted(self._slot_offsets, start, side="right")) - 1
             stop = int(np.searchsorted(self._slot_offsets, stop, side="left"))
         a, b = self.token_start + start, self.token_start + stop
-        kind = "file" if name == layout.MANIFEST_KEY else "array"
+        kind = "file" if name in (layout.MANIFEST_KEY, layout.SAMPLES_KEY) else "array"
         where = f"{kind} '{name}' of segment {self.record.segment}"
         if name not in ("id_table", "seq_offsets"):
             where += f", tokens [{a}, {b})"
@@ -301,6 +301,26 @@ class Store:
         except ValueError as e:
             raise seg.corrupt(layout.MANIFEST_KEY, 0, seg.record.tokens, str(e)) from None
         return layout.globalize_pieces(pieces, seg.seq_start, seg.token_start, seg.seq_offsets())
+
+    def samples(self) -> pa.Table:
+        """A generated store's samples (layout.SAMPLES_SCHEMA), one row per sequence with its global
+        number: prompt, sample index, prompt and completion tokens, finish reason, the teacher's
+        log-likelihood of the completion. CorruptDataError when a segment's are missing or damaged."""
+        if self.meta.capture.generate is None:
+            raise LogitStoreError(f"{self.url} is not a generated store: it has no samples")
+        tables = []
+        for seg in self._segments:
+            raw = self.read_file(layout.segment_samples_key(seg.record.segment))
+            try:
+                if raw is None:
+                    raise ValueError("it is missing")
+                table = layout.read_parquet(raw, layout.SAMPLES_SCHEMA)
+                layout.check_samples(table, seg.seq_offsets())
+            except ValueError as e:
+                raise seg.corrupt(layout.SAMPLES_KEY, 0, seg.record.tokens, str(e)) from None
+            global_seq = pa.array(table.column("sequence").to_numpy() + seg.seq_start, pa.int64())
+            tables.append(table.set_column(0, "sequence", global_seq))
+        return pa.concat_tables(tables) if tables else layout.SAMPLES_SCHEMA.empty_table()
 
     def read_file(self, key: str) -> bytes | None:
         """The bytes of one file of the store (e.g. `index.json`), None when it does not exist."""

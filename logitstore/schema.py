@@ -64,6 +64,18 @@ class TokenizerInfo(_Frozen):
         return data
 
 
+class GenerationSettings(_Frozen):
+    """How a generated store's completions were sampled from the teacher (docs/capture.md,
+    generation); the same object is the capture spec's `generate`."""
+
+    n: int = Field(4, ge=1, le=256, description="samples per prompt")
+    max_new_tokens: int = Field(256, ge=1, le=131_072, description="longest completion, in tokens")
+    temperature: float = Field(0.8, gt=0, le=100, description="sampling temperature (not a stored one)")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling: the fewest likeliest ids reaching top_p")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="seed of the sampling; each sample's draws depend on its "
+                      "prompt, sample index and step only")
+
+
 class CaptureSettings(_Frozen):
     """How the soft labels were taken and encoded."""
 
@@ -99,10 +111,14 @@ class CaptureSettings(_Frozen):
     )
     logp_codec: dict[str, Any] = Field(description="the LogProbCodec's to_dict()")
     chunk_tokens: int = Field(gt=0, description="tokens per Zarr chunk (inner chunk of a shard)")
-    train_on: Literal["assistant", "all"] | None = Field(
+    train_on: Literal["assistant", "all", "completion"] | None = Field(
         default=None,
         description="stores with chat rows only: which of their positions have soft labels (assistant: those "
-        "predicting an assistant token); a position without them stores no slots (row_len 0) and lse 0",
+        "predicting an assistant token; completion, a generated store: those predicting a generated token); a "
+        "position without them stores no slots (row_len 0) and lse 0",
+    )
+    generate: GenerationSettings | None = Field(
+        default=None, description="a generated store: the teacher wrote the completions (one per sequence)"
     )
 
     @field_validator("temperatures")
@@ -124,8 +140,9 @@ class CaptureSettings(_Frozen):
             data.pop("counts_only", None)
         if not self.head:
             data.pop("head", None)
-        if self.train_on is None:
-            data.pop("train_on", None)
+        for name in ("train_on", "generate"):
+            if getattr(self, name) is None:
+                data.pop(name, None)
         return data
 
     @model_validator(mode="after")

@@ -33,7 +33,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from logitstore.codecs import LogProbCodec
 from logitstore.errors import LogitStoreError
-from logitstore.schema import CaptureSettings
+from logitstore.schema import CaptureSettings, GenerationSettings
 
 MAX_SLOTS = 4096  # the trainer's kernel and the stores' id tables are sized for at most this many ids per token
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # log p / T stays finite in fp32 for every stored log-prob
@@ -104,6 +104,11 @@ class CaptureSpec(BaseModel):
         description="chat rows: soft labels at the positions that predict the assistant messages (assistant) "
         "or at every position (all); plain text rows keep every position",
     )
+    generate: GenerationSettings | None = Field(
+        None,
+        description="generation capture: the teacher samples `n` completions per prompt and the soft labels along "
+        "them are stored (the prompts' positions keep none)",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto",
         description="the teacher's compute dtype; auto: bfloat16 on CUDA, float32 on CPU. The store records "
@@ -134,6 +139,15 @@ class CaptureSpec(BaseModel):
                              "re-weighted to another temperature"))
         if self.mode == "sampled" and self.counts_only and self.head:
             problems.append(("counts_only", "needs head 0: the head's ids are weighted by their log-probs"))
+        if self.generate is not None:
+            # One sample per sequence, its prompt masked out: the corpus-only settings do not apply.
+            for name in ("packing", "train_on", "max_tokens"):
+                if getattr(self, name) != defaults[name].default:
+                    problems.append((name, "does not apply to a generation capture (one sample per sequence, "
+                                     "soft labels on the completion)"))
+            if self.generate.max_new_tokens >= self.max_len:
+                problems.append(("max_len", f"{self.max_len} leaves no room for a prompt before "
+                                 f"max_new_tokens={self.generate.max_new_tokens}"))
         if self.slots > MAX_SLOTS:
             problems.append(("head", f"head + min(k, draws) = {self.slots} slots; at most {MAX_SLOTS}"))
         if problems:
@@ -149,7 +163,7 @@ class CaptureSpec(BaseModel):
         for name in _MODE_SPECIFIC:
             if name not in _MODE_FIELDS[self.mode] or (name in ("head", "counts_only") and not data[name]):
                 data.pop(name)
-        for name in ("train_on", "dtype"):
+        for name in ("train_on", "generate", "dtype"):
             if data[name] == type(self).model_fields[name].default:
                 data.pop(name)
         return data
@@ -189,6 +203,7 @@ class CaptureSpec(BaseModel):
         """The store's capture metadata: the on-disk names, with `k` = the slot width; `train_on`
         only when the corpus had chat rows (`chat`), the only ones it applies to."""
         sampled = self.mode == "sampled"
+        generated = self.generate is not None
         return CaptureSettings(
             mode=self.mode,
             k=self.slots,
@@ -199,10 +214,11 @@ class CaptureSpec(BaseModel):
             counts_only=self.counts_only,
             temperatures=self.temperatures,
             max_len=self.max_len,
-            packing=self.packing,
+            packing="document" if generated else self.packing,
             logp_codec=logp_codec,
             chunk_tokens=chunk_tokens,
-            train_on=self.train_on if chat else None,
+            train_on="completion" if generated else self.train_on if chat else None,
+            generate=self.generate,
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +72,8 @@ def verify(url: str, *, token: str | None = None, storage_options: dict[str, Any
         names.append("topk_logp")
     if store.meta.capture.mode == "sampled":
         names.append("counts")  # only then, so that other stores' digests do not change
+    if store.meta.capture.generate is not None:
+        names.append("samples")
     hashes = {name: hashlib.sha256() for name in names}
     try:
         lengths = store.sequence_lengths()
@@ -103,6 +106,11 @@ def verify(url: str, *, token: str | None = None, storage_options: dict[str, Any
 
     manifest_sha256 = _check_index(store, report)
     _check_manifests(store, manifest_sha256, report)
+    if store.meta.capture.generate is not None:
+        try:  # which prompt and sample each sequence is, how it ended and how likely: part of the content
+            hashes["samples"].update(json.dumps(store.samples().to_pydict(), sort_keys=True).encode())
+        except LogitStoreError as e:
+            report.errors.append(str(e))
 
     report.ok = not report.errors
     if report.ok:

@@ -41,6 +41,7 @@ class SegmentData:
     seq_lengths: np.ndarray  # int [m], sums to n
     pieces: pa.Table  # layout.PIECES_SCHEMA, `sequence` local to the segment
     counts: np.ndarray | None = None  # uint8 [n, K], sampled mode only: draws per id, 0 at padding
+    samples: pa.Table | None = None  # layout.SAMPLES_SCHEMA, generated stores only
 
     def validate(self, meta: StoreMeta) -> None:
         n, k = self.topk_ids.shape
@@ -66,6 +67,10 @@ class SegmentData:
         if meta.capture.train_on is None and np.any(padding[:, 0]):
             # Only a store with chat rows has positions without soft labels (docs/format.md).
             raise ValueError("every token needs at least one stored id (its row starts with padding)")
+        if (self.samples is not None) != (meta.capture.generate is not None):
+            raise ValueError("samples are stored in generated stores only, and every one of them has its own")
+        if self.samples is not None:
+            layout.check_samples(self.samples, np.concatenate([[0], np.cumsum(self.seq_lengths)]))
         if (self.counts is not None) != (meta.capture.mode == "sampled"):
             raise ValueError(f"counts are stored in sampled mode only (this store's mode is {meta.capture.mode!r})")
         if self.counts is not None:
@@ -184,6 +189,8 @@ class StoreWriter:
             rows_per_chunk = chunk * k if name in layout.SLOT_ARRAYS else chunk
             layout.write_array(self._store, f"{prefix}/{name}", arrays[name], rows_per_chunk)
         storage.write_key(self._store, layout.segment_manifest_key(segment), layout.parquet_bytes(data.pieces))
+        if data.samples is not None:
+            storage.write_key(self._store, layout.segment_samples_key(segment), layout.parquet_bytes(data.samples))
         storage.fsync_tree(self._store, prefix)
 
         record = layout.SegmentRecord(segment=segment, tokens=int(offsets[-1]), sequences=len(data.seq_lengths))

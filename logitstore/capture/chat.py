@@ -22,7 +22,7 @@ import numpy as np
 
 from logitstore.errors import CorpusError
 
-__all__ = ["TrainOn", "chat_messages", "render_chat"]
+__all__ = ["TrainOn", "chat_messages", "render_chat", "render_prompt"]
 
 TrainOn = Literal["assistant", "all"]
 ROLES = ("system", "user", "assistant")
@@ -41,10 +41,12 @@ def chat_messages(row: dict[str, Any], where: str, messages_field: str = "messag
                                   f"\"content\": a string}}, got {m!r}"[:300])  # fmt: skip
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "prompt" in row or "completion" in row:
-        prompt, completion = row.get("prompt"), row.get("completion")
+        prompt, completion = row.get("prompt"), row.get("completion", "")
         if not (isinstance(prompt, str) and isinstance(completion, str)):
-            raise CorpusError(f"{where}: a prompt / completion row needs both, as strings")
-        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            raise CorpusError(f"{where}: a prompt / completion row needs a prompt, and both as strings")
+        # A prompt alone (a generation's prompts file) is a user message waiting for its answer.
+        answer = [{"role": "assistant", "content": completion}] if "completion" in row else []
+        return [{"role": "user", "content": prompt}, *answer]
     return None
 
 
@@ -71,6 +73,16 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], train_on: Tr
     mask = np.zeros(len(ids), dtype=bool)
     mask[:-1] = assistant[1:]
     return np.asarray(ids, dtype=np.int32), mask
+
+
+def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], where: str) -> np.ndarray:
+    """int32 tokens of a conversation to be answered: rendered with the chat template, then the
+    header of an assistant reply (the template's generation prompt)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CorpusError("the teacher's tokenizer has no chat template: chat rows cannot be rendered")
+    if messages[-1]["role"] == "assistant":
+        raise CorpusError(f"{where}: a prompt ends with the assistant's message; end it with the message to answer")
+    return np.asarray(_render(tokenizer, messages, add_generation_prompt=True), dtype=np.int32)
 
 
 def _render(tokenizer: Any, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = False) -> list[int]:

@@ -42,9 +42,10 @@ def test_rows_of_messages_or_prompt_and_completion():
     assert chat_messages({"messages": CONVERSATION}, "f:1") == CONVERSATION
     assert chat_messages({"prompt": "Q", "completion": "A"}, "f:1") == [
         {"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    assert chat_messages({"prompt": "Q"}, "f:1") == [{"role": "user", "content": "Q"}]  # a prompt to answer
     assert chat_messages({"text": "plain"}, "f:1") is None
     for row, message in (({"messages": []}, "non-empty list"), ({"messages": [{"role": "bot", "content": "x"}]},
-                         "messages\\[0\\] must be"), ({"prompt": "Q"}, "needs both")):  # fmt: skip
+                         "messages\\[0\\] must be"), ({"completion": "A"}, "needs a prompt")):  # fmt: skip
         with pytest.raises(CorpusError, match=f"f:2: .*{message}"):
             chat_messages(row, "f:2")
 
