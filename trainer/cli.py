@@ -67,6 +67,8 @@ HELP = {
     "resume": "continue from the newest checkpoint in --out",
     "store_weights": "with several --store: each teacher's weight in the KD loss, comma-separated in --store "
     "order, summing to 1 (default: equal)",
+    "select": "a generated store's samples to train on: all, or best-of-n (per prompt the one the teacher finds "
+    "likeliest)",
     "report_to": "where records go besides OUT/metrics.jsonl: none, or tensorboard (event files in "
     "OUT/tensorboard/; needs the tensorboard package)",
 }

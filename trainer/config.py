@@ -66,6 +66,9 @@ class TrainConfig:
     # sum_i w_i T^2 D(p_i || q) with `store_weights` w (one per store, `store` first; default equal).
     extra_stores: list[str] = field(default_factory=list)
     store_weights: list[float] = field(default_factory=list)
+    # A generated store's sequences to train on: "all", or "best-of-n", per prompt the sample the
+    # teacher finds likeliest (rejection sampling with the teacher as the scorer).
+    select: Literal["all", "best-of-n"] = "all"
 
     def __post_init__(self) -> None:
         if isinstance(self.report_to, str):  # report_to="tensorboard", as HF Trainer accepts it
@@ -124,6 +127,8 @@ class TrainConfig:
         if weights and (len(weights) != n or not all(w > 0 for w in weights) or abs(sum(weights) - 1) > 1e-6):
             raise LogitStoreError(f"--store-weights must be {n} positive numbers, one per --store, summing to 1; "
                                   f"got {','.join(f'{w:g}' for w in weights)}")  # fmt: skip
+        if self.select not in ("all", "best-of-n"):
+            raise LogitStoreError(f"--select must be 'all' or 'best-of-n', got {self.select!r}")
         if self.eval_text:
             _check_eval_text(self.eval_text)
 

@@ -69,6 +69,20 @@ def drop_non_token_ids(topk_ids: np.ndarray, topk_logp: np.ndarray | None, count
             counts[non_token] = 0
 
 
+def best_of_n(store: Store) -> np.ndarray:
+    """The sequences of a generated store that keep, per prompt, the sample with the highest
+    teacher log-likelihood (the lower sample index on a tie), in sequence order."""
+    if store.meta.capture.generate is None:
+        raise LogitStoreError(f"--select best-of-n: {store.url} is not a generated store (logitstore generate)")
+    samples = store.samples()
+    prompt, sample, logprob, seq = (samples.column(n).to_numpy()
+                                    for n in ("prompt", "sample", "teacher_logprob", "sequence"))  # fmt: skip
+    order = np.lexsort((sample, -logprob, prompt))  # by prompt, then likeliest first
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = prompt[order][1:] != prompt[order][:-1]
+    return np.sort(seq[order][first])
+
+
 def store_document_starts(store: Store) -> np.ndarray | None:
     """Global token offsets where a run of one document starts (the manifest's `token_start`) in a
     packed-documents store; None for the other packings, whose blocks need no position ids."""
@@ -115,6 +129,7 @@ class StoreDataset(IterableDataset):
         world_size: int | None = None,
         allow_incomplete: bool = False,
         read_tokens: int = DEFAULT_READ_TOKENS,
+        sequences: np.ndarray | None = None,
     ) -> None:
         if seq_len < 1 or batch_size < 1 or read_tokens < 1:
             raise LogitStoreError(
@@ -128,6 +143,7 @@ class StoreDataset(IterableDataset):
         if not 0 <= self.rank < self.world_size:
             raise LogitStoreError(f"rank {self.rank} is outside world_size {self.world_size}")
         self.allow_incomplete = allow_incomplete
+        self.sequences = sequences  # the store's sequences to train on (default all), e.g. `best_of_n`
         self.read_blocks = -(-read_tokens // seq_len)  # blocks per part
         self.start_batch = 0  # the rank's first local batch to deliver (set by StoreLoader on resume)
         self._store: Store | None = None
@@ -180,7 +196,8 @@ class StoreDataset(IterableDataset):
             within = np.arange(len(seq_of_block)) - first_block[seq_of_block]
             start = seq_start[seq_of_block] + within * self.seq_len
             seq_end = seq_start[seq_of_block] + lengths[seq_of_block]
-            self._blocks = (start, np.minimum(start + self.seq_len, seq_end), seq_end)
+            kept = slice(None) if self.sequences is None else np.isin(seq_of_block, self.sequences)
+            self._blocks = (start[kept], np.minimum(start + self.seq_len, seq_end)[kept], seq_end[kept])
         return self._blocks
 
     @property

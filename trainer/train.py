@@ -54,7 +54,7 @@ from trainer.checkpoint import (
     save_sharded_checkpoint,
 )
 from trainer.config import TrainConfig
-from trainer.data import StoreDataset, make_loader
+from trainer.data import StoreDataset, best_of_n, make_loader
 from trainer.evaluate import eval_store, eval_text
 from trainer.losses.baselines import full_vocab_kl, renormalized_topk_kl
 from trainer.losses.config import LossConfig
@@ -151,9 +151,13 @@ def _train(
         raise LogitStoreError(f"--resume: {out} has no checkpoint to continue from; run without --resume to start")
     if found and not cfg.resume:
         raise LogitStoreError(f"{out} has checkpoints of an earlier run: pass --resume to continue it or a new --out")
+    sequences = None
+    if cfg.select == "best-of-n":
+        sequences = best_of_n(open_store(cfg.store, token=cfg.token, storage_options=cfg.storage_options or None))
     datasets = [StoreDataset(
         url, seq_len=cfg.seq_len, batch_size=cfg.batch_size, seed=cfg.seed,
         token=cfg.token, storage_options=cfg.storage_options or None, rank=rank, world_size=world,
+        sequences=sequences,
     ) for url in (cfg.store, *cfg.extra_stores)]  # fmt: skip
     dataset = datasets[0]
     for url, other in zip(cfg.extra_stores, datasets[1:], strict=True):
