@@ -125,6 +125,7 @@ def _rank_main(
 
     from logitstore.capture import distributed
     from logitstore.capture.engine import capture
+    from logitstore.capture.generate import generate
     from logitstore.capture.teacher import load_teacher
 
     distributed.init_from_env()
@@ -135,8 +136,9 @@ def _rank_main(
         def report(p: CaptureProgress) -> None:
             reports.put(("progress", rank, (p.tokens_done, p.tokens_total, p.tokens_this_run, p.elapsed_s)))
 
-        capture(teacher, [corpus], out, spec_, tuning=tuning, text_field=text_field, messages_field=messages_field,
-                resume=resume, progress=report, storage_options=storage_options)  # fmt: skip
+        run = generate if spec_.generate is not None else capture
+        run(teacher, [corpus], out, spec_, tuning=tuning, text_field=text_field, messages_field=messages_field,
+            resume=resume, progress=report, storage_options=storage_options)
     except LogitStoreError as e:
         reports.put(("error", rank, str(e)))
         raise SystemExit(1) from None

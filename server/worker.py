@@ -178,6 +178,7 @@ class Worker:
         from transformers.utils import logging as hf_logging
 
         from logitstore.capture.engine import CaptureProgress, capture
+        from logitstore.capture.generate import generate
         from logitstore.capture.teacher import load_teacher
 
         hf_logging.disable_progress_bar()
@@ -235,9 +236,9 @@ class Worker:
                       messages_field=job.messages_field, resume=resume, storage_options=options,
                       progress=progress)  # fmt: skip
             return
-        capture(self._teachers[source, spec.dtype], [job.corpus_path], out, spec, tuning=tuning,
-                text_field=text_field, messages_field=job.messages_field, resume=resume, progress=progress,
-                storage_options=options)
+        run = generate if spec.generate is not None else capture  # a generation job: its corpus holds the prompts
+        run(self._teachers[source, spec.dtype], [job.corpus_path], out, spec, tuning=tuning, text_field=text_field,
+            messages_field=job.messages_field, resume=resume, progress=progress, storage_options=options)
 
     def _record_devices(self, job_id: str, devices: list[str]) -> None:
         with self.db.session() as s:

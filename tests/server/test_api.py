@@ -358,6 +358,35 @@ def test_a_chat_corpus_is_captured_as_the_cli_captures_it(api: Api, tiny_teacher
     assert verify(str(served)).digest == verify(str(tmp_path / "cli")).digest
 
 
+def test_a_generation_runs_in_the_workers_as_the_cli_runs_it(api: Api, tiny_teacher_dir: Path, tmp_path: Path) -> None:
+    """"generate" in a capture request: the worker samples the completions and stores the soft labels
+    along them, like `logitstore generate`; the request is deduplicated like any capture."""
+    from logitstore.cli import main as cli_main
+
+    key = api.team("alpha")
+    data = b'{"prompt": "Name a colour."}\n{"text": "Once upon a time"}\n'
+    corpus = api.upload(key, data, filename="prompts.jsonl").json()["id"]
+    body = dict(max_tokens=None, generate={"n": 2, "max_new_tokens": 8, "seed": 1})
+    bad = api.capture(key, corpus, **{**body, "generate": {"n": 2, "top_p": 0}})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "generate", "top_p"]
+    job = api.capture(key, corpus, **body)
+    assert job.status_code == 201 and api.capture(key, corpus, **body).json()["id"] == job.json()["id"]
+    job = job.json()
+    assert Worker(api.settings).run_once() == job["id"]
+    done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
+    assert done["state"] == "succeeded", done["error"]
+    served = api.settings.stores_dir / job["store_id"]
+    store = open_store(str(served))
+    assert store.num_sequences == 4 and len(store.samples()) == 4 and store.meta.capture.train_on == "completion"
+
+    (tmp_path / "prompts.jsonl").write_bytes(data)
+    flags = ["--k", "8", "--temperatures", "1,2", "--max-len", "64", "--unit-tokens", "128", "--no-progress",
+             "--n", "2", "--max-new-tokens", "8", "--seed", "1", "--device", "cpu"]
+    assert cli_main(["generate", "--teacher", str(tiny_teacher_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
+                     "--out", str(tmp_path / "cli"), *flags]) == 0
+    assert verify(str(served)).digest == verify(str(tmp_path / "cli")).digest
+
+
 def test_metrics_and_health(api: Api, corpus_slice: Path) -> None:
     assert api.client.get("/healthz").json()["ok"] is True
     key = api.team("alpha")
