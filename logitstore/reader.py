@@ -7,6 +7,7 @@ committed segments in segment order; for a finished capture that is the whole co
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -292,14 +293,7 @@ class Store:
         sequence and token_start. CorruptDataError when its manifest is missing, damaged, or does
         not tile the segment's sequences."""
         seg = self._segments[i]
-        raw = self.read_file(layout.segment_manifest_key(seg.record.segment))
-        try:
-            if raw is None:
-                raise ValueError("it is missing")
-            pieces = layout.read_parquet(raw, layout.PIECES_SCHEMA)
-            layout.check_pieces(pieces, seg.seq_offsets())
-        except ValueError as e:
-            raise seg.corrupt(layout.MANIFEST_KEY, 0, seg.record.tokens, str(e)) from None
+        pieces = self._segment_table(seg, layout.MANIFEST_KEY, layout.PIECES_SCHEMA, layout.check_pieces)
         return layout.globalize_pieces(pieces, seg.seq_start, seg.token_start, seg.seq_offsets())
 
     def samples(self) -> pa.Table:
@@ -310,17 +304,24 @@ class Store:
             raise LogitStoreError(f"{self.url} is not a generated store: it has no samples")
         tables = []
         for seg in self._segments:
-            raw = self.read_file(layout.segment_samples_key(seg.record.segment))
-            try:
-                if raw is None:
-                    raise ValueError("it is missing")
-                table = layout.read_parquet(raw, layout.SAMPLES_SCHEMA)
-                layout.check_samples(table, seg.seq_offsets())
-            except ValueError as e:
-                raise seg.corrupt(layout.SAMPLES_KEY, 0, seg.record.tokens, str(e)) from None
+            table = self._segment_table(seg, layout.SAMPLES_KEY, layout.SAMPLES_SCHEMA, layout.check_samples)
             global_seq = pa.array(table.column("sequence").to_numpy() + seg.seq_start, pa.int64())
             tables.append(table.set_column(0, "sequence", global_seq))
         return pa.concat_tables(tables) if tables else layout.SAMPLES_SCHEMA.empty_table()
+
+    def _segment_table(self, seg: _Segment, name: str, schema: pa.Schema,
+                       check: Callable[[pa.Table, np.ndarray], None]) -> pa.Table:  # fmt: skip
+        """A segment's Parquet file `name` (segment-local sequences), checked against its sequences
+        by `check`; CorruptDataError when it is missing, damaged or does not fit them."""
+        raw = self.read_file(f"{seg.prefix}/{name}")
+        try:
+            if raw is None:
+                raise ValueError("it is missing")
+            table = layout.read_parquet(raw, schema)
+            check(table, seg.seq_offsets())
+        except ValueError as e:
+            raise seg.corrupt(name, 0, seg.record.tokens, str(e)) from None
+        return table
 
     def read_file(self, key: str) -> bytes | None:
         """The bytes of one file of the store (e.g. `index.json`), None when it does not exist."""

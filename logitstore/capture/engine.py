@@ -161,15 +161,28 @@ def capture(
                                      time.perf_counter() - started))
 
     report()
-    # One background writer: it encodes and writes unit i while the teacher runs unit i+1;
-    # waiting for it before submitting the next bounds host memory to two units.
+
+    def compute(i: int) -> SegmentData:
+        seqs = [packed.sequences[j] for j in units[i]]
+        return capture_unit(teacher, seqs, spec, tuning, token_start=int(unit_starts[i]), on_batch=report)
+
+    return commit_units(writer, [i for i in mine if i not in done], compute, writes=writes, rank=rank,
+                        storage_options=storage_options)  # fmt: skip
+
+
+def commit_units(
+    writer: StoreWriter, todo: Sequence[int], compute: Callable[[int], SegmentData], *, writes: bool, rank: int,
+    storage_options: dict[str, Any] | None,
+) -> Store:  # fmt: skip
+    """Compute and commit the work units `todo` (`compute(i)` is unit i's segment), then, once every
+    rank has committed its own, finalize the store (rank 0) and open it. One background writer
+    encodes and writes unit i while the teacher computes unit i+1; waiting for it before
+    submitting the next bounds host memory to two units. `writes`: False on the tensor-parallel
+    ranks that compute without writing."""
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
         pending: Future | None = None
-        for i in mine:
-            if i in done:
-                continue
-            seqs = [packed.sequences[j] for j in units[i]]
-            data = capture_unit(teacher, seqs, spec, tuning, token_start=int(unit_starts[i]), on_batch=report)
+        for i in todo:
+            data = compute(i)
             if pending is not None:
                 pending.result()
             if writes:
@@ -180,7 +193,7 @@ def capture(
     if rank == 0:
         writer.finalize()
     distributed.barrier()  # nobody opens the store before index.json exists
-    return open_store(out, storage_options=storage_options)
+    return open_store(writer.url, storage_options=storage_options)
 
 
 def check_inputs(

@@ -31,7 +31,6 @@ import hashlib
 import inspect
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from logitstore.capture.engine import (
     _open_writer,
     _reduction,
     _split_model,
+    commit_units,
     plan_units,
 )
 from logitstore.capture.reduce import Reduction, hashed_uniforms
@@ -58,7 +58,7 @@ from logitstore.capture.teacher import Teacher
 from logitstore.errors import CorpusError
 from logitstore.hf import chat_template_sha256, context_length
 from logitstore.layout import PIECES_SCHEMA, SAMPLES_SCHEMA
-from logitstore.reader import Store, open_store
+from logitstore.reader import Store
 from logitstore.schema import CorpusInfo, GenerationSettings, StoreMeta
 from logitstore.spec import CaptureSpec, CaptureTuning, SpecError
 from logitstore.writer import SegmentData, now_iso
@@ -146,22 +146,9 @@ def generate(
 
     report()
     reduction = _reduction(spec)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="segment-writer") as pool:
-        pending: Future | None = None
-        for i in mine:
-            if i in done:
-                continue
-            data = generate_unit(teacher, prompts, units[i], gen, reduction, tuning, on_step=report)
-            if pending is not None:
-                pending.result()
-            pending = pool.submit(writer.write_segment, i, data)
-        if pending is not None:
-            pending.result()
-    distributed.barrier()
-    if rank == 0:
-        writer.finalize()
-    distributed.barrier()
-    return open_store(out, storage_options=storage_options)
+    return commit_units(writer, [i for i in mine if i not in done],
+                        lambda i: generate_unit(teacher, prompts, units[i], gen, reduction, tuning, on_step=report),
+                        writes=True, rank=rank, storage_options=storage_options)  # fmt: skip
 
 
 @dataclass

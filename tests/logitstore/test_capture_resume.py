@@ -4,11 +4,7 @@ refused with the differing field named."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +16,7 @@ from logitstore.cli import main as cli_main
 from logitstore.errors import LogitStoreError
 from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
+from tests.logitstore.processes import sigkill_after_commits
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
 SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=768), CaptureTuning(unit_tokens=64)
@@ -43,23 +40,7 @@ def kill_after_commits(teacher_dir: Path, out: Path, commits: int) -> int:
     store exists); returns how many were committed when the kill landed."""
     args = [sys.executable, "-m", "logitstore.cli", "capture", "--teacher", str(teacher_dir), "--corpus",
             str(CORPUS), "--out", str(out), *CLI_ARGS]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            done = len(list((out / "commits").glob("*.json"))) if (out / "commits").is_dir() else 0
-            if (out / "zarr.json").exists() and done >= commits:
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, f"capture ended before the kill point: {proc.stderr.read()!r}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
-    return len(list((out / "commits").glob("*.json"))) if (out / "commits").is_dir() else 0
+    return sigkill_after_commits(args, out, commits)
 
 
 @pytest.mark.slow

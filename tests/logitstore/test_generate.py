@@ -4,11 +4,8 @@ forward that sampled it; deterministic per prompt and sample, resumable after a 
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from logitstore.capture.teacher import load_teacher
 from logitstore.codecs import LogProbCodec
 from logitstore.spec import CaptureSpec, CaptureTuning
 from logitstore.verify import verify
+from tests.logitstore.processes import sigkill_after_commits
 from tests.logitstore.test_capture import reference
 
 PROMPTS = [
@@ -135,21 +133,7 @@ def test_a_sigkilled_generation_resumes_to_the_same_digest(tiny_teacher_dir, tin
     out = tmp_path / "s"
     args = [sys.executable, "-m", "logitstore.cli", "generate", "--teacher", str(tiny_teacher_dir), "--prompts",
             str(prompts_file), "--out", str(out), *CLI]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (out / "commits").is_dir() and len(list((out / "commits").glob("*.json"))) >= 2:
-                break
-            time.sleep(0.002)
-        assert proc.poll() is None, f"generate ended before the kill: {proc.stderr.read()!r}"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
+    assert sigkill_after_commits(args, out, 2) >= 2
     killed = open_store(str(out))
     assert 2 <= len(killed.segments) < len(PROMPTS) and verify(str(out)).ok
     resumed = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=300)
