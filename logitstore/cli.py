@@ -329,6 +329,12 @@ def _info(args: argparse.Namespace) -> int:
         f"{d['segments_committed']}/{d['segments_planned']} segments committed"
         + ("" if d["complete"] else " (INCOMPLETE: resume the capture)"),
     ]
+    if cap.get("generate"):
+        g = cap["generate"]
+        lines.append(f"generated   {g['n']} samples per prompt, at most {g['max_new_tokens']} new tokens, temperature "
+                     f"{g['temperature']:g}, top-p {g['top_p']:g}, seed {g['seed']}")
+    if cap.get("train_on"):
+        lines.append(f"soft labels at the positions predicting {TRAINED_POSITIONS[cap['train_on']]}")
     if "disk_bytes" in d:
         lines.append(f"size        {d['disk_bytes'] / 1e6:.2f} MB, {d['bytes_per_token'] or 0:.1f} bytes/token")
     print("\n".join(lines))
@@ -345,6 +351,9 @@ def _mode(cap: dict) -> str:
         return f"sampled ({head}{cap['draws']} draws, seed {cap['seed']}{counts_only})"
     return cap["mode"]
 
+
+TRAINED_POSITIONS = {"assistant": "the assistant's tokens (chat rows)", "all": "every token",
+                     "completion": "the completions' tokens"}
 
 # verify's exit status: damage outranks incompleteness, so 2 means "intact so far, resume the capture".
 VERIFY_EXIT = {"ok": 0, "FAILED": 1, "INCOMPLETE": 2}

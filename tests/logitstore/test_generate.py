@@ -81,6 +81,15 @@ def test_the_soft_labels_are_the_teachers_along_its_own_samples(tiny_teacher, ge
     assert verify(generated).ok
 
 
+def test_info_says_how_the_store_was_generated(generated, capsys):
+    from logitstore.cli import main as cli_main
+
+    assert cli_main(["info", generated]) == 0
+    out = capsys.readouterr().out
+    assert "generated   2 samples per prompt, at most 10 new tokens, temperature 0.8, top-p 0.95, seed 3" in out
+    assert "soft labels at the positions predicting the completions' tokens" in out
+
+
 def test_a_sample_does_not_depend_on_its_work_unit(tiny_teacher, prompts_file, generated, tmp_path):
     """One prompt per unit: the same samples and soft labels as all prompts in one."""
     alone = generate(tiny_teacher, [prompts_file], str(tmp_path / "alone"), SPEC,
