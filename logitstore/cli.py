@@ -174,7 +174,7 @@ def _generate(args: argparse.Namespace) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")  # as in _capture: before tqdm is imported
     from tqdm import tqdm
 
-    from logitstore.capture.engine import CaptureProgress
+    from logitstore.capture.engine import CaptureProgress, check_inputs
     from logitstore.capture.generate import generate
     from logitstore.capture.teacher import load_teacher
 
@@ -183,8 +183,6 @@ def _generate(args: argparse.Namespace) -> int:
         tuning = CaptureTuning(unit_tokens=args.unit_tokens, batch_tokens=args.batch_tokens)
     except ValueError as e:
         raise LogitStoreError(str(e).replace("CaptureTuning.", "--").replace("_", "-")) from None
-    from logitstore.capture.engine import check_inputs
-
     check_inputs(args.prompts, args.out, text_field=args.text_field, messages_field=args.messages_field,
                  resume=args.resume)
     _check_context(spec, args)

@@ -29,8 +29,9 @@ class TokenBlock:
     `topk_ids` and `topk_logp` are in the teacher's rank order (descending log-prob);
     padding slots (adaptive/sampled captures) have id -1 and log-prob -inf. A counts_only
     store (sampled, T=1) has no log-probs (`topk_logp` None), and a token's slots are in the
-    order of its segment's id table, not in rank order. A store with chat rows keeps soft labels
-    only at the positions of its loss mask (`loss_mask`); elsewhere a token has padding only.
+    order of its segment's id table, not in rank order. A store with chat rows or generations keeps
+    soft labels only at the positions of its loss mask (`loss_mask`); elsewhere a token has padding
+    only.
     """
 
     input_ids: np.ndarray  # int32 [n]

@@ -65,7 +65,7 @@ class SegmentData:
         if np.any(padding != np.isneginf(self.topk_logp)):
             raise ValueError("topk_logp must be -inf exactly at padding ids (-1)")
         if meta.capture.train_on is None and np.any(padding[:, 0]):
-            # Only a store with chat rows has positions without soft labels (docs/format.md).
+            # Only a store with a loss mask (chat rows, generations) has positions without soft labels.
             raise ValueError("every token needs at least one stored id (its row starts with padding)")
         if (self.samples is not None) != (meta.capture.generate is not None):
             raise ValueError("samples are stored in generated stores only, and every one of them has its own")

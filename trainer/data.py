@@ -71,13 +71,15 @@ def drop_non_token_ids(topk_ids: np.ndarray, topk_logp: np.ndarray | None, count
 
 def best_of_n(store: Store) -> np.ndarray:
     """The sequences of a generated store that keep, per prompt, the sample with the highest
-    teacher log-likelihood (the lower sample index on a tie), in sequence order."""
+    teacher log-likelihood per completion token (the lower sample index on a tie), in sequence
+    order. Per token: the summed log-likelihood would favour the shortest samples (an end token
+    sampled first would win every prompt)."""
     if store.meta.capture.generate is None:
         raise LogitStoreError(f"--select best-of-n: {store.url} is not a generated store (logitstore generate)")
     samples = store.samples()
-    prompt, sample, logprob, seq = (samples.column(n).to_numpy()
-                                    for n in ("prompt", "sample", "teacher_logprob", "sequence"))  # fmt: skip
-    order = np.lexsort((sample, -logprob, prompt))  # by prompt, then likeliest first
+    prompt, sample, logprob, tokens, seq = (samples.column(n).to_numpy() for n in (
+        "prompt", "sample", "teacher_logprob", "completion_tokens", "sequence"))  # fmt: skip
+    order = np.lexsort((sample, -logprob / tokens, prompt))  # by prompt, then likeliest per token first
     first = np.ones(len(order), dtype=bool)
     first[1:] = prompt[order][1:] != prompt[order][:-1]
     return np.sort(seq[order][first])

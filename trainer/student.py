@@ -77,8 +77,8 @@ def check_student(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, me
             f"{want.fingerprint[:12]}…; the soft labels are indexed by the teacher's token ids, so the student "
             f"must use the teacher's tokenizer (pass it with --tokenizer)"
         )
-    if want.chat_template_sha256 is not None and chat_template_sha256(tokenizer) != want.chat_template_sha256:
-        got = chat_template_sha256(tokenizer)
+    got = chat_template_sha256(tokenizer) if want.chat_template_sha256 is not None else None
+    if want.chat_template_sha256 is not None and got != want.chat_template_sha256:
         raise StudentError(
             f"the student's chat template differs from the one the store's chat rows were rendered with "
             f"({'none' if got is None else got[:12] + '…'} vs {want.chat_template_sha256[:12]}…): the student would "

@@ -515,6 +515,10 @@ def _check_same_blocks(dataset: StoreDataset, url: str, other: StoreDataset, oth
     same order, which also depends on how the capture cut work units and chunks. LogitStoreError
     naming the first difference."""
     a, b = dataset.meta, other.meta
+    if a.capture.generate is not None or b.capture.generate is not None:
+        raise LogitStoreError(f"--store {other_url}, --store {url}: a generated store's text is its teacher's own "
+                              "samples, so another teacher's soft labels would be along other tokens; train on one "
+                              "generated store at a time")  # fmt: skip
     for what, x, y in (("tokenizer fingerprint", a.tokenizer.fingerprint[:12], b.tokenizer.fingerprint[:12]),
                        ("corpus fingerprint", a.corpus.fingerprint[:12], b.corpus.fingerprint[:12]),
                        ("packing", a.capture.packing, b.capture.packing),

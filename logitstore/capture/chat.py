@@ -39,6 +39,8 @@ def chat_messages(row: dict[str, Any], where: str, messages_field: str = "messag
             if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
                 raise CorpusError(f"{where}: messages[{i}] must be {{\"role\": one of {', '.join(ROLES)}, "
                                   f"\"content\": a string}}, got {m!r}"[:300])  # fmt: skip
+        if messages[0]["role"] == "assistant":
+            raise CorpusError(f"{where}: a conversation must open with a system or user message, not the assistant's")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
     if "prompt" in row or "completion" in row:
         prompt, completion = row.get("prompt"), row.get("completion", "")
@@ -50,25 +52,24 @@ def chat_messages(row: dict[str, Any], where: str, messages_field: str = "messag
     return None
 
 
-def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], train_on: TrainOn = "assistant"
-                ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], train_on: TrainOn = "assistant",
+                where: str = "a chat row") -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(int32 token ids [n], bool loss mask [n]) of a conversation rendered with `tokenizer`'s chat
-    template; mask[t] is True where the student learns to predict token t + 1."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise CorpusError("the teacher's tokenizer has no chat template: chat rows cannot be rendered")
-    ids = _render(tokenizer, messages)
+    template; mask[t] is True where the student learns to predict token t + 1. CorpusError naming
+    `where` when it cannot be rendered."""
+    ids = _render(tokenizer, messages, where)
     if train_on == "all":
         return np.asarray(ids, dtype=np.int32), np.ones(len(ids), dtype=bool)
     assistant = np.zeros(len(ids), dtype=bool)  # the tokens of the assistant turns
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        opened = _render(tokenizer, messages[:i], add_generation_prompt=True)  # ... + the assistant header
-        through = _render(tokenizer, messages[: i + 1])
+        opened = _render(tokenizer, messages[:i], where, add_generation_prompt=True)  # ... + the assistant header
+        through = _render(tokenizer, messages[: i + 1], where)
         if through[: len(opened)] != opened or ids[: len(through)] != through:
-            raise CorpusError("the teacher's chat template is not prefix-stable (rendering a conversation does "
-                              "not start with the rendering of its beginning), so the assistant tokens cannot "
-                              "be found; use train_on='all'")  # fmt: skip
+            raise CorpusError(f"{where}: the teacher's chat template is not prefix-stable (rendering a conversation "
+                              "does not start with the rendering of its beginning), so the assistant tokens cannot "
+                              "be found; use train_on='all' (--train-on all)")  # fmt: skip
         assistant[len(opened) : len(through)] = True
     mask = np.zeros(len(ids), dtype=bool)
     mask[:-1] = assistant[1:]
@@ -78,15 +79,17 @@ def render_chat(tokenizer: Any, messages: Sequence[dict[str, str]], train_on: Tr
 def render_prompt(tokenizer: Any, messages: Sequence[dict[str, str]], where: str) -> np.ndarray:
     """int32 tokens of a conversation to be answered: rendered with the chat template, then the
     header of an assistant reply (the template's generation prompt)."""
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise CorpusError("the teacher's tokenizer has no chat template: chat rows cannot be rendered")
     if messages[-1]["role"] == "assistant":
         raise CorpusError(f"{where}: a prompt ends with the assistant's message; end it with the message to answer")
-    return np.asarray(_render(tokenizer, messages, add_generation_prompt=True), dtype=np.int32)
+    return np.asarray(_render(tokenizer, messages, where, add_generation_prompt=True), dtype=np.int32)
 
 
-def _render(tokenizer: Any, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = False) -> list[int]:
-    if not messages and not add_generation_prompt:
-        return []
-    out = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=add_generation_prompt)
-    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+def _render(tokenizer: Any, messages: Sequence[dict[str, str]], where: str, *, add_generation_prompt: bool = False
+            ) -> list[int]:  # fmt: skip
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CorpusError(f"{where}: the teacher's tokenizer has no chat template, so chat rows cannot be rendered")
+    try:
+        out = tokenizer.apply_chat_template(list(messages), tokenize=True, add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # the template's own raise_exception (jinja2.TemplateError) or transformers' checks
+        raise CorpusError(f"{where}: the teacher's chat template refuses this conversation: {e}") from None
+    return list(out["input_ids"] if hasattr(out, "keys") else out)

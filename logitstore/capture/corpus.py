@@ -86,11 +86,11 @@ def read_documents(
       lines; the newlines inside a paragraph are kept. Line endings are normalized to
       ``"\\n"`` so that a CRLF file has the same fingerprint as its LF twin.
     - ``.jsonl`` / ``.json``: JSON Lines, one object per non-empty line, whose `text_field`
-      must be a string; or a chat row, with `messages_field` (a list of {role, content}) or
-      `prompt` and `completion` strings.
-    - ``.parquet``: a `text_field` column of strings, read in row batches; or chat rows, in a
-      `messages_field` column (a list of {role, content} structs) or `prompt` and `completion`
-      columns.
+      must be a string; or, without that field, a chat row, with `messages_field` (a list of
+      {role, content}) or a `prompt` string (and its `completion`).
+    - ``.parquet``: a `text_field` column of strings, read in row batches; or, without that
+      column, chat rows, in a `messages_field` column (a list of {role, content} structs) or a
+      `prompt` column (and a `completion` one).
 
     A UTF-8 byte order mark at the start of a text or JSON Lines file is ignored. Documents
     whose text is empty or whitespace-only are skipped. Every file is checked to exist and
@@ -201,9 +201,8 @@ def _read_jsonl(path: Path, shown: str, text_field: str, messages_field: str) ->
             raise CorpusError(
                 f"{shown}:{lineno}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}"
             )
-        messages = None
-        if messages_field in record or text_field not in record:  # a chat row
-            messages = chat_messages(record, f"{shown}:{lineno}", messages_field)
+        # The text field wins (a row with a pre-rendered text and its messages reads as before chat rows).
+        messages = None if text_field in record else chat_messages(record, f"{shown}:{lineno}", messages_field)
         if messages is not None:
             yield _chat_record(f"{shown}:{lineno}", messages)
             continue
@@ -237,9 +236,10 @@ def _read_parquet(path: Path, shown: str, text_field: str, messages_field: str) 
     except (pa.ArrowException, OSError) as e:
         raise CorpusError(f"{shown}: not a readable Parquet file: {e}") from None
     schema = pf.schema_arrow
-    if messages_field in schema.names or {"prompt", "completion"} <= set(schema.names):
-        columns = [messages_field] if messages_field in schema.names else ["prompt", "completion"]
-        yield from _parquet_chat_rows(pf, shown, columns)
+    chat = [messages_field] if messages_field in schema.names else [n for n in ("prompt", "completion")
+                                                                    if n in schema.names]  # fmt: skip
+    if text_field not in schema.names and chat:  # as in JSON Lines, a text column wins
+        yield from _parquet_chat_rows(pf, shown, chat, messages_field)
         return
     if text_field not in schema.names:
         present = ", ".join(repr(n) for n in schema.names) or "none"
@@ -263,14 +263,15 @@ def _read_parquet(path: Path, shown: str, text_field: str, messages_field: str) 
         raise CorpusError(f"{shown}: cannot read Parquet data after row {row}: {e}") from None
 
 
-def _parquet_chat_rows(pf: Any, shown: str, columns: list[str]) -> Iterator[_Record]:
+def _parquet_chat_rows(pf: Any, shown: str, columns: list[str], messages_field: str) -> Iterator[_Record]:
     import pyarrow as pa
 
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=columns):
             for record in batch.to_pylist():
-                yield _chat_record(f"{shown}:row {row}", chat_messages(record, f"{shown}:row {row}", columns[0]))
+                where = f"{shown}:row {row}"
+                yield _chat_record(where, chat_messages(record, where, messages_field))
                 row += 1
     except pa.ArrowException as e:
         raise CorpusError(f"{shown}: cannot read Parquet data after row {row}: {e}") from None
@@ -428,7 +429,7 @@ def tokenize_and_pack(
         for doc in batch:
             mask = None
             if doc.messages is not None:
-                ids, mask = render_chat(tokenizer, doc.messages, train_on)
+                ids, mask = render_chat(tokenizer, doc.messages, train_on, doc.source)
             else:
                 ids_list = next(encoded)
                 if eos is not None and (not ids_list or ids_list[-1] != eos):
@@ -463,7 +464,7 @@ def tokenize_and_pack(
     if total == 0:
         raise CorpusError("the corpus produced no tokens to capture")
     if trained == 0:
-        raise CorpusError("no position to train on: the chat rows hold no assistant message "
+        raise CorpusError("no position to train on: the chat rows (within max_tokens) hold no assistant message "
                           "(train on every token with train_on='all' / --train-on all)")
     logger.info(
         "packed %d documents into %d sequences, %d tokens (max_len=%d, packing=%s)",

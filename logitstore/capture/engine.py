@@ -38,7 +38,7 @@ from logitstore.hf import chat_template_sha256, context_length
 from logitstore.layout import PIECES_SCHEMA
 from logitstore.reader import Store, open_store
 from logitstore.schema import CorpusInfo, StoreMeta
-from logitstore.spec import CaptureSpec, CaptureTuning
+from logitstore.spec import CaptureSpec, CaptureTuning, SpecError
 from logitstore.writer import SegmentData, StoreWriter, check_target, now_iso
 
 log = logging.getLogger(__name__)
@@ -123,6 +123,9 @@ def capture(
     go to fsspec as they are (e.g. `{"endpoint_url": ...}` for an S3-compatible server).
     `text_field` and `messages_field` name the rows' fields (corpus.read_documents).
     """
+    if spec.generate is not None:
+        raise SpecError([("generate", "a generation capture runs with logitstore.capture.generate.generate "
+                          "(`logitstore generate`), not capture")])  # fmt: skip
     spec.check_teacher(logits_width=teacher.tokenizer_info.logits_width,
                        context_length=context_length(teacher.model.config.to_dict()), dtype=teacher.info.dtype)
     if spec.packing == "packed-documents":

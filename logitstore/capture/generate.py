@@ -247,6 +247,7 @@ def _sample_batch(
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     ids, mask, positions = ids.to(device), mask.to(device), positions.to(device)
     end = torch.tensor(sorted(_end_ids(teacher)), dtype=torch.long, device=device)
+    vocab = teacher.tokenizer_info.vocab_size  # logits past it (a padded head) are no tokens: never sampled
     keys_base = torch.from_numpy(uids * gen.max_new_tokens).to(device)
 
     # The KV cache's argument and output: `cache` in transformers >= 5.2x, `past_key_values` before.
@@ -264,7 +265,7 @@ def _sample_batch(
         keys = keys_base + step
         kept_ids, kept_logp, lse, counts = reduction(z, keys.to(z.device))
         u = hashed_uniforms(keys, 1, gen.seed ^ _SAMPLING_SALT)[:, 0].to(z.device)
-        token = sample_token(z, gen.temperature, gen.top_p, u)
+        token = sample_token(z[:, :vocab], gen.temperature, gen.top_p, u)
         token_logp = z.gather(1, token[:, None])[:, 0] - torch.logsumexp(z, dim=-1)
         steps.append((token, token_logp, kept_ids, kept_logp, lse, counts))
         sampled = int(alive.sum())  # rows still generating took this token
@@ -302,8 +303,9 @@ def sample_token(z: torch.Tensor, temperature: float, top_p: float, u: torch.Ten
     fewest likeliest ids whose mass reaches `top_p`), by inverse CDF at the uniforms `u` [b]."""
     probs = torch.softmax(z / temperature, dim=-1)
     sorted_p, order = torch.sort(probs, dim=-1, descending=True, stable=True)
-    before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of the likelier ids
-    sorted_p = torch.where(before < top_p, sorted_p, 0.0)  # the first id is always kept
+    if top_p < 1:  # at 1 every id stays (a float32 running sum may reach 1 before the tail ends)
+        before = torch.cumsum(sorted_p, dim=-1) - sorted_p  # mass of the likelier ids
+        sorted_p = torch.where(before < top_p, sorted_p, 0.0)  # the first id is always kept
     cdf = torch.cumsum(sorted_p, dim=-1)
     total = cdf[:, -1:]
     # u < 1, but u * total may round up to total: such a draw goes to the last id with mass.

@@ -97,3 +97,41 @@ def test_plain_text_stores_are_written_as_before(tiny_teacher_dir, tmp_path):
     attrs = store.meta.model_dump(mode="json")
     assert "train_on" not in attrs["capture"] and "chat_template_sha256" not in attrs["tokenizer"]
     assert store.read(0, store.num_tokens).loss_mask is None
+
+
+def test_parquet_chat_rows_and_which_field_wins(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from logitstore.capture.corpus import read_documents
+
+    pq.write_table(pa.table({"messages": [CONVERSATION]}), tmp_path / "m.parquet")
+    pq.write_table(pa.table({"prompt": ["Q1", "Q2"], "completion": ["A1", "A2"]}), tmp_path / "pc.parquet")
+    pq.write_table(pa.table({"prompt": ["Q"]}), tmp_path / "p.parquet")
+    docs = list(read_documents([tmp_path / "m.parquet", tmp_path / "pc.parquet", tmp_path / "p.parquet"]))
+    assert [list(d.messages) for d in docs] == [
+        CONVERSATION,
+        [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}],
+        [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}],
+        [{"role": "user", "content": "Q"}],
+    ]
+    assert docs[1].source.endswith("pc.parquet:row 0") and docs[2].source.endswith("pc.parquet:row 1")
+    # A row with its text beside its messages reads as text, in both formats (as before chat rows).
+    (tmp_path / "both.jsonl").write_text(json.dumps({"text": "rendered", "messages": CONVERSATION}) + "\n")
+    pq.write_table(pa.table({"text": ["rendered"], "messages": [CONVERSATION]}), tmp_path / "both.parquet")
+    both = list(read_documents([tmp_path / "both.jsonl", tmp_path / "both.parquet"]))
+    assert [(d.text, d.messages) for d in both] == [("rendered", None)] * 2
+
+
+def test_conversations_a_template_cannot_render_are_refused_by_row(smollm2_tokenizer, tmp_path):
+    import copy
+
+    with pytest.raises(CorpusError, match="f:3: a conversation must open with a system or user message"):
+        chat_messages({"messages": [{"role": "assistant", "content": "Hi"}]}, "f:3")
+    strict = copy.deepcopy(smollm2_tokenizer)
+    strict.chat_template = "{{ raise_exception('System role not supported') }}"
+    with pytest.raises(CorpusError, match="f:4: the teacher's chat template refuses this conversation: System role"):
+        render_chat(strict, CONVERSATION, where="f:4")
+    strict.chat_template = None
+    with pytest.raises(CorpusError, match="f:5: the teacher's tokenizer has no chat template"):
+        render_chat(strict, CONVERSATION, where="f:5")

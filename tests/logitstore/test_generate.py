@@ -149,3 +149,12 @@ def test_a_sigkilled_generation_resumes_to_the_same_digest(tiny_teacher_dir, tin
     assert resumed.returncode == 0, resumed.stderr
     assert "12 samples of 6 prompts" in resumed.stdout
     assert verify(str(out)).digest == verify(generated).digest
+
+
+def test_capture_refuses_a_generation_spec(tiny_teacher, prompts_file, tmp_path):
+    from logitstore.capture.engine import capture
+    from logitstore.spec import SpecError
+
+    with pytest.raises(SpecError, match="generate: a generation capture runs with"):
+        capture(tiny_teacher, [prompts_file], str(tmp_path / "s"), SPEC)
+    assert not (tmp_path / "s").exists()

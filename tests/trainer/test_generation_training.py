@@ -45,7 +45,8 @@ def test_best_of_n_keeps_each_prompts_likeliest_sample(generated_store):
     expected = []
     for prompt in sorted({s["prompt"] for s in samples}):
         mine = [s for s in samples if s["prompt"] == prompt]
-        expected.append(max(mine, key=lambda s: (s["teacher_logprob"], -s["sample"]))["sequence"])
+        expected.append(max(mine, key=lambda s: (s["teacher_logprob"] / s["completion_tokens"], -s["sample"]))
+                        ["sequence"])  # fmt: skip
     assert best_of_n(store).tolist() == sorted(expected) and len(expected) == 12
     # The loader then reads those sequences' tokens only.
     ds = StoreDataset(generated_store, seq_len=24, batch_size=4, sequences=best_of_n(store))
@@ -82,3 +83,10 @@ def test_kd_along_the_completions_trains(generated_store, student_config, tmp_pa
 def test_best_of_n_needs_a_generated_store(tiny_store, student_config, tmp_path):
     with pytest.raises(LogitStoreError, match="not a generated store"):
         train(base_config(tiny_store, student_config, tmp_path / "x", steps=1, select="best-of-n"), progress=False)
+
+
+def test_a_generated_store_is_not_one_of_several_teachers(generated_store, tiny_store, student_config, tmp_path):
+    """Another teacher's soft labels would be along the first teacher's samples: refused by name."""
+    cfg = base_config(generated_store, student_config, tmp_path / "x", steps=1, extra_stores=[generated_store])
+    with pytest.raises(LogitStoreError, match="a generated store's text is its teacher's own samples"):
+        train(cfg, progress=False)
