@@ -106,12 +106,29 @@ def test_the_teacher_bounds_the_slots_and_the_sequence_length():
 
 
 def test_every_spec_field_is_a_capture_flag_with_the_spec_default():
+    """`generate` excepted: its fields are `logitstore generate`'s own flags (below)."""
     capture = _parser()._subparsers._group_actions[0].choices["capture"]
     actions = {a.dest: a for a in capture._actions}
     for name, info in CaptureSpec.model_fields.items():
+        if name == "generate":
+            assert name not in actions
+            continue
         assert name in actions, f"no --{name.replace('_', '-')} flag"
         assert actions[name].default == info.default
         assert info.description and info.description.split()[0] in actions[name].help
+
+
+def test_every_generation_field_is_a_generate_flag_with_its_default():
+    from logitstore.schema import GenerationSettings
+
+    generate = _parser()._subparsers._group_actions[0].choices["generate"]
+    actions = {a.dest: a for a in generate._actions}
+    for name, info in GenerationSettings.model_fields.items():
+        assert actions[f"gen_{name}"].default == info.default
+    # The sampled mode's draws keep a flag of their own beside the sampling's --seed.
+    assert actions["seed"].option_strings == ["--draws-seed"] and actions["gen_seed"].option_strings == ["--seed"]
+    for name in ("packing", "train_on", "max_tokens"):  # one sample per sequence: they do not apply
+        assert name not in actions
 
 
 @pytest.mark.parametrize("name", ["unit_tokens", "chunk_tokens", "batch_tokens", "row_chunk"])
