@@ -202,6 +202,11 @@ def _check_block(block: TokenBlock, start: int, meta: StoreMeta) -> list[str]:
         errors.extend(_check_logp(block, where))
     if not np.isfinite(block.lse).all():
         errors.append(f"array 'lse', {where}: non-finite log-normalizers")
+    empty = block.topk_ids[:, 0] < 0  # tokens without soft labels: only outside a loss mask, and with lse 0
+    if block.loss_mask is None and empty.any():
+        errors.append(f"array 'row_len', {where}: tokens without a stored id in a store without a loss mask")
+    if block.loss_mask is not None and np.any(block.lse[empty] != 0):
+        errors.append(f"array 'lse', {where}: log-normalizers at positions without soft labels (they store 0)")
     if block.counts is not None:
         if np.any(block.counts[:, :head]) or np.any((block.counts[:, head:] == 0) != (block.topk_ids[:, head:] < 0)):
             errors.append(f"array 'counts', {where}: zero counts and padding or head ids do not coincide")
