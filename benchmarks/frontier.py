@@ -2,7 +2,7 @@
 
 Many store settings, alphas and seeds, on the same student, tokens and held-out text:
 
-    python benchmarks/frontier.py                                  # everything: 19 stores x 2 alphas x 3 seeds
+    python benchmarks/frontier.py                                  # everything: 31 stores x 2 alphas x 3 seeds
     python benchmarks/frontier.py --seeds 0                        # one seed (a first frontier)
     python benchmarks/frontier.py --corpus examples/data/kjv-genesis-judges.txt --seeds 0
     python benchmarks/frontier.py --report                         # table and plot from what is done
@@ -19,8 +19,8 @@ acceptance. The settings (every store captured with temperatures [1]; training r
   slots are min(k, draws) = M whatever k >= M is given, so k = M is the same store as the largest k
   the spec accepts (4096); draws are capped at 255 by the format (8-bit counts), so M <= 255.
 - `head{H}_d{D}`, H in 1, 4, 8, 16 and D in 8, 16, 32: the top H ids exact + D draws from the rest,
-  k = D, with log-probs: counts-only with a head is not supported by the format (the head's ids are
-  weighted by their log-probs; CaptureSpec refuses `counts_only` with `head`).
+  k = D, with log-probs; `head{H}_d{D}_counts`: the same ids and counts with the head's log-probs
+  alone (counts-only tail: the same gradient, fewer bytes).
 - `adaptive`: the fewest ids (at most 64) reaching 99% of the T = 1 mass.
 - baselines: `ce` (hard labels only, one point per seed: alpha does not apply) and `online`
   (full-vocabulary KD with the teacher in the loop, at each alpha); both read the topk64 store's tokens.
@@ -50,8 +50,9 @@ for topk64, 913 for sampled_m64, 697 for head16_d32, 1184 for ce and 180 for onl
 evaluation took 8-15 s (the teacher's half done once per process: 19 s), a store's capture 30 s
 for the first (the teacher's decoder) and 7-8 s for each further one. Scaled to 192 steps and
 98k tokens: a KD point ~2-2.7 min, ce ~1.6 min, online ~9.5 min; the first capture ~6 min, each
-further one ~1.5 min. The full grid (19 stores, 114 KD points, 6 online and 3 ce points) is then
-~6 hours, one seed (`--seeds 0`) ~2.5 hours. quality.py's measured 98k runs took 187 s (topk64)
+further one ~1.5 min. The full grid (31 stores, 186 KD points, 6 online and 3 ce points) is then
+~9 hours, one seed (`--seeds 0`) ~3.5 hours. Measured on the session-28 box at --threads 2: a KD
+point 1.4-2 min, a capture ~1 min, online 15-26 min. quality.py's measured 98k runs took 187 s (topk64)
 and 787 s (online) per arm at 2 threads with other work beside it (docs/results.md), so allow
 for more on a busy box. Peak memory ~4.5 GB at 8k tokens (the teacher's held-out logits are
 0.8 GB, its cached decoder outputs 0.23 GB at 98k tokens).
@@ -102,17 +103,24 @@ CANDIDATES: dict[str, dict] = {
     "topk16": dict(mode="topk", k=16, **T1),
     "topk64": dict(mode="topk", k=64, **T1),
     **{f"sampled_m{m}": dict(mode="sampled", k=m, draws=m, seed=0, counts_only=True, **T1) for m in (16, 32, 64, 128)},
-    **{f"head{h}_d{d}": dict(mode="sampled", head=h, draws=d, k=d, seed=0, **T1)
-       for h in (1, 4, 8, 16) for d in (8, 16, 32)},
+    **{f"head{h}_d{d}{'_counts' * c}": dict(mode="sampled", head=h, draws=d, k=d, seed=0, counts_only=c, **T1)
+       for h in (1, 4, 8, 16) for d in (8, 16, 32) for c in (False, True)},
     "adaptive": dict(mode="adaptive", k=64, coverage=0.99, **T1),
 }
 BASELINES = {"ce": ("topk64", "ce"), "online": ("topk64", "online")}  # setting -> (store it reads, loss)
+# A counts-only tail behind a head holds the same ids and counts as its twin with every log-prob, and
+# trains the same student (same gradient to float rounding: tests/trainer/test_train.py::
+# test_a_counts_only_store_trains_the_same_student[2]): it is captured for its bytes only, and the
+# report gives it its twin's students.
+TWINS = {name: name.removesuffix("_counts") for name, spec in CANDIDATES.items() if spec.get("head") and
+         spec.get("counts_only")}  # fmt: skip
 
 
 def estimated_bytes(spec: dict) -> float:
-    """A rough bytes/token for ordering only: slots x (id + count, or id + log-prob)."""
-    slots = spec.get("head", 0) + min(spec["k"], spec.get("draws", spec["k"]))
-    return slots * (3 if spec.get("counts_only") else 4)
+    """A rough bytes/token for ordering only: head slots x (id + log-prob) + drawn slots x (id +
+    count, or id + log-prob + count)."""
+    drawn = min(spec["k"], spec.get("draws", spec["k"]))
+    return spec.get("head", 0) * 4 + drawn * (3 if spec.get("counts_only") else 4)
 
 
 # The default order: the baselines, then the cheapest candidates first (estimated bytes).
@@ -287,9 +295,10 @@ def run(args) -> None:
     held = [lock(Path(str(results) + ".lock")), lock(work / ".lock")]  # noqa: F841 (held until exit)
 
     lines = [r for r in read_lines(results) if r.get("fingerprint_id") == fid]
-    done = {r["key"] for r in lines if r.get("kind") == "point"}
+    done = {r["key"] for r in lines if r.get("kind") in ("point", "store")}
     have_teacher = any(r.get("kind") == "teacher" for r in lines)
-    points = plan(args.settings, args.alphas, args.seeds)
+    points = plan([s for s in args.settings if s not in TWINS], args.alphas, args.seeds)
+    points += [(s, None, -1) for s in args.settings if s in TWINS]  # captured only: key "store|-|s-1"
     pending = [p for p in points if point_key(*p) not in done]
     print(json.dumps({"bench": "frontier", "results": str(results), "fingerprint_id": fid, "work": str(work),
                       "points": len(points), "skipped": len(points) - len(pending), "pending": len(pending),
@@ -322,6 +331,14 @@ def run(args) -> None:
     for setting, alpha, seed in pending:
         store_name, loss = BASELINES.get(setting, (setting, "kd"))
         info = stores.get(store_name)
+        if setting in TWINS:
+            record = {**common, "kind": "store", "key": point_key(setting, alpha, seed), "setting": setting,
+                      "twin": TWINS[setting], "spec": CANDIDATES[setting], "bytes_per_token": info["bytes_per_token"],
+                      "ids_per_token": info["ids_per_token"], "store_capture_s": info.pop("capture_s", None),
+                      "finished_at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+            append_line(results, record)
+            print(json.dumps({k: v for k, v in record.items() if k != "fingerprint"}), flush=True)
+            continue
         out = work / "runs" / point_key(setting, alpha, seed).replace("|", "_")
         shutil.rmtree(out, ignore_errors=True)  # a killed point's leftovers: start it over
         started = time.perf_counter()
@@ -368,6 +385,11 @@ def pareto(rows: list[dict], metric: str) -> set[int]:
 def summarize(lines: list[dict]) -> tuple[list[dict], dict]:
     """One row per (setting, alpha) with ce and online at the same seeds (and alpha); baselines' means."""
     runs = {(r["setting"], r["alpha"], r["seed"]): r for r in lines if r.get("kind") == "point"}
+    for twin in (r for r in lines if r.get("kind") == "store"):  # its twin's students, its own bytes
+        for (name, a, s), r in list(runs.items()):
+            if name == twin["twin"]:
+                runs[(twin["setting"], a, s)] = {**r, "setting": twin["setting"], "twin": name,
+                                                 **{k: twin[k] for k in ("bytes_per_token", "ids_per_token")}}
     rows = []
     pairs = sorted({(s, a) for s, a, _ in runs if s in CANDIDATES},
                    key=lambda p: (p[1], SETTINGS.index(p[0]) if p[0] in SETTINGS else 99, p[0]))
@@ -418,7 +440,9 @@ def write_markdown(groups: list[tuple[dict, dict | None, list[dict], dict]], pat
            "Written by `python benchmarks/frontier.py --report`. Recovery = (ce − arm) / (ce − online) of the "
            "seed means (1 = all of online KD's gain over CE, at the same alpha; per-seed values in brackets). "
            "Pareto: no other setting at the same alpha has both fewer bytes/token and a higher KL recovery. "
-           f"Target: KL recovery ≥ {TARGET['heldout_kl']:.0%} and perplexity recovery ≥ {TARGET['heldout_ppl']:.0%}.",
+           f"Target: KL recovery ≥ {TARGET['heldout_kl']:.0%} and perplexity recovery ≥ {TARGET['heldout_ppl']:.0%}. "
+           "A setting named `X_counts` (a counts-only tail behind a head) is captured for its bytes only: it trains "
+           "X's students (the same gradient, tested), so it shows X's metrics at its own size.",
            ""]  # fmt: skip
     for fp, teacher, rows, base in groups:
         out += [f"## {fp['corpus']}: {fp['train_tokens']} train tokens, {fp['steps']} steps x {fp['batch_size']} x "

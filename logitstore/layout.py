@@ -8,7 +8,7 @@ STORE/
       row_len/     uint8|uint16 [n]    stored slots of each token (the rest of its K are padding)
       topk_ids/    uint16|int32 [S]    indices into id_table, the tokens' stored slots one after another
       id_table/    int32  [U]          distinct stored ids of the segment, most frequent first
-      topk_logp/   uint16 [S]          LogProbCodec codes of log p at T=1, per stored slot (not counts_only)
+      topk_logp/   uint16 [S]          LogProbCodec codes of log p at T=1, per stored slot (counts_only: below)
       lse/         float32 [n, n_T]    logsumexp(l / T), l = log_softmax(z), full vocabulary, per T
       seq_offsets/ int64  [m + 1]      sequence boundaries inside the segment
       counts/      uint8  [S]          sampled mode only: draws that hit each stored id
@@ -21,7 +21,10 @@ STORE/
 S = sum(row_len). A token's slots are in the teacher's rank order and padding (id -1,
 log-prob -inf, count 0) only ever follows them, so padding is not stored: the reader puts
 it back. A counts_only store (sampled mode, T=1) has no topk_logp, and its slots are in
-id_table order instead: each token's indices ascend, which pcodec codes in fewer bytes.
+id_table order instead: each token's indices ascend, which pcodec codes in fewer bytes. A
+counts_only store with a head of H keeps each token's first min(H, row_len) slots, the head,
+in rank order with their log-probs (topk_logp holds those alone: sum(min(H, row_len)) codes)
+and its drawn slots after them in id_table order.
 Format 1 stored the padded [n, K] arrays (and -1 in id_table) and had no row_len; it is
 still read (`SLOT_ARRAYS`, `Store._read_segment`).
 
@@ -71,7 +74,7 @@ ZSTD_LEVEL = 9
 def segment_arrays(capture: CaptureSettings, format_version: int) -> tuple[str, ...]:
     """The arrays every segment of a store captured with these settings holds."""
     absent = {"row_len"} if format_version < 2 else set()
-    if capture.counts_only:
+    if capture.logp_slots == 0:
         absent.add("topk_logp")
     names = tuple(n for n in SEGMENT_ARRAYS if n not in absent)
     return (*names, COUNTS_ARRAY) if capture.mode == "sampled" else names

@@ -29,14 +29,16 @@ class TokenBlock:
     `topk_ids` and `topk_logp` are in the teacher's rank order (descending log-prob);
     padding slots (adaptive/sampled captures) have id -1 and log-prob -inf. A counts_only
     store (sampled, T=1) has no log-probs (`topk_logp` None), and a token's slots are in the
-    order of its segment's id table, not in rank order. A store with chat rows or generations keeps
+    order of its segment's id table, not in rank order; with a head, its first `head` slots
+    are the head in rank order with their log-probs, and the drawn slots after them have
+    log-prob NaN (not stored). A store with chat rows or generations keeps
     soft labels only at the positions of its loss mask (`loss_mask`); elsewhere a token has padding
     only.
     """
 
     input_ids: np.ndarray  # int32 [n]
     topk_ids: np.ndarray  # int32 [n, K]
-    topk_logp: np.ndarray | None  # float32 [n, K], log p at T=1 over the full vocabulary; None if counts_only
+    topk_logp: np.ndarray | None  # float32 [n, K], log p at T=1 over the full vocabulary; counts_only: above
     lse: np.ndarray  # float32 [n, n_T], log-normalizer at each captured T (docs/format.md)
     counts: np.ndarray | None = None  # uint8 [n, K], sampled captures only: draws per id (0 at padding)
     loss_mask: np.ndarray | None = None  # bool [n], stores with chat rows only: the positions with soft labels
@@ -49,9 +51,10 @@ class _Segment:
     """A committed segment's arrays; their metadata and shard indexes are read on first use."""
 
     def __init__(self, store: zarr.abc.store.Store, record: layout.SegmentRecord, token_start: int, seq_start: int,
-                 names: tuple[str, ...]):
+                 names: tuple[str, ...], logp_slots: int | None):  # fmt: skip
         self.record = record
         self.names = names
+        self.logp_slots = logp_slots  # CaptureSettings.logp_slots
         self.token_start = token_start
         self.seq_start = seq_start
         self._store = store
@@ -59,6 +62,7 @@ class _Segment:
         self._id_table: np.ndarray | None = None
         self._seq_offsets: np.ndarray | None = None
         self._slot_offsets: np.ndarray | None = None
+        self._logp_offsets: np.ndarray | None = None
 
     @property
     def prefix(self) -> str:
@@ -134,6 +138,21 @@ class _Segment:
             self._slot_offsets = offsets
         return self._slot_offsets
 
+    def logp_offsets(self) -> np.ndarray | None:
+        """int64 [n + 1]: where each token's log-probs start in `topk_logp`: its stored slots'
+        (`slot_offsets`), or in a counts_only store with a head its first min(head, row_len)."""
+        if self.logp_slots is None:
+            return self.slot_offsets()
+        if self._logp_offsets is None:
+            row_len = np.diff(self.slot_offsets())
+            offsets = np.zeros(len(row_len) + 1, dtype=np.int64)
+            np.cumsum(np.minimum(row_len, self.logp_slots), out=offsets[1:])
+            if offsets[-1] != self.rows("topk_logp"):
+                raise self.corrupt("row_len", 0, self.record.tokens,
+                                   f"{offsets[-1]} head slots, but 'topk_logp' has {self.rows('topk_logp')}")
+            self._logp_offsets = offsets
+        return self._logp_offsets
+
     def id_table(self) -> np.ndarray:
         if self._id_table is None:
             self._id_table = self.read("id_table", 0, self.rows("id_table"))
@@ -145,9 +164,10 @@ class _Segment:
         return self._seq_offsets
 
     def corrupt(self, name: str, start: int, stop: int, why: str) -> CorruptDataError:
-        if name in layout.SLOT_ARRAYS and self._slot_offsets is not None:  # slots back to their tokens
-            start = int(np.searchsorted(self._slot_offsets, start, side="right")) - 1
-            stop = int(np.searchsorted(self._slot_offsets, stop, side="left"))
+        offsets = self._logp_offsets if name == "topk_logp" and self.logp_slots is not None else self._slot_offsets
+        if name in layout.SLOT_ARRAYS and offsets is not None:  # slots back to their tokens
+            start = int(np.searchsorted(offsets, start, side="right")) - 1
+            stop = int(np.searchsorted(offsets, stop, side="left"))
         a, b = self.token_start + start, self.token_start + stop
         kind = "file" if name in (layout.MANIFEST_KEY, layout.SAMPLES_KEY) else "array"
         where = f"{kind} '{name}' of segment {self.record.segment}"
@@ -174,7 +194,7 @@ class Store:
         token_start = seq_start = 0
         names = layout.segment_arrays(meta.capture, meta.format_version)
         for record in records:
-            self._segments.append(_Segment(store, record, token_start, seq_start, names))
+            self._segments.append(_Segment(store, record, token_start, seq_start, names, meta.capture.logp_slots))
             token_start += record.tokens
             seq_start += record.sequences
         self._token_starts = np.array([s.token_start for s in self._segments] + [token_start], dtype=np.int64)
@@ -252,7 +272,7 @@ class Store:
         With z_i = log p_i + lse(1), log p_T(i) = z_i / T − lse(T) exactly, and the tail
         p_T(tail) = 1 − Σ_S p_T(i). The tail is -inf where the top-k holds all the mass.
         """
-        if block.topk_logp is None:
+        if self.meta.capture.counts_only:
             raise LogitStoreError(f"{self.url} is a counts_only sampled store: it keeps draw counts, not the teacher's "
                                   "log-probs; train on it with the sampled estimator (trainer.losses.targets)")
         col = self.temperature_index(temperature)
@@ -352,11 +372,18 @@ class Store:
         offsets = seg.slot_offsets()
         s0, s1 = (a, b) if offsets is None else (int(offsets[a]), int(offsets[b]))
         has_logp, has_counts = block.topk_logp is not None, block.counts is not None
-        slot_names = ["topk_ids"] + ["topk_logp"] * has_logp + [layout.COUNTS_ARRAY] * has_counts
+        head_logp = has_logp and seg.logp_slots is not None  # a counts_only store with a head: the head's alone
+        slot_names = ["topk_ids"] + [layout.COUNTS_ARRAY] * has_counts
         requests = [("input_ids", a, b), ("lse", a, b), *((name, s0, s1) for name in slot_names)]
+        if has_logp:
+            l0, l1 = (int(x) for x in seg.logp_offsets()[[a, b]]) if head_logp else (s0, s1)
+            requests.append(("topk_logp", l0, l1))
         input_ids, lse, indices, *slots = seg.read_many(requests, self._scratch)
-        codes = slots.pop(0) if has_logp else None
         counts = slots.pop(0) if has_counts else None
+        codes = slots.pop(0) if has_logp else None
+        if head_logp:
+            self._place_head_logp(codes, np.diff(offsets[a : b + 1]), seg.logp_slots, block.topk_logp[pos:pos + b - a])
+            has_logp = False  # placed
         rows = slice(pos, pos + b - a)
         block.input_ids[rows] = input_ids
         block.lse[rows] = lse
@@ -388,9 +415,17 @@ class Store:
             block.counts[rows] = 0
             block.counts[rows][stored] = counts
 
+    def _place_head_logp(self, codes: np.ndarray, row_len: np.ndarray, head: int, out: np.ndarray) -> None:
+        """A counts_only store with a head: each row's first min(head, row_len) log-probs from
+        `codes`, NaN at its drawn slots (not stored), -inf at its padding."""
+        slot = np.arange(out.shape[1])
+        out.fill(-np.inf)
+        out[slot < row_len[:, None]] = np.nan
+        out[slot < np.minimum(row_len, head)[:, None]] = self._codec.decode(codes)
+
     def _allocate(self, n: int) -> TokenBlock:
         k, n_t = self.meta.capture.k, len(self.temperatures)
-        logp = None if self.meta.capture.counts_only else np.empty((n, k), np.float32)
+        logp = None if self.meta.capture.logp_slots == 0 else np.empty((n, k), np.float32)
         counts = np.empty((n, k), np.uint8) if self.meta.capture.mode == "sampled" else None
         loss_mask = np.empty(n, bool) if self.meta.capture.train_on is not None else None
         return TokenBlock(np.empty(n, np.int32), np.empty((n, k), np.int32), logp, np.empty((n, n_t), np.float32),

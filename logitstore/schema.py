@@ -96,8 +96,9 @@ class CaptureSettings(_Frozen):
     )
     counts_only: bool = Field(
         default=False,
-        description="sampled mode at T=1 only: ids and counts without their log-probs (no topk_logp array); "
-        "each token's slots are then in id_table order, not the teacher's rank order",
+        description="sampled mode at T=1 only: the drawn ids and counts without their log-probs; each token's "
+        "drawn slots are then in id_table order, not the teacher's rank order. A head keeps its ids' log-probs "
+        "(topk_logp holds those alone): they weight the head and give the tail's mass",
     )
     temperatures: tuple[float, ...] = Field(
         min_length=1, description="temperatures whose full-vocabulary lse is stored"
@@ -157,9 +158,15 @@ class CaptureSettings(_Frozen):
             raise ValueError("counts_only needs mode 'sampled' and temperatures (1.0,)")
         if self.head and (self.mode != "sampled" or self.head >= self.k):
             raise ValueError(f"head {self.head} needs mode 'sampled' and fewer than k={self.k} slots")
-        if self.head and self.counts_only:
-            raise ValueError("a head's ids are weighted by their log-probs: counts_only needs head 0")
         return self
+
+    @property
+    def logp_slots(self) -> int | None:
+        """How many of each token's first stored slots have a log-prob in the store: all of them
+        (None), the head's alone (a counts_only store with a head), or none (0)."""
+        if not self.counts_only:
+            return None
+        return self.head
 
 
 class CorpusInfo(_Frozen):

@@ -81,8 +81,8 @@ class CaptureSpec(BaseModel):
     )  # fmt: skip
     counts_only: bool = Field(
         False,
-        description="sampled mode with temperatures [1]: ids and counts without log-probs (about half the bytes, "
-        "the same training gradient)",
+        description="sampled mode with temperatures [1]: the drawn ids and counts without log-probs (about half "
+        "the bytes, the same training gradient); a head keeps its ids' log-probs",
     )
     temperatures: tuple[float, ...] = Field(
         (1.0, 2.0, 4.0), min_length=1, max_length=16,
@@ -137,8 +137,6 @@ class CaptureSpec(BaseModel):
         if self.mode == "sampled" and self.counts_only and self.temperatures != (1.0,):
             problems.append(("counts_only", "needs temperatures [1]: without log-probs the T=1 draws cannot be "
                              "re-weighted to another temperature"))
-        if self.mode == "sampled" and self.counts_only and self.head:
-            problems.append(("counts_only", "needs head 0: the head's ids are weighted by their log-probs"))
         if self.generate is not None:
             # One sample per sequence, its prompt masked out: the corpus-only settings do not apply.
             for name in ("packing", "train_on", "max_tokens"):

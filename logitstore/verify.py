@@ -68,7 +68,7 @@ def verify(url: str, *, token: str | None = None, storage_options: dict[str, Any
     report.complete = store.complete
 
     names = ["input_ids", "topk_ids", "lse", "seq_lengths"]
-    if not store.meta.capture.counts_only:
+    if store.meta.capture.logp_slots != 0:
         names.append("topk_logp")
     if store.meta.capture.mode == "sampled":
         names.append("counts")  # only then, so that other stores' digests do not change
@@ -94,8 +94,8 @@ def verify(url: str, *, token: str | None = None, storage_options: dict[str, Any
                 report.errors.append(str(e))
                 continue
             report.errors.extend(_check_block(block, a, store.meta))
-            if block.topk_logp is None:
-                block = _by_id(block)
+            if store.meta.capture.counts_only:
+                block = _by_id(block, store.meta.capture.head)
             hashes["input_ids"].update(block.input_ids.astype(np.int32).tobytes())
             hashes["topk_ids"].update(block.topk_ids.astype(np.int32).tobytes())
             if block.topk_logp is not None:
@@ -176,13 +176,16 @@ def _check_manifests(store: Store, manifest_sha256: str | None, report: VerifyRe
                              f"{len(expected)} rows; columns {', '.join(differ)}). {REBUILD_INDEX}")
 
 
-def _by_id(block: TokenBlock) -> TokenBlock:
-    """A counts_only block with each token's slots in ascending id order. Its stored order
-    follows the segment's id table, so it depends on how the tokens were cut into work units;
-    the (id, count) pairs do not, and the digest is over those."""
-    order = np.argsort(np.where(block.topk_ids >= 0, block.topk_ids, np.iinfo(np.int32).max), axis=1, kind="stable")
-    return dataclasses.replace(block, topk_ids=np.take_along_axis(block.topk_ids, order, axis=1),
-                               counts=np.take_along_axis(block.counts, order, axis=1))
+def _by_id(block: TokenBlock, head: int) -> TokenBlock:
+    """A counts_only block with each token's drawn slots (those after its `head`) in ascending id
+    order. Their stored order follows the segment's id table, so it depends on how the tokens
+    were cut into work units; the (id, count) pairs do not, and the digest is over those."""
+    drawn = block.topk_ids[:, head:]
+    order = np.argsort(np.where(drawn >= 0, drawn, np.iinfo(np.int32).max), axis=1, kind="stable") + head
+    order = np.concatenate([np.broadcast_to(np.arange(head), (len(order), head)), order], axis=1)
+    fields = {"topk_ids": block.topk_ids, "counts": block.counts, "topk_logp": block.topk_logp}
+    return dataclasses.replace(block, **{name: np.take_along_axis(a, order, axis=1) for name, a in fields.items()
+                                         if a is not None})
 
 
 # Decoded log-probs may overshoot a total mass of 1 by the quantization error, no more.
@@ -198,8 +201,9 @@ def _check_block(block: TokenBlock, start: int, meta: StoreMeta) -> list[str]:
         errors.append(f"array 'input_ids', {where}: ids outside [0, {logits_width})")
     if block.topk_ids.min(initial=0) < -1 or block.topk_ids.max(initial=0) >= logits_width:
         errors.append(f"array 'topk_ids', {where}: ids outside [-1, {logits_width})")
-    if block.topk_logp is not None:
-        errors.extend(_check_logp(block, where))
+    if block.topk_logp is not None:  # the head's alone in a counts_only store with a head (NaN after it)
+        slots = meta.capture.logp_slots
+        errors.extend(_check_logp(block.topk_ids[:, :slots], block.topk_logp[:, :slots], where))
     if not np.isfinite(block.lse).all():
         errors.append(f"array 'lse', {where}: non-finite log-normalizers")
     empty = block.topk_ids[:, 0] < 0  # tokens without soft labels: only outside a loss mask, and with lse 0
@@ -215,13 +219,13 @@ def _check_block(block: TokenBlock, start: int, meta: StoreMeta) -> list[str]:
     return errors
 
 
-def _check_logp(block: TokenBlock, where: str) -> list[str]:
+def _check_logp(ids: np.ndarray, logp: np.ndarray, where: str) -> list[str]:
     errors = []
-    if np.isnan(block.topk_logp).any() or (block.topk_logp > 0).any():
+    if np.isnan(logp).any() or (logp > 0).any():
         errors.append(f"array 'topk_logp', {where}: log-probs that are NaN or positive")
-    if np.any((block.topk_ids < 0) != np.isneginf(block.topk_logp)):
+    if np.any((ids < 0) != np.isneginf(logp)):
         errors.append(f"array 'topk_logp', {where}: padding ids and -inf log-probs do not coincide")
-    mass = np.exp(block.topk_logp, dtype=np.float64).sum(axis=1)
+    mass = np.exp(logp, dtype=np.float64).sum(axis=1)
     if np.any(mass > 1 + MASS_TOLERANCE):
         errors.append(f"array 'topk_logp', {where}: top-k mass above 1 (max {mass.max():.4f})")
     return errors

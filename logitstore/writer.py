@@ -168,8 +168,9 @@ class StoreWriter:
         k = ids.shape[1]
         table, indices = build_id_table(ids[stored])
         counts = None if data.counts is None else np.asarray(data.counts, dtype=np.uint8)
-        if self.meta.capture.counts_only:
-            indices, counts = _ascending_slots(indices, counts, stored)
+        capture = self.meta.capture
+        if capture.counts_only:
+            indices, counts = _ascending_slots(indices, counts, stored, capture.head)
         offsets = np.zeros(len(data.seq_lengths) + 1, dtype=np.int64)
         np.cumsum(data.seq_lengths, out=offsets[1:])
         arrays = {
@@ -180,12 +181,13 @@ class StoreWriter:
             "lse": np.asarray(data.lse, dtype=np.float32),
             "seq_offsets": offsets,
         }
-        if not self.meta.capture.counts_only:
-            arrays["topk_logp"] = self._codec.encode_topk(data.topk_logp)[stored]
+        if capture.logp_slots != 0:  # every stored slot's log-prob, or the head's alone
+            with_logp = stored if capture.logp_slots is None else stored & (np.arange(k) < capture.logp_slots)
+            arrays["topk_logp"] = self._codec.encode_topk(data.topk_logp)[with_logp]
         if counts is not None:
             arrays[layout.COUNTS_ARRAY] = counts[stored]
-        chunk = self.meta.capture.chunk_tokens
-        for name in layout.segment_arrays(self.meta.capture, self.meta.format_version):
+        chunk = capture.chunk_tokens
+        for name in layout.segment_arrays(capture, self.meta.format_version):
             rows_per_chunk = chunk * k if name in layout.SLOT_ARRAYS else chunk
             layout.write_array(self._store, f"{prefix}/{name}", arrays[name], rows_per_chunk)
         storage.write_key(self._store, layout.segment_manifest_key(segment), layout.parquet_bytes(data.pieces))
@@ -218,12 +220,15 @@ class StoreWriter:
         storage.write_key(self._store, layout.INDEX_KEY, layout.dumps_json(index))
 
 
-def _ascending_slots(indices: np.ndarray, counts: np.ndarray, stored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A counts_only segment's slots in ascending id-table index per token: (the stored slots'
-    indices, counts [n, K] in the same order). Without log-probs the rank order carries
-    nothing the trainer uses, and ascending indices are 24.2 instead of 30.3 B/token of
-    pcodec output for `topk_ids` (SmolLM2, M=50; docs/capture.md)."""
+def _ascending_slots(indices: np.ndarray, counts: np.ndarray, stored: np.ndarray,
+                     head: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """A counts_only segment's drawn slots in ascending id-table index per token, after its `head`
+    slots (kept in rank order): (the stored slots' indices, counts [n, K] in the same order).
+    Without log-probs the draws' rank order carries nothing the trainer uses, and ascending
+    indices are 24.2 instead of 30.3 B/token of pcodec output for `topk_ids` (SmolLM2, M=50;
+    docs/capture.md)."""
     grid = np.full(stored.shape, np.iinfo(np.int64).max)  # padding sorts last, so `stored` still selects the slots
     grid[stored] = indices
-    order = np.argsort(grid, axis=1, kind="stable")
+    order = np.argsort(grid[:, head:], axis=1, kind="stable") + head
+    order = np.concatenate([np.broadcast_to(np.arange(head), (len(grid), head)), order], axis=1)
     return np.take_along_axis(grid, order, axis=1)[stored].astype(indices.dtype), np.take_along_axis(counts, order, 1)

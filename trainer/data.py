@@ -101,7 +101,8 @@ class StoreDataset(IterableDataset):
     (-1: padding), `topk_logp` [B, L, K] log p at T=1 (bfloat16 when the store's codec is
     exactly representable in it, which the default codec is; else float32), `lse` float32
     [B, L, n_T], `mask` bool [B, L] (real tokens), and `counts` uint8 [B, L, K] for
-    sampled-mode stores. A counts_only store's batches have no `topk_logp`. In a store with
+    sampled-mode stores. A counts_only store's batches have no `topk_logp` (with a head: NaN
+    after the head, see logitstore.reader.TokenBlock). In a store with
     chat rows `mask` holds only the positions with soft labels (its loss mask: those predicting
     an assistant token, by default), and every other position's label is -100 too: neither the
     KD nor the CE part of any loss sees them, while the student still reads them as context.
@@ -304,8 +305,8 @@ class StoreDataset(IterableDataset):
         input_ids = np.full((p, r, l), pad, dtype=np.int32)
         labels = np.full((p, r, l), IGNORE_INDEX, dtype=np.int64)
         topk_ids = np.full((p, r, l, k), -1, dtype=np.int32)
-        counts_only = meta.capture.counts_only
-        topk_logp = None if counts_only else np.full((p, r, l, k), -np.inf, dtype=np.float32)
+        has_logp = meta.capture.logp_slots != 0
+        topk_logp = np.full((p, r, l, k), -np.inf, dtype=np.float32) if has_logp else None
         lse = np.zeros((p, r, l, n_t), dtype=np.float32)
         mask = np.zeros((p, r, l), dtype=bool)
         counts = None
@@ -328,7 +329,7 @@ class StoreDataset(IterableDataset):
                     input_ids[i, j, :n] = data.input_ids[s:z]
                     labels[i, j, :nxt] = data.input_ids[s + 1 : s + 1 + nxt]
                     topk_ids[i, j, :n] = data.topk_ids[s:z]
-                    if not counts_only:
+                    if has_logp:
                         topk_logp[i, j, :n] = data.topk_logp[s:z]
                     lse[i, j, :n] = data.lse[s:z]
                     mask[i, j, :n] = True

@@ -7,7 +7,8 @@
   top-1 agreement (student argmax == teacher argmax), and the perplexity of the store's tokens.
   A counts_only sampled store has no log-probs: it gives the draws' unbiased estimate of the
   cross-entropy to the teacher instead (`eval_teacher_xent`, KL plus the teacher's entropy,
-  which is the same for every student), and top-1 is against the most drawn id.
+  which is the same for every student; with a head, plus the entropy of its tail only), and
+  top-1 is against the most drawn id (with a head: the teacher's top id).
 
 Windows never cross a sequence boundary, as in training; metrics are means over tokens.
 """
@@ -70,7 +71,7 @@ def eval_store(
     keeps no probabilities. A packed-documents store is evaluated with its documents apart,
     as the teacher and the trainer see them (`_document_positions`); a store with chat rows on
     the positions of its loss mask only."""
-    counts_only = store.meta.capture.counts_only
+    counts_only, head = store.meta.capture.counts_only, store.meta.capture.head
     document_starts = store_document_starts(store)
     kl = top1 = nll = n_kd = n_ce = accept_min = accept_max = 0.0
     for spans in _chunks(list(_windows(store, seq_len, max_tokens)), batch_size):
@@ -80,12 +81,16 @@ def eval_store(
         logits = _logits(model, ids, vocab_size, positions)
         k = blocks[0].topk_ids.shape[1]
         topk_ids = torch.full((*ids.shape, k), -1, dtype=torch.int64)
-        # counts_only: the draw counts take the log-probs' place (sampled_kd_loss needs no more at T=1).
+        # counts_only: the draw counts take the log-probs' place (sampled_kd_loss needs no more at T=1),
+        # beside the head's log-probs when it has a head.
         weights = torch.full((*ids.shape, k), 0 if counts_only else float("-inf"))
+        head_logp = torch.full((*ids.shape, k), float("nan")) if counts_only and head else None
         for row, b in enumerate(blocks):
             drop_non_token_ids(b.topk_ids, b.topk_logp, b.counts, vocab_size)
             topk_ids[row, : len(b)] = torch.from_numpy(b.topk_ids.astype(np.int64))
             weights[row, : len(b)] = torch.from_numpy(b.counts if counts_only else b.topk_logp)
+            if head_logp is not None:
+                head_logp[row, : len(b)] = torch.from_numpy(b.topk_logp)
         trained = mask.clone()  # the positions the student learns, all of a window's but in a chat store
         for row, b in enumerate(blocks):
             if b.loss_mask is not None:
@@ -96,8 +101,11 @@ def eval_store(
         t_weights = weights.reshape(-1, k).to(z.device)[flat_mask]
         tokens = int(flat_mask.sum())
         if counts_only:
-            kl += float(sampled_kd_loss(z, t_ids, t_weights, store.meta.capture.draws)) * tokens
-            teacher_top = t_ids.gather(1, t_weights.argmax(-1, keepdim=True))[:, 0]
+            t_logp = None if head_logp is None else head_logp.reshape(-1, k).to(z.device)[flat_mask]
+            kl += float(sampled_kd_loss(z, t_ids, t_weights, store.meta.capture.draws, teacher_logp=t_logp,
+                                        head=head)) * tokens  # fmt: skip
+            # The head's first slot is the teacher's top id; without a head, the most drawn one.
+            teacher_top = t_ids[:, 0] if head else t_ids.gather(1, t_weights.argmax(-1, keepdim=True))[:, 0]
         else:
             kl += float(kd_loss(z, SparseTarget(t_ids, t_weights), LossConfig(backend="torch"))) * tokens  # T = 1, fkl
             teacher_top = t_ids[:, 0]

@@ -112,28 +112,40 @@ def test_sampled_stores_distinct_draws_with_counts_and_exact_logprobs(peaked_tea
     assert np.mean(reseeded.read(0, store.num_tokens).counts == block.counts) < 0.9
 
 
-def test_counts_only_keeps_the_same_draws_without_logprobs(peaked_teacher, tmp_path):
-    base = dict(mode="sampled", draws=20, seed=7, k=16, temperatures=(1.0,), max_len=64, max_tokens=300)
+@pytest.mark.parametrize("head", [0, 4])
+def test_counts_only_keeps_the_same_draws_without_logprobs(head, peaked_teacher, tmp_path):
+    """counts_only keeps the same (id, count) pairs as the store with log-probs; with a head, the
+    head's ids and log-probs too, bit for bit, and the drawn slots' log-probs are NaN (not stored)."""
+    base = dict(mode="sampled", draws=20, seed=7, k=16 + head, head=head, temperatures=(1.0,), max_len=64,
+                max_tokens=300)
     full = capture(peaked_teacher, [CORPUS], str(tmp_path / "full"), CaptureSpec(**base), tuning=TUNING)
     store = capture(peaked_teacher, [CORPUS], str(tmp_path / "counts"), CaptureSpec(**base, counts_only=True),
                     tuning=TUNING)
-    assert store.meta.capture.counts_only and not (tmp_path / "counts" / "segments" / "000000" / "topk_logp").exists()
+    logp_array = tmp_path / "counts" / "segments" / "000000" / "topk_logp"
+    assert store.meta.capture.counts_only and logp_array.exists() == bool(head)
     want, got = full.read(0, full.num_tokens), store.read(0, store.num_tokens)
-    assert got.topk_logp is None
     np.testing.assert_array_equal(got.input_ids, want.input_ids)
     np.testing.assert_array_equal(got.lse, want.lse)
+    if head:
+        np.testing.assert_array_equal(got.topk_ids[:, :head], want.topk_ids[:, :head])
+        np.testing.assert_array_equal(got.topk_logp[:, :head], want.topk_logp[:, :head])
+        drawn = got.topk_ids[:, head:] >= 0
+        assert np.isnan(got.topk_logp[:, head:][drawn]).all() and np.isneginf(got.topk_logp[:, head:][~drawn]).all()
+    else:
+        assert got.topk_logp is None
     # The same (id, count) pairs per token; only their order within the token differs.
     for a, b, ca, cb in zip(want.topk_ids, got.topk_ids, want.counts, got.counts, strict=True):
         assert dict(zip(a[a >= 0], ca[a >= 0], strict=True)) == dict(zip(b[b >= 0], cb[b >= 0], strict=True))
-        assert np.all((b >= 0) == (cb > 0)) and np.all(np.diff((b >= 0).astype(int)) <= 0)
+        assert np.all((b[head:] >= 0) == (cb[head:] > 0)) and np.all(np.diff((b >= 0).astype(int)) <= 0)
     report = verify(store.url)
     assert report.ok and report.digest != verify(full.url).digest
-    # In the stored order each token's id-table indices ascend, which is what makes the bytes smaller.
+    # In the stored order each token's drawn id-table indices ascend, which makes the bytes smaller.
     segment = storage.open_kv(str(tmp_path / "counts"), read_only=True)
     table = np.asarray(layout.open_array(segment, "segments/000000/id_table")[...])
     rank = {int(i): r for r, i in enumerate(table)}
-    seg0 = store.read(*store.segment_spans()[0]).topk_ids
+    seg0 = store.read(*store.segment_spans()[0]).topk_ids[:, head:]
     assert all(np.all(np.diff([rank[int(i)] for i in row[row >= 0]]) > 0) for row in seg0)
+    assert store.describe()["disk_bytes"] < full.describe()["disk_bytes"]
     with pytest.raises(LogitStoreError, match="counts_only sampled store"):
         store.teacher_logprobs(got, 1.0)
 

@@ -62,8 +62,7 @@ def test_temperature_one_as_int_accepted() -> None:
      {"counts_only": True, "temperatures": (1.0,)},  # topk mode
      {"counts_only": True, "mode": "sampled", "draws": 50, "seed": 0, "temperatures": (1.0, 2.0)},
      {"head": 4},  # topk mode
-     {"head": 16, "mode": "sampled", "draws": 50, "seed": 0},  # no slot left for the draws (k=16)
-     {"head": 4, "counts_only": True, "mode": "sampled", "draws": 50, "seed": 0, "temperatures": (1.0,)}],
+     {"head": 16, "mode": "sampled", "draws": 50, "seed": 0}],  # no slot left for the draws (k=16)
 )
 def test_capture_fields_validated(overrides: dict) -> None:
     with pytest.raises(ValidationError):

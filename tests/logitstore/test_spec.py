@@ -27,7 +27,6 @@ from logitstore.spec import MAX_SLOTS, CaptureSpec, CaptureTuning, SpecError
         ({"mode": "adaptive", "draws": 10}, "draws", "applies to mode 'sampled' only"),
         ({"counts_only": True}, "counts_only", "applies to mode 'sampled' only"),
         ({"mode": "sampled", "counts_only": True}, "counts_only", "needs temperatures [1]"),
-        ({"mode": "sampled", "counts_only": True, "temperatures": [1], "head": 2}, "counts_only", "needs head 0"),
         ({"mode": "sampled", "head": 4090, "k": 64}, "head", "4140 slots; at most 4096"),
         ({"packing": "interleaved"}, "packing", "'packed', 'document' or 'packed-documents'"),
         ({"text_field": "body"}, "text_field", "Extra inputs are not permitted"),
@@ -57,6 +56,7 @@ def test_a_setting_the_mode_ignores_may_stay_at_its_default():
         {"mode": "sampled", "draws": 20, "seed": 7, "k": 16},
         {"mode": "sampled", "head": 8, "k": 50, "temperatures": [4, 1]},
         {"mode": "sampled", "counts_only": True, "temperatures": [1], "max_tokens": 100, "packing": "document"},
+        {"mode": "sampled", "head": 1, "draws": 16, "k": 17, "counts_only": True, "temperatures": [1]},
         {"dtype": "bfloat16"},
     ],
 )

@@ -36,7 +36,9 @@ renormalized, p(j | tail) = p_j / p_tail with p_tail = 1 − Σ_head p_i. Splitt
     L̂ = Σ_head p_T(i) (log p_T(i) − log q_T(i)) + p_tail Σ_j (c_j / M) w_j (log p_T(j) − log q_T(j))
 
 is exact on the head and unbiased on the tail (E[c_j / M] = p(j | tail), so the second sum has
-mean Σ_tail p_T(j)(…)); the per-slot weights still sum to 1 at T = 1. A top-k store's tail
+mean Σ_tail p_T(j)(…)); the per-slot weights still sum to 1 at T = 1. A counts-only store with
+a head keeps the head's log-probs alone (its drawn slots' are NaN): the weights, and so the
+gradient, are the same, and the value leaves out the tail's entropy term, as counts-only does. A top-k store's tail
 bucket says how much mass the tail has; the draws also say where in the tail it lies, which
 the student's gradient q − p needs.
 """
@@ -121,7 +123,8 @@ def sampled_target(
         draws: M, the store's `capture.draws`.
         temperature: T > 0 of the training loss.
         teacher_logp: [N, K] stored log p at T=1; adds the teacher's entropy term so the value
-            estimates the KL itself (required when T != 1).
+            estimates the KL itself (required when T != 1). NaN where not stored (the drawn slots
+            of a counts-only store with a head): that term is then left out there.
         lse_1, lse_t: [N] stored lse at T=1 and at `temperature` (required when T != 1).
         head: the store's `capture.head`: its first slots hold the top ids exactly (needs teacher_logp).
     """
@@ -137,7 +140,8 @@ def sampled_target(
     weight = counts.float() / draws * valid
     if teacher_logp is None:
         return SparseTarget(ids, None, weight)
-    logp = torch.where(valid, teacher_logp.float(), 0.0)
+    logp = teacher_logp.float()
+    logp = torch.where(valid & ~logp.isnan(), logp, 0.0)
     if temperature == 1.0:
         log_p_t = logp
     else:
