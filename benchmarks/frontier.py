@@ -297,8 +297,9 @@ def run(args) -> None:
     lines = [r for r in read_lines(results) if r.get("fingerprint_id") == fid]
     done = {r["key"] for r in lines if r.get("kind") in ("point", "store")}
     have_teacher = any(r.get("kind") == "teacher" for r in lines)
-    points = plan([s for s in args.settings if s not in TWINS], args.alphas, args.seeds)
-    points += [(s, None, -1) for s in args.settings if s in TWINS]  # captured only: key "store|-|s-1"
+    # Twins first: a capture each (no training), and their bytes place them on the frontier.
+    points = [(s, None, -1) for s in args.settings if s in TWINS]  # key "X_counts|-|s-1"
+    points += plan([s for s in args.settings if s not in TWINS], args.alphas, args.seeds)
     pending = [p for p in points if point_key(*p) not in done]
     print(json.dumps({"bench": "frontier", "results": str(results), "fingerprint_id": fid, "work": str(work),
                       "points": len(points), "skipped": len(points) - len(pending), "pending": len(pending),

@@ -85,7 +85,7 @@ def capture_through_server(base: str, args: argparse.Namespace) -> tuple[str, st
     corpus = httpx.post(f"{base}/v1/corpora", params={"filename": CORPUS.name}, content=CORPUS.read_bytes(),
                         headers=h, timeout=120).json()["id"]
     job = httpx.post(f"{base}/v1/captures", headers=h, json={
-        "corpus_id": corpus, "teacher": "bench", "k": args.k, "temperatures": [1.0, 2.0, 4.0],
+        "corpus_id": corpus, "teacher": "bench", "mode": "topk", "k": args.k, "temperatures": [1.0, 2.0, 4.0],
         "max_len": 1024, "max_tokens": args.tokens, "unit_tokens": args.unit_tokens,
     }).json()
     while job["state"] in ("queued", "running"):

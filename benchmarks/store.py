@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=1024)
     args = ap.parse_args()
     temps = tuple(float(t) for t in args.temperatures.split(","))
-    spec = CaptureSpec(k=args.k, temperatures=temps, max_len=args.max_len, max_tokens=args.tokens)
+    spec = CaptureSpec(mode="topk", k=args.k, temperatures=temps, max_len=args.max_len, max_tokens=args.tokens)
     tuning = CaptureTuning()
 
     teacher = load_teacher(args.teacher, device="cpu")

@@ -135,7 +135,7 @@ def _capture(teacher_name: str, tokens: int, seq_len: int, tmp: str, device: tor
 
     teacher = load_teacher(teacher_name, device=device)
     out = str(Path(tmp) / "store")
-    capture(teacher, [CORPUS], out, CaptureSpec(k=64, temperatures=(1.0, 2.0), max_len=max(seq_len, 512),
+    capture(teacher, [CORPUS], out, CaptureSpec(mode="topk", k=64, temperatures=(1.0, 2.0), max_len=max(seq_len, 512),
                                                 max_tokens=tokens))
     del teacher
     return out

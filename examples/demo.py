@@ -97,14 +97,16 @@ def run(args: argparse.Namespace, out: Path) -> Path:
         print(f"demo: uploaded {train_txt.name} and {heldout_txt.name}")
 
         t0 = time.perf_counter()
-        # Small work units: a killed worker resumes from the last committed unit.
-        common = {"teacher": "demo", "k": 64, "temperatures": [1.0, 2.0], "max_len": args.max_len,
-                  "unit_tokens": 4096}
+        # Small work units: a killed worker resumes from the last committed unit. The train store
+        # takes the default capture settings; the held-out one is top-64 + tail, whose K+1 buckets
+        # give the exact held-out KL (and acceptance bounds) at T = 1.
+        common = {"teacher": "demo", "max_len": args.max_len, "unit_tokens": 4096}
         jobs = {
             "train": _check(api.post("/v1/captures", headers=auth, json={
                 "corpus_id": ids["train"], "max_tokens": args.tokens or None, **common}), "capture request"),
             "heldout": _check(api.post("/v1/captures", headers=auth, json={
-                "corpus_id": ids["heldout"], "max_tokens": args.heldout_tokens, **common}), "capture request"),
+                "corpus_id": ids["heldout"], "max_tokens": args.heldout_tokens, "mode": "topk", "k": 64,
+                **common}), "capture request"),
         }
         done = {name: _wait(api, auth, job["id"], name) for name, job in jobs.items()}
         timings["capture"] = time.perf_counter() - t0
@@ -119,7 +121,7 @@ def run(args: argparse.Namespace, out: Path) -> Path:
             sys.executable, "-m", "trainer", "--store", urls["train"], "--token", key, "--student", args.student,
             "--out", str(run_dir), "--steps", str(args.steps), "--batch-size", str(args.batch_size),
             "--seq-len", str(args.seq_len), "--lr", "2e-3", "--warmup-steps", str(max(1, args.steps // 20)),
-            "--temperature", "2", "--eval-text", str(heldout_txt), "--eval-store", urls["heldout"],
+            "--temperature", "1", "--eval-text", str(heldout_txt), "--eval-store", urls["heldout"],
             "--eval-every", str(max(1, args.steps // 5)), "--eval-tokens", "4096", "--log-every", "5",
             "--save-every", "0",
         ])
@@ -249,13 +251,16 @@ Teacher `{args.teacher}` captured over HTTP by `logitstore-server`; student
 | --- | --- | --- | --- |
 {store_rows}
 
-k = 64 top-k ids with quantized log-probs, plus the full-vocabulary log-normalizer at
-T = 1 and 2 (exact tail bucket). fp16 full logits would take {fp16_bytes:,} bytes/token.
+The train store has the default capture settings: {_settings(train_info["meta"]["capture"])}.
+The held-out store: {_settings(heldout_info["meta"]["capture"])}, whose tail bucket makes the held-out
+KL exact. Both keep the full-vocabulary log-normalizer at T = 1. fp16 full logits would take
+{fp16_bytes:,} bytes/token.
 
 ## Training
 
-{args.steps} steps × {args.batch_size} × {args.seq_len} tokens = {tokens_trained:,} tokens, KD at T = 2
-over the K+1 buckets; final train loss {train_logs[-1]['loss']:.4f}.
+{args.steps} steps × {args.batch_size} × {args.seq_len} tokens = {tokens_trained:,} tokens, KD at T = 1
+(the loss logged for a counts-only store is the cross-entropy to the draws: KL plus the
+teacher's entropy); final train loss {train_logs[-1]['loss']:.4f}.
 
 | step | held-out text perplexity | KL(teacher ‖ student), held-out store | top-1 agreement |
 | --- | --- | --- | --- |
@@ -271,6 +276,15 @@ KL {first['eval_kl']:.3f} → {last['eval_kl']:.3f}.
 capture (both stores, teacher load included) {timings['capture']:.0f} s; training with
 evaluations {timings['train']:.0f} s.
 """
+
+
+def _settings(cap: dict) -> str:
+    """A store's capture settings in words, e.g. `sampled: the distinct ids of 32 draws with counts`."""
+    if cap["mode"] == "sampled":
+        head = f"the top {cap['head']} ids with log-probs + " if cap.get("head") else ""
+        what = "counts only" if cap.get("counts_only") else "counts and log-probs"
+        return f"sampled: {head}the distinct ids of {cap['draws']} draws from the teacher ({what})"
+    return f"{cap['mode']}: the {cap['k']} likeliest ids with log-probs + the tail bucket"
 
 
 def _cuda_available() -> bool:

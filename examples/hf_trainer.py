@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="per device")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--temperature", type=float, default=2.0, help="one of the store's captured temperatures")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="one of the store's captured temperatures (the default store keeps T = 1 only)")
     ap.add_argument("--alpha", type=float, default=0.0, help="weight of the hard-label cross-entropy")
     args = ap.parse_args()
 

@@ -221,8 +221,9 @@ def _add_spec_flags(
         flag, kind = _flag((rename or {}).get(name, name)), info.annotation
         shown = ",".join(f"{t:g}" for t in info.default) if name == "temperatures" else info.default
         help_text = info.description if shown is None else f"{info.description} (default: {shown})"
-        if kind is bool:
-            parser.add_argument(flag, dest=name, action="store_true", help=info.description)
+        if kind is bool:  # --x / --no-x; unset (None) lets the spec choose (counts_only follows the mode)
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                                help=info.description)
         elif get_origin(kind) is Literal:
             parser.add_argument(flag, dest=name, choices=get_args(kind), default=info.default, help=help_text)
         elif name == "temperatures":

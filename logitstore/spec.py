@@ -61,19 +61,28 @@ class SpecError(LogitStoreError):
         return cls([(".".join(map(str, e["loc"])), e["msg"]) for e in error.errors()])
 
 
+def _unset_follows_the_mode(schema: dict[str, Any]) -> None:
+    """counts_only's JSON schema: true, false or null, and no fixed default (unset follows the
+    mode and the temperatures: CaptureSpec._counts_only_by_default), so that a client generated
+    from the OpenAPI schema does not send false where it means the default store."""
+    schema.pop("default", None)
+    schema.pop("type", None)
+    schema["anyOf"] = [{"type": "boolean"}, {"type": "null"}]
+
+
 class CaptureSpec(BaseModel):
     """What to capture: the teacher's soft labels per token, and which tokens."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Literal["topk", "adaptive", "sampled"] = Field(
-        "topk",
+        "sampled",
         description="topk: the k likeliest ids; adaptive: the fewest ids (at most k) whose T=1 mass reaches "
         "`coverage`; sampled: the distinct ids of `draws` seeded draws from the teacher (at most k), with counts",
     )
     k: int = Field(64, ge=1, le=MAX_SLOTS, description="ids stored per token; the cap in adaptive and sampled modes")
     coverage: float = Field(0.99, gt=0, le=1, description="adaptive mode: T=1 probability mass to reach")
-    draws: int = Field(50, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
+    draws: int = Field(32, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="sampled mode: seed of the draws")
     head: int = Field(
         0, ge=0, lt=MAX_SLOTS,
@@ -82,10 +91,12 @@ class CaptureSpec(BaseModel):
     counts_only: bool = Field(
         False,
         description="sampled mode with temperatures [1]: the drawn ids and counts without log-probs (about half "
-        "the bytes, the same training gradient); a head keeps its ids' log-probs",
+        "the bytes, the same training gradient); a head keeps its ids' log-probs. Unset (or null): true exactly "
+        "when the mode is sampled and the temperatures are [1], as in the default store",
+        json_schema_extra=_unset_follows_the_mode,
     )
     temperatures: tuple[float, ...] = Field(
-        (1.0, 2.0, 4.0), min_length=1, max_length=16,
+        (1.0,), min_length=1, max_length=16,
         description=f"temperatures whose full-vocabulary log-normalizer is stored, in "
         f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]; must include 1",
     )  # fmt: skip
@@ -114,6 +125,22 @@ class CaptureSpec(BaseModel):
         description="the teacher's compute dtype; auto: bfloat16 on CUDA, float32 on CPU. The store records "
         "the one used (teacher.dtype)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _counts_only_by_default(cls, data: Any) -> Any:
+        # The default store is counts-only (issue 22, docs/results.md): unset, counts_only follows
+        # whether the store can be, so `--temperatures 1,2,4` alone keeps log-probs, not an error.
+        if isinstance(data, Mapping) and data.get("counts_only") is None:
+            fields = cls.model_fields
+            mode = data.get("mode", fields["mode"].default)
+            temperatures = data.get("temperatures", fields["temperatures"].default)
+            try:
+                at_one = [float(t) for t in temperatures] == [1.0]
+            except (TypeError, ValueError):  # not numbers: the field's own validation says so
+                at_one = False
+            data = {**data, "counts_only": mode == "sampled" and at_one}
+        return data
 
     @field_validator("temperatures")
     @classmethod
@@ -155,11 +182,12 @@ class CaptureSpec(BaseModel):
     @model_serializer(mode="wrap")
     def _without_unused(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         # Settings the mode ignores (always at their defaults, see above) are left out, and so are
-        # head, counts_only, train_on and dtype at their defaults: job rows and dedup keys written
-        # before these fields existed read the same.
+        # head, train_on and dtype at their defaults: job rows and dedup keys written before these
+        # fields existed read the same. counts_only stays in every sampled spec: unset it would
+        # follow the temperatures (a row from before it was written without false: `job_capture`).
         data = handler(self)
         for name in _MODE_SPECIFIC:
-            if name not in _MODE_FIELDS[self.mode] or (name in ("head", "counts_only") and not data[name]):
+            if name not in _MODE_FIELDS[self.mode] or (name == "head" and not data[name]):
                 data.pop(name)
         for name in ("train_on", "generate", "dtype"):
             if data[name] == type(self).model_fields[name].default:

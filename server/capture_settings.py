@@ -44,6 +44,9 @@ class CaptureRequest(CaptureSpec):
 def job_capture(settings: dict[str, Any]) -> tuple[CaptureSpec, CaptureTuning, str | None]:
     """A job row's settings as (spec, tuning, text_field of a row from before corpora kept theirs).
     Raises SpecError (the job then fails with its message) for a row the spec's rules refuse."""
-    spec = CaptureSpec.parse({name: value for name, value in settings.items() if name in CaptureSpec.model_fields})
+    fields = {name: value for name, value in settings.items() if name in CaptureSpec.model_fields}
+    # A row is a whole dump: a key absent from it is one an older server did not write, with that
+    # server's meaning (counts_only false; mode topk), never today's request defaults.
+    spec = CaptureSpec.parse({"mode": "topk", "counts_only": False, **fields})
     tuning = CaptureTuning(**{name: settings[name] for name in TUNING_FIELDS if name in settings})
     return spec, tuning, settings.get("text_field")

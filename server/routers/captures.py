@@ -114,7 +114,9 @@ def create_capture(
     if session.get(CorpusOwner, (body.corpus_id, principal.team_id)) is None:
         raise HTTPException(404, f"no corpus {body.corpus_id!r} uploaded by your team; upload it with POST /v1/corpora")
     job_settings = body.job_settings()
-    keyed = {k: v for k, v in job_settings.items() if k not in _NOT_IN_DEDUP_KEY}
+    # counts_only false is left out as before it was always written: earlier jobs keep their keys.
+    keyed = {k: v for k, v in job_settings.items()
+             if k not in _NOT_IN_DEDUP_KEY and (k, v) != ("counts_only", False)}  # fmt: skip
     dedup_key = hashlib.sha256(
         json.dumps([body.corpus_id, fingerprint, keyed], sort_keys=True).encode()
     ).hexdigest()

@@ -69,7 +69,7 @@ def assert_matches_reference(store, model, codec: LogProbCodec, lse_atol: float 
 
 @pytest.mark.parametrize("packing", ["packed", "document"])
 def test_capture_equals_full_softmax(tiny_teacher, tmp_path, packing):
-    spec = CaptureSpec(k=16, temperatures=(1.0, 2.0, 4.0), max_len=96, packing=packing, max_tokens=700)
+    spec = CaptureSpec(mode="topk", k=16, temperatures=(1.0, 2.0, 4.0), max_len=96, packing=packing, max_tokens=700)
     tuning = CaptureTuning(unit_tokens=250, chunk_tokens=64, batch_tokens=200, row_chunk=37)
     store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=tuning)
     assert store.complete and store.meta.num_segments > 1
@@ -87,7 +87,8 @@ def test_capture_equals_full_softmax(tiny_teacher, tmp_path, packing):
 def test_packed_documents_equal_each_document_captured_alone(tiny_teacher, tmp_path):
     """packed-documents shares sequences between documents without sharing context: every token's
     soft labels equal those of the document store, where each document is its own sequence."""
-    spec = CaptureSpec(k=16, temperatures=(1.0, 2.0), max_len=96, packing="packed-documents", max_tokens=900)
+    spec = CaptureSpec(mode="topk", k=16, temperatures=(1.0, 2.0), max_len=96, packing="packed-documents",
+                       max_tokens=900)
     tuning = CaptureTuning(unit_tokens=300, chunk_tokens=64, batch_tokens=200)
     packed = capture(tiny_teacher, [CORPUS], str(tmp_path / "p"), spec, tuning=tuning)
     alone = capture(tiny_teacher, [CORPUS], str(tmp_path / "d"), spec.model_copy(update={"packing": "document"}),
@@ -128,7 +129,7 @@ def test_packed_documents_need_an_attention_that_keeps_documents_apart(tiny_teac
 def test_a_teacher_placed_by_device_map_and_offloaded_writes_the_same_store(tiny_teacher, tiny_teacher_dir, tmp_path):
     """device_map="auto" with no room in memory: accelerate offloads every weight to disk (meta
     parameters, read back per module). Same fingerprint, and the store of the plain teacher."""
-    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300)
+    spec = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300)
     offloaded = load_teacher(str(tiny_teacher_dir), device_map="auto", max_memory={"cpu": "64KB"},
                              offload_folder=str(tmp_path / "offload"))  # fmt: skip
     assert any(p.is_meta for p in offloaded.model.parameters())  # really offloaded
@@ -140,7 +141,7 @@ def test_a_teacher_placed_by_device_map_and_offloaded_writes_the_same_store(tiny
 
 def test_units_and_batches_do_not_change_content(tiny_teacher, tmp_path):
     """Segment and batch boundaries are bookkeeping: the digest depends on content only."""
-    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300, packing="document")
+    spec = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=300, packing="document")
     a = capture(tiny_teacher, [CORPUS], str(tmp_path / "a"), spec, tuning=CaptureTuning(unit_tokens=10_000))
     b = capture(tiny_teacher, [CORPUS], str(tmp_path / "b"), spec,
                 tuning=CaptureTuning(unit_tokens=90, batch_tokens=64, row_chunk=5))
@@ -160,14 +161,14 @@ def test_plan_units_is_a_partition():
 
 
 def test_capture_refuses_an_existing_store(tiny_teacher, tmp_path):
-    spec = CaptureSpec(k=4, max_len=32, max_tokens=50)
+    spec = CaptureSpec(mode="topk", k=4, max_len=32, max_tokens=50)
     capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec)
     with pytest.raises(StoreExistsError, match="--resume"):
         capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec)
 
 
 def test_resume_after_losing_a_unit_gives_the_same_digest(tiny_teacher, tmp_path):
-    spec, tuning = CaptureSpec(k=8, max_len=64, max_tokens=400), CaptureTuning(unit_tokens=100)
+    spec, tuning = CaptureSpec(mode="topk", k=8, max_len=64, max_tokens=400), CaptureTuning(unit_tokens=100)
     full = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=tuning)
     digest = verify(full.url).digest
     # Un-commit two units (as if the writer died before their commit records), then resume.
@@ -183,7 +184,8 @@ def test_resume_after_losing_a_unit_gives_the_same_digest(tiny_teacher, tmp_path
 
 
 def test_progress_reports_every_batch_and_a_raising_observer_stops_the_capture(tiny_teacher, tmp_path):
-    spec, tuning = CaptureSpec(k=8, max_len=64, max_tokens=400), CaptureTuning(unit_tokens=200, batch_tokens=64)
+    spec = CaptureSpec(mode="topk", k=8, max_len=64, max_tokens=400)
+    tuning = CaptureTuning(unit_tokens=200, batch_tokens=64)
     seen: list[CaptureProgress] = []
     store = capture(tiny_teacher, [CORPUS], str(tmp_path / "s"), spec, tuning=tuning, progress=seen.append)
     sizes = [b - a for a, b in store.segment_spans()]
@@ -215,7 +217,7 @@ def test_progress_reports_every_batch_and_a_raising_observer_stops_the_capture(t
 def test_cli_capture_info_verify(tiny_teacher_dir, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out", str(out),
-                   "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "200",
+                   "--mode", "topk", "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "200",
                    "--device", "cpu", "--no-progress"])
     assert rc == 0
     capsys.readouterr()
@@ -229,7 +231,7 @@ def test_cli_capture_info_verify(tiny_teacher_dir, tmp_path, capsys):
     # The same capture with the teacher offloaded to disk by --device-map: the same store.
     offloaded = tmp_path / "offloaded"
     rc = cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out", str(offloaded),
-                   "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "200",
+                   "--mode", "topk", "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "200",
                    "--device-map", "auto", "--max-memory", "cpu=64KB", "--offload-folder", str(tmp_path / "w"),
                    "--no-progress"])  # fmt: skip
     assert rc == 0
@@ -238,9 +240,9 @@ def test_cli_capture_info_verify(tiny_teacher_dir, tmp_path, capsys):
 
 def test_cli_counts_only_capture(tiny_teacher_dir, tmp_path, capsys):
     args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--out", str(tmp_path / "c"),
-            "--mode", "sampled", "--draws", "9", "--counts-only", "--max-len", "64", "--max-tokens", "100",
-            "--device", "cpu", "--no-progress"]
-    assert cli_main(args) == 1  # the default temperatures 1,2,4 need log-probs
+            "--mode", "sampled", "--draws", "9", "--counts-only", "--temperatures", "1,2,4", "--max-len", "64",
+            "--max-tokens", "100", "--device", "cpu", "--no-progress"]
+    assert cli_main(args) == 1  # temperatures 1,2,4 need log-probs
     assert "--counts-only: needs temperatures [1]" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
     assert cli_main([*args, "--temperatures", "1"]) == 0
@@ -249,13 +251,42 @@ def test_cli_counts_only_capture(tiny_teacher_dir, tmp_path, capsys):
     assert "sampled (9 draws, seed 0, counts only) k=9" in capsys.readouterr().out
 
 
+def test_cli_capture_without_mode_flags_writes_the_default_store(tiny_teacher_dir, tmp_path, capsys):
+    """The default store (issue 22): 32 sampled draws at T=1, counts only; --no-counts-only keeps the log-probs."""
+    args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--max-len", "64",
+            "--max-tokens", "100", "--device", "cpu", "--no-progress"]
+    assert cli_main([*args, "--out", str(tmp_path / "default")]) == 0
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "default"), "--json"]) == 0
+    cap = json.loads(capsys.readouterr().out)["meta"]["capture"]
+    assert (cap["mode"], cap["draws"], cap["seed"], cap["counts_only"], cap["temperatures"]) == (
+        "sampled", 32, 0, True, [1.0])
+    assert cap["k"] == 32 and cap.get("head", 0) == 0  # min(k=64, draws=32) slots, no head
+    default = open_store(str(tmp_path / "default"))
+    block = default.read(0, 100)
+    assert block.topk_logp is None and block.counts is not None
+    assert np.all(block.counts.sum(axis=1, dtype=np.int64) <= 32) and block.counts.sum(axis=1).max() == 32
+
+    assert cli_main([*args, "--out", str(tmp_path / "logp"), "--no-counts-only"]) == 0
+    capsys.readouterr()
+    assert cli_main(["info", str(tmp_path / "logp"), "--json"]) == 0
+    cap = json.loads(capsys.readouterr().out)["meta"]["capture"]
+    assert (cap["mode"], cap["draws"], cap["temperatures"]) == ("sampled", 32, [1.0])
+    assert not cap.get("counts_only", False)
+    with_logp = open_store(str(tmp_path / "logp")).read(0, 100)
+    assert with_logp.topk_logp is not None and np.isfinite(with_logp.topk_logp[with_logp.topk_ids >= 0]).all()
+    # The same draws either way (the seed and positions key them); only the log-probs differ.
+    np.testing.assert_array_equal(with_logp.counts.sum(axis=1), block.counts.sum(axis=1))
+    assert verify(str(tmp_path / "default")).ok and verify(str(tmp_path / "logp")).ok
+
+
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
         (["--temperatures", "1,1"], "--temperatures 1,1: must be distinct"),
         (["--temperatures", "1,1e-300"], "--temperatures 1,1e-300: each must be in [0.01, 100]"),
-        (["--head", "4"], "--head 4: applies to mode 'sampled' only"),
-        (["--mode", "sampled", "--head", "4090"], "--head 4090: head + min(k, draws) = 4140 slots"),
+        (["--mode", "topk", "--head", "4"], "--head 4: applies to mode 'sampled' only"),
+        (["--mode", "sampled", "--draws", "50", "--head", "4090"], "--head 4090: head + min(k, draws) = 4140 slots"),
         (["--corpus", "missing.txt"], "missing.txt: corpus file not found"),
         (["--corpus", "notes.md"], "unsupported corpus file type '.md'"),
         (["--corpus", "empty.txt"], "the corpus is empty"),
@@ -296,8 +327,8 @@ def test_a_max_len_past_the_teacher_context_is_refused(tiny_teacher, tiny_teache
 
 
 def test_the_teacher_dtype_is_chosen_and_recorded(tiny_teacher_dir, tmp_path, capsys):
-    args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--k", "8", "--max-len", "64",
-            "--max-tokens", "128", "--device", "cpu", "--no-progress"]
+    args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--mode", "topk", "--k", "8",
+            "--max-len", "64", "--max-tokens", "128", "--device", "cpu", "--no-progress"]
     assert cli_main([*args, "--out", str(tmp_path / "f32")]) == 0
     assert cli_main([*args, "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"]) == 0
     f32, bf16 = open_store(str(tmp_path / "f32")), open_store(str(tmp_path / "bf16"))
@@ -325,7 +356,7 @@ def test_cli_errors_are_one_line(tiny_teacher_dir, tmp_path, capsys):
 @pytest.mark.slow
 def test_capture_smollm2_gguf(smollm2_teacher, tmp_path):
     """The real teacher over a few hundred tokens of the example corpus."""
-    spec = CaptureSpec(k=64, temperatures=(1.0, 2.0), max_len=160, max_tokens=320)
+    spec = CaptureSpec(mode="topk", k=64, temperatures=(1.0, 2.0), max_len=160, max_tokens=320)
     store = capture(smollm2_teacher, [CORPUS], str(tmp_path / "smol"), spec)
     assert store.num_tokens == 320 and store.meta.tokenizer.logits_width == 49152
     assert_matches_reference(store, smollm2_teacher.model, CaptureTuning().logp_codec, lse_atol=1e-3)

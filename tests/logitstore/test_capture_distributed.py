@@ -18,13 +18,15 @@ from logitstore.verify import verify
 from tests.logitstore.store_helpers import assert_same_soft_labels
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
-SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=600), CaptureTuning(unit_tokens=100)
+SPEC = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=600)
+TUNING = CaptureTuning(unit_tokens=100)
 
 
 def cli_capture(teacher_dir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     args = [sys.executable, "-m", "logitstore.cli", "capture", "--gpus", "2", "--teacher", str(teacher_dir),
-            "--corpus", str(CORPUS), "--out", str(out), "--k", "8", "--temperatures", "1,2", "--max-len", "64",
-            "--max-tokens", "600", "--unit-tokens", "100", "--device", "cpu", "--no-progress", *extra]
+            "--corpus", str(CORPUS), "--out", str(out), "--mode", "topk", "--k", "8", "--temperatures", "1,2",
+            "--max-len", "64", "--max-tokens", "600", "--unit-tokens", "100", "--device", "cpu", "--no-progress",
+            *extra]
     return subprocess.run(args, capture_output=True, text=True, timeout=300)
 
 
@@ -82,8 +84,8 @@ def test_a_tensor_parallel_teacher_gives_the_one_process_store(tiny_teacher_dir,
     one = capture(load_teacher(str(tiny_teacher_dir), device="cpu"), [CORPUS], str(tmp_path / "one"),
                   SPEC, tuning=TUNING)
     args = [sys.executable, "-m", "logitstore.cli", "capture", "--tp", "2", "--teacher", str(tiny_teacher_dir),
-            "--corpus", str(CORPUS), "--out", str(tmp_path / "tp"), "--k", "8", "--temperatures", "1,2",
-            "--max-len", "64", "--max-tokens", "600", "--unit-tokens", "100", "--device", "cpu", "--no-progress"]
+            "--corpus", str(CORPUS), "--out", str(tmp_path / "tp"), "--mode", "topk", "--k", "8", "--temperatures",
+            "1,2", "--max-len", "64", "--max-tokens", "600", "--unit-tokens", "100", "--device", "cpu", "--no-progress"]
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("600 tokens") == 1  # rank 0 alone writes and reports

@@ -118,11 +118,13 @@ def test_counts_only_keeps_the_same_draws_without_logprobs(head, peaked_teacher,
     head's ids and log-probs too, bit for bit, and the drawn slots' log-probs are NaN (not stored)."""
     base = dict(mode="sampled", draws=20, seed=7, k=16 + head, head=head, temperatures=(1.0,), max_len=64,
                 max_tokens=300)
-    full = capture(peaked_teacher, [CORPUS], str(tmp_path / "full"), CaptureSpec(**base), tuning=TUNING)
+    full = capture(peaked_teacher, [CORPUS], str(tmp_path / "full"), CaptureSpec(**base, counts_only=False),
+                   tuning=TUNING)
     store = capture(peaked_teacher, [CORPUS], str(tmp_path / "counts"), CaptureSpec(**base, counts_only=True),
                     tuning=TUNING)
     logp_array = tmp_path / "counts" / "segments" / "000000" / "topk_logp"
-    assert store.meta.capture.counts_only and logp_array.exists() == bool(head)
+    assert store.meta.capture.counts_only and not full.meta.capture.counts_only
+    assert logp_array.exists() == bool(head)
     want, got = full.read(0, full.num_tokens), store.read(0, store.num_tokens)
     np.testing.assert_array_equal(got.input_ids, want.input_ids)
     np.testing.assert_array_equal(got.lse, want.lse)
@@ -275,8 +277,8 @@ def test_vocab_262144_ids_round_trip_exactly(wide_teacher_dir, tmp_path):
     teacher = load_teacher(str(wide_teacher_dir), device="cpu")
     assert teacher.tokenizer_info.logits_width == 262_144
     tuning = CaptureTuning(unit_tokens=100, chunk_tokens=32, batch_tokens=96, row_chunk=40)
-    store = capture(teacher, [CORPUS], str(tmp_path / "w"), CaptureSpec(k=16, temperatures=(1.0, 2.0), max_len=48,
-                                                                         max_tokens=150), tuning=tuning)
+    store = capture(teacher, [CORPUS], str(tmp_path / "w"), CaptureSpec(mode="topk", k=16, temperatures=(1.0, 2.0),
+                                                                         max_len=48, max_tokens=150), tuning=tuning)
     assert store.meta.tokenizer.logits_width == 262_144
     assert_matches_reference(store, teacher.model, tuning.logp_codec)
     ids = store.read(0, store.num_tokens).topk_ids

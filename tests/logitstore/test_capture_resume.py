@@ -19,9 +19,10 @@ from logitstore.verify import verify
 from tests.logitstore.processes import sigkill_after_commits
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
-SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=768), CaptureTuning(unit_tokens=64)
-CLI_ARGS = ["--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "768", "--unit-tokens", "64",
-            "--device", "cpu", "--no-progress"]
+SPEC = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=768)
+TUNING = CaptureTuning(unit_tokens=64)
+CLI_ARGS = ["--mode", "topk", "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--max-tokens", "768",
+            "--unit-tokens", "64", "--device", "cpu", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_sigkilled_capture_resumes_to_the_same_digest(tiny_teacher_dir, tiny_tea
 )
 def test_resume_refuses_different_settings(tiny_teacher, tmp_path, change, field):
     out = str(tmp_path / "s")
-    base = dict(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=200)
+    base = dict(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=200)
     tuning = CaptureTuning(unit_tokens=1000)
     capture(tiny_teacher, [CORPUS], out, CaptureSpec(**base), tuning=tuning)
     with pytest.raises(LogitStoreError, match=rf"refusing to mix them: .*{field}"):
@@ -79,8 +80,8 @@ def test_resume_refuses_different_settings(tiny_teacher, tmp_path, change, field
 
 def test_resume_refuses_another_teacher_or_corpus(tiny_teacher_dir, tiny_teacher_dir_factory, tmp_path, capsys):
     out = tmp_path / "s"
-    base = ["capture", "--corpus", str(CORPUS), "--out", str(out), "--k", "4", "--max-len", "32", "--max-tokens",
-            "100", "--device", "cpu", "--no-progress"]
+    base = ["capture", "--corpus", str(CORPUS), "--out", str(out), "--mode", "topk", "--k", "4", "--max-len", "32",
+            "--max-tokens", "100", "--device", "cpu", "--no-progress"]
     assert cli_main([*base, "--teacher", str(tiny_teacher_dir)]) == 0
     capsys.readouterr()
     before = sorted(p.relative_to(out) for p in out.rglob("*"))

@@ -66,7 +66,7 @@ def test_a_chat_store_keeps_soft_labels_exactly_where_an_assistant_token_is_pred
                                                                                       packing):
     teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
     corpus = _chat_corpus(tmp_path / "chat.jsonl")
-    spec = dict(k=8, max_len=48, packing=packing, temperatures=(1.0, 2.0))
+    spec = dict(mode="topk", k=8, max_len=48, packing=packing, temperatures=(1.0, 2.0))
     chat = capture(teacher, [corpus], str(tmp_path / "assistant"), CaptureSpec(**spec))
     every = capture(teacher, [corpus], str(tmp_path / "all"), CaptureSpec(**spec, train_on="all"))
 
@@ -93,7 +93,7 @@ def test_plain_text_stores_are_written_as_before(tiny_teacher_dir, tmp_path):
     """No chat row: no train_on, no chat template in the metadata (readers from before chat rows read it)."""
     teacher = load_teacher(str(tiny_teacher_dir), device="cpu")
     (tmp_path / "plain.jsonl").write_text(json.dumps({"text": "Just some text."}) + "\n")
-    store = capture(teacher, [tmp_path / "plain.jsonl"], str(tmp_path / "s"), CaptureSpec(k=4, max_len=16))
+    store = capture(teacher, [tmp_path / "plain.jsonl"], str(tmp_path / "s"), CaptureSpec(mode="topk", k=4, max_len=16))
     attrs = store.meta.model_dump(mode="json")
     assert "train_on" not in attrs["capture"] and "chat_template_sha256" not in attrs["tokenizer"]
     assert store.read(0, store.num_tokens).loss_mask is None

@@ -30,7 +30,8 @@ PROMPTS = [
     {"messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
                   {"role": "user", "content": "And then?"}]},
 ]
-SPEC = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, generate={"n": 2, "max_new_tokens": 10, "seed": 3})
+SPEC = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=64,
+                   generate={"n": 2, "max_new_tokens": 10, "seed": 3})
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +133,8 @@ def test_prompts_that_cannot_be_answered_are_refused_by_row(tiny_teacher, tmp_pa
         generate(tiny_teacher, [path], str(tmp_path / "s"), SPEC)
 
 
-CLI = ["--n", "2", "--max-new-tokens", "10", "--seed", "3", "--k", "8", "--temperatures", "1,2", "--max-len", "64",
-       "--unit-tokens", "1", "--batch-tokens", "1", "--device", "cpu", "--no-progress"]
+CLI = ["--n", "2", "--max-new-tokens", "10", "--seed", "3", "--mode", "topk", "--k", "8", "--temperatures", "1,2",
+       "--max-len", "64", "--unit-tokens", "1", "--batch-tokens", "1", "--device", "cpu", "--no-progress"]
 
 
 @pytest.mark.slow

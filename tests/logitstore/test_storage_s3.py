@@ -21,7 +21,8 @@ from logitstore.verify import verify
 from logitstore.writer import StoreWriter
 
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
-SPEC, TUNING = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=512), CaptureTuning(unit_tokens=64)
+SPEC = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=64, max_tokens=512)
+TUNING = CaptureTuning(unit_tokens=64)
 
 
 @pytest.fixture

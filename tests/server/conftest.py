@@ -30,7 +30,8 @@ from server.settings import Settings
 ADMIN_KEY = "admin-secret"
 CORPUS = Path(__file__).resolve().parents[2] / "examples" / "data" / "tinyshakespeare.txt"
 # Small enough that the tiny teacher captures it in about a second, cut into several segments.
-CAPTURE = {"k": 8, "temperatures": [1.0, 2.0], "max_len": 64, "max_tokens": 640, "unit_tokens": 128}
+# A top-k store (the default is sampled, counts only: test_api.py's test_a_bare_request_captures_the_default_store).
+CAPTURE = {"mode": "topk", "k": 8, "temperatures": [1.0, 2.0], "max_len": 64, "max_tokens": 640, "unit_tokens": 128}
 
 
 def _pg_bindir() -> Path | None:
@@ -176,7 +177,7 @@ def reference_store(tiny_teacher_dir: Path, corpus_slice: Path, tmp_path_factory
     from logitstore.spec import CaptureSpec
 
     out = tmp_path_factory.mktemp("reference") / "store"
-    spec = CaptureSpec(k=CAPTURE["k"], temperatures=CAPTURE["temperatures"], max_len=CAPTURE["max_len"],
-                       max_tokens=CAPTURE["max_tokens"])
+    spec = CaptureSpec(mode=CAPTURE["mode"], k=CAPTURE["k"], temperatures=CAPTURE["temperatures"],
+                       max_len=CAPTURE["max_len"], max_tokens=CAPTURE["max_tokens"])
     capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(out), spec)
     return out

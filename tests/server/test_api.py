@@ -202,7 +202,7 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
         name = next(iter(ignored))
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", name]
         assert "applies to mode" in refused.json()["detail"][0]["msg"]
-    assert api.capture(key, corpus, coverage=0.99, draws=50).json()["id"] == topk["id"]
+    assert api.capture(key, corpus, coverage=0.99, draws=32, counts_only=False).json()["id"] == topk["id"]
     assert api.capture(key, corpus, mode="sampled", draws=300).status_code == 422
     sampled = api.capture(key, corpus, mode="sampled", draws=12, seed=3)
     assert sampled.status_code == 201 and sampled.json()["settings"]["draws"] == 12
@@ -237,6 +237,117 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
     assert verify(str(served)).digest == verify(str(tmp_path / "counts")).digest
     headed_store = open_store(str(api.settings.stores_dir / headed.json()["store_id"]))
     assert (headed_store.meta.capture.head, headed_store.meta.capture.k) == (4, headed.json()["slots"])
+
+
+def test_a_bare_request_captures_the_default_store(api: Api, corpus_slice: Path, tiny_teacher_dir: Path,
+                                                  tmp_path: Path) -> None:
+    """A request with the corpus alone (the tiny teacher, a short capture) gets the default store of
+    issue 22: 32 draws at T=1, at most 64 ids, counts only; the store `logitstore capture` writes
+    without mode flags."""
+    from logitstore.capture.engine import capture
+    from logitstore.capture.teacher import load_teacher
+    from logitstore.spec import CaptureSpec
+
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    body = {"corpus_id": corpus, "teacher": "tiny", "max_len": 64, "max_tokens": CAPTURE_TOKENS}
+    r = api.client.post("/v1/captures", json=body, headers=api.auth(key))
+    assert r.status_code == 201, r.text
+    job = r.json()
+    settings = job["settings"]
+    assert (settings["mode"], settings["draws"], settings["seed"], settings["k"], settings["temperatures"]) == (
+        "sampled", 32, 0, 64, [1.0])
+    assert settings["counts_only"] is True and job["slots"] == 32 and not {"head", "coverage"} & settings.keys()
+    # Asking for it explicitly is the same job; asking for the log-probs is another one.
+    same = api.client.post("/v1/captures", json={**body, "counts_only": True}, headers=api.auth(key))
+    assert same.status_code == 200 and same.json()["id"] == job["id"]
+    with_logp = api.client.post("/v1/captures", json={**body, "counts_only": False}, headers=api.auth(key))
+    assert with_logp.status_code == 201 and with_logp.json()["id"] != job["id"]
+    assert with_logp.json()["settings"]["counts_only"] is False
+    assert Worker(api.settings).run_once() == job["id"]
+    done = api.client.get(f"/v1/jobs/{job['id']}", headers=api.auth(key)).json()
+    assert done["state"] == "succeeded", done["error"]
+
+    store = open_store(str(api.settings.stores_dir / job["store_id"]))
+    cap = store.meta.capture
+    assert (cap.mode, cap.draws, cap.seed, cap.k, cap.counts_only, cap.temperatures) == (
+        "sampled", 32, 0, 32, True, (1.0,))
+    block = store.read(0, store.num_tokens)
+    assert store.num_tokens == CAPTURE_TOKENS and block.topk_logp is None
+    assert np.all(block.counts.sum(axis=1, dtype=np.int64) == 32)  # 32 slots hold every draw
+    local = tmp_path / "local"
+    capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(local), CaptureSpec(max_len=64,
+                                                                                         max_tokens=CAPTURE_TOKENS))
+    assert verify(store.url).digest == verify(str(local)).digest
+
+
+def test_a_sampled_job_row_without_counts_only_is_a_store_with_logprobs() -> None:
+    """Rows from before counts_only was always written (sampled, T=1, no counts_only) were captured
+    with log-probs: the worker must read them so, not by the request's rule (unset: counts only)."""
+    from logitstore.spec import CaptureSpec
+    from server.capture_settings import CaptureRequest, job_capture
+
+    row = {"mode": "sampled", "k": 8, "draws": 12, "seed": 3, "temperatures": [1.0], "max_len": 64,
+           "packing": "packed", "max_tokens": 640, "unit_tokens": 128, "batch_tokens": 8192}
+    spec, tuning, text_field = job_capture(row)
+    assert spec.counts_only is False and (spec.mode, spec.draws, spec.seed, spec.temperatures) == (
+        "sampled", 12, 3, (1.0,))
+    assert (tuning.unit_tokens, tuning.batch_tokens, text_field) == (128, 8192, None)
+    assert job_capture({**row, "counts_only": True})[0].counts_only is True
+    assert job_capture({**row, "text_field": "body"})[2] == "body"
+    # The same settings as a request, counts_only unset: the counts-only store.
+    request = CaptureRequest.model_validate({"corpus_id": "c", **{k: v for k, v in row.items() if k != "unit_tokens"}})
+    assert request.spec().counts_only is True and request.job_settings()["counts_only"] is True
+    # Every row written now says which it is, and reads back as the spec it was written from.
+    for counts_only in (None, True, False):
+        asked = CaptureRequest.model_validate({"corpus_id": "c", "counts_only": counts_only})
+        written = asked.job_settings()
+        assert "counts_only" in written and job_capture(written)[0] == asked.spec() == CaptureSpec.parse(
+            {"counts_only": counts_only})
+    # A top-k row never had counts_only and has none now.
+    topk, _, _ = job_capture({"mode": "topk", "k": 8, "temperatures": [1.0, 2.0], "max_len": 64})
+    assert topk.counts_only is False and "counts_only" not in topk.model_dump()
+
+
+def test_a_legacy_sampled_job_keeps_its_dedup_key_and_its_logprobs(api: Api, corpus_slice: Path) -> None:
+    """A sampled T=1 job an earlier server wrote (no counts_only in its row or its dedup key) is found
+    again by a request for counts_only false, runs as a store with log-probs, and a request that
+    leaves counts_only unset is another job: the counts-only store."""
+    import hashlib
+
+    from server.db import Database, Job
+
+    key = api.team("alpha")
+    corpus = api.upload(key, corpus_slice.read_bytes()).json()["id"]
+    asked = {"mode": "sampled", "draws": 12, "seed": 3, "temperatures": [1.0]}
+    first = api.capture(key, corpus, **asked, counts_only=False)
+    assert first.status_code == 201 and first.json()["settings"]["counts_only"] is False
+    legacy = first.json()
+    db = Database(api.settings.db_url)
+    with db.session() as s:  # the row as an earlier server wrote it
+        row = s.get(Job, legacy["id"])
+        row.settings = {k: v for k, v in row.settings.items() if k != "counts_only"}
+        old_settings, fingerprint, dedup_key = row.settings, row.teacher_fingerprint, row.dedup_key
+    db.dispose()
+    # The key an earlier server computed: the settings but unit_tokens, with no counts_only among them.
+    keyed = {k: v for k, v in old_settings.items() if k != "unit_tokens"}
+    assert "counts_only" not in keyed and "draws" in keyed
+    assert dedup_key == hashlib.sha256(json.dumps([corpus, fingerprint, keyed], sort_keys=True).encode()).hexdigest()
+    again = api.capture(key, corpus, **asked, counts_only=False)
+    assert again.status_code == 200 and again.json()["id"] == legacy["id"]
+    assert again.json()["slots"] == 8 and "counts_only" not in again.json()["settings"]  # min(k=8, 12 draws)
+    counts = api.capture(key, corpus, **asked)
+    assert counts.status_code == 201 and counts.json()["id"] != legacy["id"]
+    assert counts.json()["settings"]["counts_only"] is True
+    worker = Worker(api.settings)
+    while worker.run_once() is not None:
+        pass
+    with_logp = open_store(str(api.settings.stores_dir / legacy["store_id"]))
+    assert not with_logp.meta.capture.counts_only and with_logp.read(0, 10).topk_logp is not None
+    counts_only = open_store(str(api.settings.stores_dir / counts.json()["store_id"]))
+    assert counts_only.meta.capture.counts_only and counts_only.read(0, 10).topk_logp is None
+    a, b = with_logp.read(0, with_logp.num_tokens), counts_only.read(0, counts_only.num_tokens)
+    np.testing.assert_array_equal(a.counts.sum(axis=1), b.counts.sum(axis=1))  # the same draws, seed 3
 
 
 @pytest.mark.parametrize(
@@ -351,7 +462,8 @@ def test_a_chat_corpus_is_captured_as_the_cli_captures_it(api: Api, tiny_teacher
         assert store.read(0, store.num_tokens).loss_mask.all() == (on == "all")
 
     (tmp_path / "chat.jsonl").write_bytes(data)
-    flags = ["--k", "8", "--temperatures", "1,2", "--max-len", "64", "--unit-tokens", "128", "--no-progress"]
+    flags = ["--mode", "topk", "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--unit-tokens", "128",
+             "--no-progress"]
     assert cli_main(["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(tmp_path / "chat.jsonl"),
                      "--out", str(tmp_path / "cli"), "--messages-field", "conversation", *flags]) == 0
     served = api.settings.stores_dir / jobs["assistant"]["store_id"]
@@ -380,8 +492,8 @@ def test_a_generation_runs_in_the_workers_as_the_cli_runs_it(api: Api, tiny_teac
     assert store.num_sequences == 4 and len(store.samples()) == 4 and store.meta.capture.train_on == "completion"
 
     (tmp_path / "prompts.jsonl").write_bytes(data)
-    flags = ["--k", "8", "--temperatures", "1,2", "--max-len", "64", "--unit-tokens", "128", "--no-progress",
-             "--n", "2", "--max-new-tokens", "8", "--seed", "1", "--device", "cpu"]
+    flags = ["--mode", "topk", "--k", "8", "--temperatures", "1,2", "--max-len", "64", "--unit-tokens", "128",
+             "--no-progress", "--n", "2", "--max-new-tokens", "8", "--seed", "1", "--device", "cpu"]
     assert cli_main(["generate", "--teacher", str(tiny_teacher_dir), "--prompts", str(tmp_path / "prompts.jsonl"),
                      "--out", str(tmp_path / "cli"), *flags]) == 0
     assert verify(str(served)).digest == verify(str(tmp_path / "cli")).digest

@@ -275,7 +275,8 @@ def test_sigkilled_worker_job_is_resumed_by_a_new_worker(tmp_path: Path, tiny_te
     from logitstore.spec import CaptureSpec, CaptureTuning
 
     corpus = ROOT / "examples" / "data" / "tinyshakespeare.txt"
-    settings = {"k": 8, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 6000, "unit_tokens": 256}
+    settings = {"mode": "topk", "k": 8, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 6000,
+                "unit_tokens": 256}
     worker_args = ["worker", "--data-dir", str(tmp_path / "data"), "--teacher", f"tiny={tiny_teacher_dir}",
                    "--heartbeat-s", "0.5", "--stale-after-s", "3"]
     with serve(tmp_path, [f"tiny={tiny_teacher_dir}"], "--no-worker") as client:
@@ -287,7 +288,7 @@ def test_sigkilled_worker_job_is_resumed_by_a_new_worker(tmp_path: Path, tiny_te
         store = tmp_path / "data" / "stores" / job["store_id"]
 
     reference = tmp_path / "uninterrupted"
-    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=6000)
+    spec = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=6000)
     capture(load_teacher(str(tiny_teacher_dir)), [corpus], str(reference), spec, tuning=CaptureTuning(unit_tokens=256))
     resumed = verify(str(store))
     assert resumed.ok and resumed.digest == verify(str(reference)).digest
@@ -298,7 +299,7 @@ def test_smollm2_capture_through_the_server(tmp_path: Path, smollm2_teacher, cor
     from logitstore.capture.engine import capture
     from logitstore.spec import CaptureSpec
 
-    settings = {"k": 16, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 200}
+    settings = {"mode": "topk", "k": 16, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 200}
     with serve(tmp_path, ["smollm2-135m=smollm2-135m"]) as client:
         key = make_team(client, "alpha")
         r = client.post("/v1/captures", json={"corpus_id": upload(client, key, corpus_slice),
@@ -308,6 +309,6 @@ def test_smollm2_capture_through_the_server(tmp_path: Path, smollm2_teacher, cor
         url = f"{str(client.base_url).rstrip('/')}/v1/stores/{job['store_id']}/zarr"
         remote = verify(url, storage_options={"headers": auth(key)})
     local = tmp_path / "local"
-    capture(smollm2_teacher, [corpus_slice], str(local), CaptureSpec(k=16, temperatures=(1.0, 2.0), max_len=128,
-                                                                     max_tokens=200))
+    capture(smollm2_teacher, [corpus_slice], str(local), CaptureSpec(mode="topk", k=16, temperatures=(1.0, 2.0),
+                                                                     max_len=128, max_tokens=200))
     assert remote.ok and remote.tokens == 200 and remote.digest == verify(str(local)).digest

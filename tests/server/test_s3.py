@@ -175,7 +175,8 @@ def test_sigkilled_worker_resumes_in_the_bucket(
     from logitstore.spec import CaptureSpec, CaptureTuning
 
     corpus = ROOT / "examples" / "data" / "tinyshakespeare.txt"
-    settings = {"k": 8, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 2000, "unit_tokens": 256}
+    settings = {"mode": "topk", "k": 8, "temperatures": [1.0, 2.0], "max_len": 128, "max_tokens": 2000,
+                "unit_tokens": 256}
     s3_flags = ["--storage-root", s3_root, "--storage-options", json.dumps(s3_server)]
     worker_args = ["worker", "--data-dir", str(tmp_path / "data"), "--teacher", f"tiny={tiny_teacher_dir}",
                    "--heartbeat-s", "0.5", "--stale-after-s", "3", *s3_flags]
@@ -191,7 +192,7 @@ def test_sigkilled_worker_resumes_in_the_bucket(
         assert detail["info"]["complete"] and detail["info"]["tokens"] == 2000
 
     reference = tmp_path / "uninterrupted"
-    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=2000)
+    spec = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=128, max_tokens=2000)
     capture(load_teacher(str(tiny_teacher_dir)), [corpus], str(reference), spec, tuning=CaptureTuning(unit_tokens=256))
     resumed = verify(store_url, storage_options=s3_server)
     assert resumed.ok and resumed.digest == verify(str(reference)).digest

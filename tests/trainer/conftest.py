@@ -36,7 +36,7 @@ def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
 
     Arguments are CaptureSpec or CaptureTuning fields, e.g. `tiny_store_factory(max_tokens=2000, packing="document")`,
     and `corpus` (a text file; default the start of tinyshakespeare).
-    Defaults: k=8, temperatures (1, 2), max_len 64, 4000 tokens, 1000-token units (several segments).
+    Defaults: top-k with k=8, temperatures (1, 2), max_len 64, 4000 tokens, 1000-token units (several segments).
     """
     from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
@@ -48,7 +48,8 @@ def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
     built: dict[tuple, str] = {}
 
     def build(corpus: Path = CORPUS, **overrides) -> str:
-        settings = {"k": 8, "temperatures": (1.0, 2.0), "max_len": 64, "max_tokens": 4000, "unit_tokens": 1000}
+        settings = {"mode": "topk", "k": 8, "temperatures": (1.0, 2.0), "max_len": 64, "max_tokens": 4000,
+                    "unit_tokens": 1000}
         settings.update(overrides)
         key = (str(corpus), *sorted(settings.items()))
         if key not in built:
@@ -63,7 +64,7 @@ def tiny_store_factory(peaked_teacher_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_store(tiny_store_factory) -> str:
-    """A packed store of the peaked tiny teacher: 4000 tokens, k=8, T=1,2, sequences of 64, 4 segments."""
+    """A packed top-k store of the peaked tiny teacher: 4000 tokens, k=8, T=1,2, sequences of 64, 4 segments."""
     return tiny_store_factory()
 
 

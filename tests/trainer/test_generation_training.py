@@ -35,7 +35,7 @@ def generated_store(peaked_teacher_dir, chat_corpus, tmp_path_factory) -> str:
                    for r in rows]  # fmt: skip
     prompts.write_text("".join(json.dumps(r) + "\n" for r in first_turns))
     teacher = load_teacher(str(peaked_teacher_dir), device="cpu")
-    spec = CaptureSpec(k=8, temperatures=(1.0, 2.0), max_len=96, generate={"n": 3, "max_new_tokens": 24})
+    spec = CaptureSpec(mode="topk", k=8, temperatures=(1.0, 2.0), max_len=96, generate={"n": 3, "max_new_tokens": 24})
     return generate(teacher, [prompts], str(tmp_path_factory.mktemp("gen") / "s"), spec).url
 
 
