@@ -82,7 +82,7 @@ class CaptureSpec(BaseModel):
     )
     k: int = Field(64, ge=1, le=MAX_SLOTS, description="ids stored per token; the cap in adaptive and sampled modes")
     coverage: float = Field(0.99, gt=0, le=1, description="adaptive mode: T=1 probability mass to reach")
-    draws: int = Field(32, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
+    draws: int = Field(64, ge=1, le=255, description="sampled mode: draws per token (counts are stored in 8 bits)")
     seed: int = Field(0, ge=0, le=2**63 - 1, description="sampled mode: seed of the draws")
     head: int = Field(
         0, ge=0, lt=MAX_SLOTS,

@@ -34,7 +34,7 @@ def test_demo_runs_end_to_end_and_ends_with_the_report_path(tiny_teacher_dir: Pa
     assert "| train | 640 |" in text and "| heldout | 256 |" in text
     assert "KL(teacher ‖ student)" in text and "![curves](run/curves.png)" in text
     # The train store takes the default capture settings (the request names none); the held-out one is top-64.
-    assert "default capture settings: sampled: the distinct ids of 32 draws from the teacher (counts only)" in text
+    assert "default capture settings: sampled: the distinct ids of 64 draws from the teacher (counts only)" in text
     assert "The held-out store: topk: the 64 likeliest ids" in text
     assert (out / "run" / "curves.png").stat().st_size > 1000
     assert (out / "run" / "final" / "config.json").is_file()

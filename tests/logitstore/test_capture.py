@@ -252,7 +252,7 @@ def test_cli_counts_only_capture(tiny_teacher_dir, tmp_path, capsys):
 
 
 def test_cli_capture_without_mode_flags_writes_the_default_store(tiny_teacher_dir, tmp_path, capsys):
-    """The default store (issue 22): 32 sampled draws at T=1, counts only; --no-counts-only keeps the log-probs."""
+    """The default store (issue 22): 64 sampled draws at T=1, counts only; --no-counts-only keeps the log-probs."""
     args = ["capture", "--teacher", str(tiny_teacher_dir), "--corpus", str(CORPUS), "--max-len", "64",
             "--max-tokens", "100", "--device", "cpu", "--no-progress"]
     assert cli_main([*args, "--out", str(tmp_path / "default")]) == 0
@@ -260,18 +260,18 @@ def test_cli_capture_without_mode_flags_writes_the_default_store(tiny_teacher_di
     assert cli_main(["info", str(tmp_path / "default"), "--json"]) == 0
     cap = json.loads(capsys.readouterr().out)["meta"]["capture"]
     assert (cap["mode"], cap["draws"], cap["seed"], cap["counts_only"], cap["temperatures"]) == (
-        "sampled", 32, 0, True, [1.0])
-    assert cap["k"] == 32 and cap.get("head", 0) == 0  # min(k=64, draws=32) slots, no head
+        "sampled", 64, 0, True, [1.0])
+    assert cap["k"] == 64 and cap.get("head", 0) == 0  # min(k=64, draws=64) slots, no head
     default = open_store(str(tmp_path / "default"))
     block = default.read(0, 100)
     assert block.topk_logp is None and block.counts is not None
-    assert np.all(block.counts.sum(axis=1, dtype=np.int64) <= 32) and block.counts.sum(axis=1).max() == 32
+    assert np.all(block.counts.sum(axis=1, dtype=np.int64) <= 64) and block.counts.sum(axis=1).max() == 64
 
     assert cli_main([*args, "--out", str(tmp_path / "logp"), "--no-counts-only"]) == 0
     capsys.readouterr()
     assert cli_main(["info", str(tmp_path / "logp"), "--json"]) == 0
     cap = json.loads(capsys.readouterr().out)["meta"]["capture"]
-    assert (cap["mode"], cap["draws"], cap["temperatures"]) == ("sampled", 32, [1.0])
+    assert (cap["mode"], cap["draws"], cap["temperatures"]) == ("sampled", 64, [1.0])
     assert not cap.get("counts_only", False)
     with_logp = open_store(str(tmp_path / "logp")).read(0, 100)
     assert with_logp.topk_logp is not None and np.isfinite(with_logp.topk_logp[with_logp.topk_ids >= 0]).all()

@@ -31,7 +31,7 @@ from logitstore.spec import MAX_SLOTS, CaptureSpec, CaptureTuning, SpecError
         ({"mode": "topk", "counts_only": True}, "counts_only", "applies to mode 'sampled' only"),
         ({"mode": "sampled", "counts_only": True, "temperatures": [1, 2, 4]}, "counts_only", "needs temperatures [1]"),
         ({"mode": "sampled", "head": 4090, "k": 64, "draws": 50}, "head", "4140 slots; at most 4096"),
-        ({"head": 4090}, "head", "4122 slots; at most 4096"),  # the default draws: 32
+        ({"head": 4090}, "head", "4154 slots; at most 4096"),  # the default draws: 64
         ({"packing": "interleaved"}, "packing", "'packed', 'document' or 'packed-documents'"),
         ({"text_field": "body"}, "text_field", "Extra inputs are not permitted"),
     ],
@@ -48,7 +48,7 @@ def test_each_rule_names_its_field(given, field, message):
 
 
 def test_a_setting_the_mode_ignores_may_stay_at_its_default():
-    spec = CaptureSpec.parse({"mode": "topk", "coverage": 0.99, "draws": 32, "seed": 0, "head": 0,
+    spec = CaptureSpec.parse({"mode": "topk", "coverage": 0.99, "draws": 64, "seed": 0, "head": 0,
                               "counts_only": False})
     assert spec == CaptureSpec(mode="topk")
     assert CaptureSpec.parse({"mode": "sampled", "coverage": 0.99}) == CaptureSpec()
@@ -84,7 +84,7 @@ def test_dump_is_canonical_and_round_trips(given):
 
 @pytest.mark.parametrize(
     ("given", "slots"),
-    [({"mode": "topk", "k": 16}, 16), ({"mode": "adaptive", "k": 16}, 16), ({"k": 64}, 32), ({"k": 16}, 16),
+    [({"mode": "topk", "k": 16}, 16), ({"mode": "adaptive", "k": 16}, 16), ({"k": 64}, 64), ({"k": 16}, 16),
      ({"mode": "sampled", "k": 64, "draws": 20}, 20),
      ({"mode": "sampled", "k": 50, "draws": 50, "head": 8}, 58)],
 )
@@ -104,9 +104,9 @@ def test_the_teacher_bounds_the_slots_and_the_sequence_length():
     CaptureSpec(mode="topk", k=100, max_len=512).check_teacher(logits_width=100, context_length=512)
     with pytest.raises(SpecError, match="k: 101 slots per token exceed the teacher's logits width 100"):
         CaptureSpec(mode="topk", k=101).check_teacher(logits_width=100)
-    CaptureSpec(k=101).check_teacher(logits_width=32)  # sampled: min(k, draws=32) slots
-    with pytest.raises(SpecError, match="k: 32 slots per token exceed the teacher's logits width 31"):
-        CaptureSpec().check_teacher(logits_width=31)
+    CaptureSpec(k=101).check_teacher(logits_width=64)  # sampled: min(k, draws=64) slots
+    with pytest.raises(SpecError, match="k: 64 slots per token exceed the teacher's logits width 63"):
+        CaptureSpec().check_teacher(logits_width=63)
     with pytest.raises(SpecError, match="head: 30 slots"):
         CaptureSpec(mode="sampled", head=10, k=20).check_teacher(logits_width=25)
     with pytest.raises(SpecError) as e:
@@ -156,10 +156,10 @@ def test_tuning_refuses_non_positive_sizes(name):
 
 
 def test_the_default_spec_is_sampled_counts_only_at_t1():
-    """The default store (issue 22): 32 draws of at most 64 ids at T=1, counts without log-probs."""
+    """The default store (issue 22): 64 draws of at most 64 ids at T=1, counts without log-probs."""
     spec = CaptureSpec()
-    assert (spec.mode, spec.draws, spec.k, spec.seed, spec.head) == ("sampled", 32, 64, 0, 0)
-    assert spec.temperatures == (1.0,) and spec.counts_only is True and spec.slots == 32
+    assert (spec.mode, spec.draws, spec.k, spec.seed, spec.head) == ("sampled", 64, 64, 0, 0)
+    assert spec.temperatures == (1.0,) and spec.counts_only is True and spec.slots == 64
     assert CaptureSpec.parse({}) == spec == CaptureSpec.parse({"counts_only": None})
     assert spec.model_dump(mode="json")["counts_only"] is True
 
@@ -238,7 +238,7 @@ def test_no_counts_only_flag_gives_a_sampled_t1_spec_with_logprobs():
 def test_capture_help_shows_the_default_store():
     capture = _parser()._subparsers._group_actions[0].choices["capture"]
     text = " ".join(capture.format_help().split())  # argparse wraps lines where the width says
-    for flag, default in (("--mode", "sampled"), ("--draws", "32"), ("--k", "64"), ("--temperatures", "1")):
+    for flag, default in (("--mode", "sampled"), ("--draws", "64"), ("--k", "64"), ("--temperatures", "1")):
         action = next(a for a in capture._actions if flag in a.option_strings)
         assert f"(default: {default})" in " ".join(action.help.split()), flag
     assert "(default: 1,2,4)" not in text and "(default: 50)" not in text and "(default: topk)" not in text

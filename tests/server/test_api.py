@@ -202,7 +202,7 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
         name = next(iter(ignored))
         assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", name]
         assert "applies to mode" in refused.json()["detail"][0]["msg"]
-    assert api.capture(key, corpus, coverage=0.99, draws=32, counts_only=False).json()["id"] == topk["id"]
+    assert api.capture(key, corpus, coverage=0.99, draws=64, counts_only=False).json()["id"] == topk["id"]
     assert api.capture(key, corpus, mode="sampled", draws=300).status_code == 422
     sampled = api.capture(key, corpus, mode="sampled", draws=12, seed=3)
     assert sampled.status_code == 201 and sampled.json()["settings"]["draws"] == 12
@@ -242,7 +242,7 @@ def test_capture_modes_run_as_requested(api: Api, corpus_slice: Path, tiny_teach
 def test_a_bare_request_captures_the_default_store(api: Api, corpus_slice: Path, tiny_teacher_dir: Path,
                                                   tmp_path: Path) -> None:
     """A request with the corpus alone (the tiny teacher, a short capture) gets the default store of
-    issue 22: 32 draws at T=1, at most 64 ids, counts only; the store `logitstore capture` writes
+    issue 22: 64 draws at T=1, at most 64 ids, counts only; the store `logitstore capture` writes
     without mode flags."""
     from logitstore.capture.engine import capture
     from logitstore.capture.teacher import load_teacher
@@ -256,8 +256,8 @@ def test_a_bare_request_captures_the_default_store(api: Api, corpus_slice: Path,
     job = r.json()
     settings = job["settings"]
     assert (settings["mode"], settings["draws"], settings["seed"], settings["k"], settings["temperatures"]) == (
-        "sampled", 32, 0, 64, [1.0])
-    assert settings["counts_only"] is True and job["slots"] == 32 and not {"head", "coverage"} & settings.keys()
+        "sampled", 64, 0, 64, [1.0])
+    assert settings["counts_only"] is True and job["slots"] == 64 and not {"head", "coverage"} & settings.keys()
     # Asking for it explicitly is the same job; asking for the log-probs is another one.
     same = api.client.post("/v1/captures", json={**body, "counts_only": True}, headers=api.auth(key))
     assert same.status_code == 200 and same.json()["id"] == job["id"]
@@ -271,10 +271,10 @@ def test_a_bare_request_captures_the_default_store(api: Api, corpus_slice: Path,
     store = open_store(str(api.settings.stores_dir / job["store_id"]))
     cap = store.meta.capture
     assert (cap.mode, cap.draws, cap.seed, cap.k, cap.counts_only, cap.temperatures) == (
-        "sampled", 32, 0, 32, True, (1.0,))
+        "sampled", 64, 0, 64, True, (1.0,))
     block = store.read(0, store.num_tokens)
     assert store.num_tokens == CAPTURE_TOKENS and block.topk_logp is None
-    assert np.all(block.counts.sum(axis=1, dtype=np.int64) == 32)  # 32 slots hold every draw
+    assert np.all(block.counts.sum(axis=1, dtype=np.int64) == 64)  # 64 slots hold every draw
     local = tmp_path / "local"
     capture(load_teacher(str(tiny_teacher_dir)), [corpus_slice], str(local), CaptureSpec(max_len=64,
                                                                                          max_tokens=CAPTURE_TOKENS))
