@@ -279,7 +279,7 @@ evaluations {timings['train']:.0f} s.
 
 
 def _settings(cap: dict) -> str:
-    """A store's capture settings in words, e.g. `sampled: the distinct ids of 64 draws from the teacher (counts only)`."""
+    """A store's capture settings in words, e.g. `sampled: the distinct ids of 64 draws ... (counts only)`."""
     if cap["mode"] == "sampled":
         head = f"the top {cap['head']} ids with log-probs + " if cap.get("head") else ""
         what = "counts only" if cap.get("counts_only") else "counts and log-probs"
