@@ -80,6 +80,13 @@ def segment_arrays(capture: CaptureSettings, format_version: int) -> tuple[str, 
     return (*names, COUNTS_ARRAY) if capture.mode == "sampled" else names
 
 
+def head_first_order(keys: np.ndarray, head: int) -> np.ndarray:
+    """Per row [n, K], the column order that keeps the first `head` columns in place and sorts the
+    rest by `keys` (stable): a counts_only token's drawn slots, ascending, behind its head."""
+    drawn = np.argsort(keys[:, head:], axis=1, kind="stable") + head
+    return np.concatenate([np.broadcast_to(np.arange(head), (len(keys), head)), drawn], axis=1)
+
+
 def segment_prefix(segment: int) -> str:
     return f"segments/{segment:06d}"
 

@@ -138,11 +138,9 @@ class _Segment:
             self._slot_offsets = offsets
         return self._slot_offsets
 
-    def logp_offsets(self) -> np.ndarray | None:
-        """int64 [n + 1]: where each token's log-probs start in `topk_logp`: its stored slots'
-        (`slot_offsets`), or in a counts_only store with a head its first min(head, row_len)."""
-        if self.logp_slots is None:
-            return self.slot_offsets()
+    def logp_offsets(self) -> np.ndarray:
+        """int64 [n + 1]: in a counts_only store with a head, where each token's log-probs (those of
+        its first min(head, row_len) slots) start in `topk_logp`."""
         if self._logp_offsets is None:
             row_len = np.diff(self.slot_offsets())
             offsets = np.zeros(len(row_len) + 1, dtype=np.int64)

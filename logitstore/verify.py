@@ -180,9 +180,8 @@ def _by_id(block: TokenBlock, head: int) -> TokenBlock:
     """A counts_only block with each token's drawn slots (those after its `head`) in ascending id
     order. Their stored order follows the segment's id table, so it depends on how the tokens
     were cut into work units; the (id, count) pairs do not, and the digest is over those."""
-    drawn = block.topk_ids[:, head:]
-    order = np.argsort(np.where(drawn >= 0, drawn, np.iinfo(np.int32).max), axis=1, kind="stable") + head
-    order = np.concatenate([np.broadcast_to(np.arange(head), (len(order), head)), order], axis=1)
+    ids = block.topk_ids
+    order = layout.head_first_order(np.where(ids >= 0, ids, np.iinfo(np.int32).max), head)
     fields = {"topk_ids": block.topk_ids, "counts": block.counts, "topk_logp": block.topk_logp}
     return dataclasses.replace(block, **{name: np.take_along_axis(a, order, axis=1) for name, a in fields.items()
                                          if a is not None})

@@ -229,6 +229,5 @@ def _ascending_slots(indices: np.ndarray, counts: np.ndarray, stored: np.ndarray
     docs/capture.md)."""
     grid = np.full(stored.shape, np.iinfo(np.int64).max)  # padding sorts last, so `stored` still selects the slots
     grid[stored] = indices
-    order = np.argsort(grid[:, head:], axis=1, kind="stable") + head
-    order = np.concatenate([np.broadcast_to(np.arange(head), (len(grid), head)), order], axis=1)
+    order = layout.head_first_order(grid, head)
     return np.take_along_axis(grid, order, axis=1)[stored].astype(indices.dtype), np.take_along_axis(counts, order, 1)
