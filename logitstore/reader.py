@@ -370,56 +370,55 @@ class Store:
         offsets = seg.slot_offsets()
         s0, s1 = (a, b) if offsets is None else (int(offsets[a]), int(offsets[b]))
         has_logp, has_counts = block.topk_logp is not None, block.counts is not None
-        head_logp = has_logp and seg.logp_slots is not None  # a counts_only store with a head: the head's alone
         slot_names = ["topk_ids"] + [layout.COUNTS_ARRAY] * has_counts
         requests = [("input_ids", a, b), ("lse", a, b), *((name, s0, s1) for name in slot_names)]
-        if has_logp:
-            l0, l1 = (int(x) for x in seg.logp_offsets()[[a, b]]) if head_logp else (s0, s1)
+        if has_logp:  # a counts_only store with a head stores the head's log-probs alone
+            l0, l1 = (s0, s1) if seg.logp_slots is None else (int(x) for x in seg.logp_offsets()[[a, b]])
             requests.append(("topk_logp", l0, l1))
         input_ids, lse, indices, *slots = seg.read_many(requests, self._scratch)
         counts = slots.pop(0) if has_counts else None
         codes = slots.pop(0) if has_logp else None
-        if head_logp:
-            self._place_head_logp(codes, np.diff(offsets[a : b + 1]), seg.logp_slots, block.topk_logp[pos:pos + b - a])
-            has_logp = False  # placed
         rows = slice(pos, pos + b - a)
         block.input_ids[rows] = input_ids
         block.lse[rows] = lse
         table = seg.id_table()
         if indices.max(initial=0) >= len(table):  # so that the cheaper mode="clip" below never clips
             raise seg.corrupt("topk_ids", s0, s1, f"an index beyond the segment's {len(table)}-entry id table")
+        row_len = None if offsets is None else np.diff(offsets[a : b + 1])  # format 1: every row full
+        if row_len is not None and row_len.max(initial=0) > k:
+            raise seg.corrupt("row_len", a, b, f"a token with more than K={k} stored slots")
         if block.loss_mask is not None:  # positions without soft labels store no slots
-            block.loss_mask[rows] = np.diff(offsets[a : b + 1]) > 0
-        if s1 - s0 == (b - a) * k or offsets is None:  # every row full (or format 1): slots are [n, K] rows
+            block.loss_mask[rows] = row_len > 0
+        if has_logp:
+            self._place_logp(codes, row_len, seg.logp_slots, block.topk_logp[rows])
+        if row_len is None or s1 - s0 == (b - a) * k:  # every row full: slots are [n, K] rows
             np.take(table, indices.reshape(b - a, k), out=block.topk_ids[rows], mode="clip")
-            if has_logp:
-                self._codec.decode(codes.reshape(b - a, k), out=block.topk_logp[rows])
             if has_counts:
                 block.counts[rows] = counts.reshape(b - a, k)
             return
         # Rows with padding: stored slots go to the first row_len places of each row, in order.
-        row_len = np.diff(offsets[a:b + 1])
-        if row_len.max(initial=0) > k:
-            raise seg.corrupt("row_len", a, b, f"a token with more than K={k} stored slots")
         stored = np.arange(k) < row_len[:, None]
         ids = block.topk_ids[rows]
         ids.fill(-1)
         ids[stored] = table[indices]
-        if has_logp:
-            logp = block.topk_logp[rows]
-            logp.fill(-np.inf)
-            logp[stored] = self._codec.decode(codes)
         if has_counts:
             block.counts[rows] = 0
             block.counts[rows][stored] = counts
 
-    def _place_head_logp(self, codes: np.ndarray, row_len: np.ndarray, head: int, out: np.ndarray) -> None:
-        """A counts_only store with a head: each row's first min(head, row_len) log-probs from
-        `codes`, NaN at its drawn slots (not stored), -inf at its padding."""
-        slot = np.arange(out.shape[1])
+    def _place_logp(self, codes: np.ndarray, row_len: np.ndarray | None, head: int | None, out: np.ndarray) -> None:
+        """Decoded log-probs into `out` [n, K], each row's stored slots first and -inf at its
+        padding. A counts_only store with a head (`head` set) holds the first min(head, row_len)
+        log-probs of each row alone: its drawn slots get NaN (not stored)."""
+        n, k = out.shape
+        if head is None and codes.size == n * k:  # every row full
+            self._codec.decode(codes.reshape(n, k), out=out)
+            return
+        slot = np.arange(k)
         out.fill(-np.inf)
-        out[slot < row_len[:, None]] = np.nan
-        out[slot < np.minimum(row_len, head)[:, None]] = self._codec.decode(codes)
+        if head is not None:
+            out[slot < row_len[:, None]] = np.nan
+            row_len = np.minimum(row_len, head)
+        out[slot < row_len[:, None]] = self._codec.decode(codes)
 
     def _allocate(self, n: int) -> TokenBlock:
         k, n_t = self.meta.capture.k, len(self.temperatures)
